@@ -1,0 +1,586 @@
+"""search: the k nearest patches of each query in a space-time window.
+
+Layout: parameters -> window geometry -> reference forward/backward (plain PyTorch, chunked so
+the workspace never grows with the number of queries) -> ``torch.library`` registration ->
+the public function.
+
+Candidates of the query at ``(t, h, w)``: frames ``t0 .. t0 + 2*wt`` (``t0`` slid inward at the
+ends of the video); in frame ``t'`` a ``ws x ws`` grid with spacing ``stride1`` centred on
+``(h, w) + flow(t -> t')`` (no flow in the query's own frame), the grid slid inward so that it
+stays inside the frame. Window index ``j = slot*ws*ws + a*ws + b``.
+
+Backward. With ``q`` the query patch, ``k_j`` the patch of candidate ``j`` at position ``x_j``
+and ``g_j = dL/d dist_j``:
+
+    l2:  dist_j = |q - k_j|^2   ->  dL/dq = sum_j 2 g_j (q - k_j),  dL/dk_j = -2 g_j (q - k_j)
+    dot: dist_j = <q, k_j>      ->  dL/dq = sum_j g_j k_j,          dL/dk_j = g_j q
+    dL/dx_j = <dL/dk_j, d k_j / d x_j> (+ the gradient reaching the returned position)
+    x_j = clamp(centre + flow) + offset  ->  dL/dflow = dL/dx_j where the clamp is inactive.
+
+Patch gradients are added into the videos with the adjoint of the patch read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from ._common import backend, split_heads
+from ._grid import QueryGrid
+from ._ref import PatchGeom, flat_video, read, read_dpos, write
+from .flows import accumulate_flows
+
+DISTS = ("l2", "dot")
+SELF_MATCH = ("keep", "anchor", "exclude")
+
+# Elements of the largest temporary a reference chunk may build (patches of a chunk of
+# queries times candidates). Fixes the workspace whatever the number of queries.
+WORKSPACE = 1 << 20
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    ws: int
+    wt: int
+    ps: int
+    pt: int
+    k: int  # -1: every candidate, in window order
+    dist: str
+    stride0: int
+    stride1: float
+    dilation: int
+    region: tuple[int, int, int, int, int, int]
+    start: int
+    count: int
+    self_match: str
+    border: str
+
+    @property
+    def nslots(self) -> int:
+        return 2 * self.wt + 1
+
+    @property
+    def nwin(self) -> int:
+        """``W``, the number of candidates of every query."""
+        return self.nslots * self.ws * self.ws
+
+    @property
+    def nk(self) -> int:
+        """``K``, the number of results per query."""
+        if self.k >= 0:
+            return self.k
+        return self.nwin - 1 if self.self_match == "exclude" else self.nwin
+
+    @property
+    def whole_stride(self) -> bool:
+        return float(self.stride1).is_integer()
+
+    @property
+    def geom(self) -> PatchGeom:
+        return PatchGeom(self.ps, self.pt, self.dilation, self.border)
+
+    def grid(self, thw: tuple[int, int, int]) -> QueryGrid:
+        return QueryGrid(thw, self.stride0, self.region)
+
+    def op_kwargs(self) -> dict:
+        kw = dict(self.__dict__)
+        kw["region"] = list(self.region)
+        return kw
+
+
+def _pos_dtype(vid: torch.Tensor, flows: torch.Tensor | None, p: SearchParams) -> torch.dtype:
+    """int64 for whole-pixel positions, else the float dtype positions are computed in."""
+    if (flows is None or not flows.is_floating_point()) and p.whole_stride:
+        return torch.int64
+    if vid.dtype == torch.float64 or (flows is not None and flows.dtype == torch.float64):
+        return torch.float64
+    return torch.float32
+
+
+def _inds_dtype(flows: torch.Tensor | None, stride1: float) -> torch.dtype:
+    whole = (flows is None or not flows.is_floating_point()) and float(stride1).is_integer()
+    return torch.int32 if whole else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Window geometry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    frames: torch.Tensor  # (n, S) frame of each slot
+    own: torch.Tensor  # (n,) slot of the query's own frame
+    center: torch.Tensor  # (Bf, n, S, 2) slid grid centres; Bf = B with flows, else 1
+    free: torch.Tensor  # (Bf, n, S, 2) True where the slide did not move the centre
+    offsets: torch.Tensor  # (ws,) grid offsets
+
+
+def _window(qpos, flows, thw, p: SearchParams, dtype: torch.dtype) -> _Window:
+    nframes, height, width = thw
+    dev = qpos.device
+    t, h, w = qpos.unbind(-1)
+    slots = torch.arange(p.nslots, device=dev)
+    t0 = (t - p.wt).clamp(0, nframes - p.nslots)
+    own = t - t0
+    center = torch.stack([h, w], dim=-1)[None, :, None, :].to(dtype)  # (1, n, 1, 2)
+    if flows is not None:
+        f = flows.permute(0, 1, 4, 5, 2, 3)[:, t, h, w]  # (B, n, S, 2)
+        f = f * (slots[None, :] != own[:, None])[None, :, :, None]  # own frame: no flow
+        center = center + f.to(dtype)
+    else:
+        center = center.expand(1, -1, p.nslots, -1)
+    lo_steps = p.ws // 2
+    hi_steps = p.ws - 1 - lo_steps
+    s1 = int(p.stride1) if dtype == torch.int64 else p.stride1
+    lo = lo_steps * s1
+    hi = torch.tensor([height - 1 - hi_steps * s1, width - 1 - hi_steps * s1], device=dev)
+    hi = hi.to(dtype)
+    slid = torch.maximum(torch.minimum(center, hi), torch.full_like(hi, lo))
+    free = (center >= lo) & (center <= hi)
+    offsets = (torch.arange(p.ws, device=dev) - lo_steps) * s1
+    return _Window(t0[:, None] + slots, own, slid, free, offsets.to(dtype))
+
+
+def _candidates(win: _Window, p: SearchParams) -> torch.Tensor:
+    """All ``W`` candidate positions ``(Bf, n, W, 3)`` in window order."""
+    bf, n, nslots, _ = win.center.shape
+    ws = p.ws
+    ph = win.center[..., 0, None, None] + win.offsets[:, None]  # (Bf, n, S, ws, 1)
+    pw = win.center[..., 1, None, None] + win.offsets[None, :]  # (Bf, n, S, 1, ws)
+    pt = win.frames.to(ph.dtype)[None, :, :, None, None]
+    shape = (bf, n, nslots, ws, ws)
+    pos = torch.stack([pt.expand(shape), ph.expand(shape), pw.expand(shape)], dim=-1)
+    return pos.reshape(bf, n, nslots * ws * ws, 3)
+
+
+def _chunks(count: int, per_query: int):
+    n = max(1, WORKSPACE // max(1, per_query))
+    for c0 in range(0, count, n):
+        yield c0, min(n, count - c0)
+
+
+def _stable_argsort(key: torch.Tensor) -> torch.Tensor:
+    return torch.sort(key, dim=-1, stable=True).indices
+
+
+def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor:
+    """Window indices ``(B, HD, n, K)`` of the results; ``-1`` for an anchored query that is not
+    one of its own candidates."""
+    own = own.expand_as(d)
+    window_order = torch.arange(d.shape[-1], device=d.device).expand_as(d)
+    if p.k >= 0:
+        order = _stable_argsort(d if p.dist == "l2" else -d)
+    else:
+        order = window_order
+    if p.self_match == "keep":
+        return order[..., : p.nk]
+    own_last = order.gather(-1, _stable_argsort(own.gather(-1, order).to(torch.uint8)))
+    if p.self_match == "exclude":
+        return own_last[..., : p.nk]
+    own_idx = torch.where(own.any(-1), own.to(torch.uint8).argmax(-1), -1)
+    return torch.cat([own_idx[..., None], own_last[..., : p.nk - 1]], dim=-1)
+
+
+def _distance(qp: torch.Tensor, kp: torch.Tensor, dist: str) -> torch.Tensor:
+    """Distances between patches; the last four axes ``(pt, C, ps, ps)`` are summed."""
+    if dist == "l2":
+        return (qp - kp).square().sum((-4, -3, -2, -1))
+    return (qp * kp).sum((-4, -3, -2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference forward and backward. qvid, kvid: (B, HD, T, C, H, W); flows: (B, T, S, 2, H, W).
+# ---------------------------------------------------------------------------------------------
+
+
+def _search_ref(qvid, kvid, flows, p: SearchParams):
+    b, hd, nframes, c, height, width = qvid.shape
+    thw = (nframes, height, width)
+    shape6, geom = tuple(qvid.shape), p.geom
+    qflat, kflat = flat_video(qvid), flat_video(kvid)
+    pdtype = _pos_dtype(qvid, flows, p)
+    nwin, nk = p.nwin, p.nk
+    patch = p.pt * c * p.ps * p.ps
+    dists = qflat.new_empty(b, hd, p.count, nk)
+    inds = torch.empty(b, hd, p.count, nk, 3, dtype=pdtype, device=qvid.device)
+    widx = torch.empty(b, hd, p.count, nk, dtype=torch.int32, device=qvid.device)
+    wchunk = max(1, min(nwin, WORKSPACE // (b * hd * patch)))
+    for c0, n in _chunks(p.count, b * hd * nwin * patch):
+        qpos = p.grid(thw).positions(p.start + c0, n, device=qvid.device)
+        win = _window(qpos, flows, thw, p, pdtype)
+        cands = _candidates(win, p)  # (Bf, n, W, 3)
+        qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
+        qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
+        d = qflat.new_empty(b, hd, n, nwin)
+        for w0 in range(0, nwin, wchunk):
+            w1 = min(nwin, w0 + wchunk)
+            pos = cands[:, None, :, w0:w1].expand(b, hd, n, w1 - w0, 3)
+            kp = read(kflat, shape6, pos.reshape(b, hd, -1, 3), geom)
+            d[..., w0:w1] = _distance(qp, kp.view(b, hd, n, w1 - w0, *kp.shape[3:]), p.dist)
+        own = (cands == qpos[None, :, None, :].to(pdtype)).all(-1)[:, None]  # (Bf, 1, n, W)
+        sel = _select(d, own, p)
+        chunk = slice(c0, c0 + n)
+        widx[:, :, chunk] = sel.to(torch.int32)
+        picked = sel.clamp(min=0)
+        dists[:, :, chunk] = d.gather(-1, picked)
+        inds[:, :, chunk] = (
+            cands[:, None]
+            .expand(b, hd, n, nwin, 3)
+            .gather(-2, picked[..., None].expand(*picked.shape, 3))
+        )
+        if p.self_match == "anchor":  # the query itself, wherever it is in the window
+            own_kp = read(kflat, shape6, qpos6, geom)[:, :, :, None]
+            dists[:, :, chunk, 0] = _distance(qp, own_kp, p.dist)[..., 0]
+            inds[:, :, chunk, 0] = qpos6
+    return dists.to(qvid.dtype), inds.to(_inds_dtype(flows, p.stride1)), widx
+
+
+def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams):
+    b, hd, nframes, c, height, width = qvid.shape
+    thw = (nframes, height, width)
+    shape6, geom = tuple(qvid.shape), p.geom
+    qflat, kflat = flat_video(qvid), flat_video(kvid)
+    acc = qflat.dtype
+    pdtype = _pos_dtype(qvid, flows, p)
+    nk, ws2 = p.nk, p.ws * p.ws
+    gq = torch.zeros(shape6, dtype=acc, device=qvid.device)
+    gk = torch.zeros(shape6, dtype=acc, device=qvid.device)
+    flow_grad = flows is not None and flows.is_floating_point()
+    if flow_grad:
+        gflows = torch.zeros(b, nframes, height, width, p.nslots, 2, dtype=acc, device=qvid.device)
+    patch = p.pt * c * p.ps * p.ps
+    for c0, n in _chunks(p.count, b * hd * max(nk, 1) * patch):
+        chunk = slice(c0, c0 + n)
+        qpos = p.grid(thw).positions(p.start + c0, n, device=qvid.device)
+        win = _window(qpos, flows, thw, p, pdtype)
+        cands = _candidates(win, p)
+        wi = widx[:, :, chunk].long()
+        qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
+        pos = (
+            cands[:, None]
+            .expand(b, hd, n, p.nwin, 3)
+            .gather(-2, wi.clamp(min=0)[..., None].expand(b, hd, n, nk, 3))
+        )
+        pos = torch.where((wi < 0)[..., None], qpos6[:, :, :, None], pos)
+        pos_flat = pos.reshape(b, hd, n * nk, 3)
+        qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
+        kp = read(kflat, shape6, pos_flat, geom).view(b, hd, n, nk, *qp.shape[4:])
+        g = gdists[:, :, chunk].to(acc)[..., None, None, None, None]
+        if p.dist == "l2":
+            gkp = -2 * g * (qp - kp)
+            gqp = -gkp.sum(3)
+        else:
+            gkp = g * qp
+            gqp = (g * kp).sum(3)
+        gq += write(gqp, qpos6, shape6, geom)
+        gkp = gkp.reshape(b, hd, n * nk, *gkp.shape[4:])
+        gk += write(gkp, pos_flat, shape6, geom)
+        if not flow_grad:
+            continue
+        gpos = read_dpos(kflat, shape6, pos_flat, geom, gkp).view(b, hd, n, nk, 3)
+        if ginds is not None:
+            gpos = gpos + ginds[:, :, chunk].to(acc)
+        slot = wi.clamp(min=0) // ws2
+        moves = (wi >= 0) & (slot != win.own[:, None])  # positions that follow the flow
+        free = win.free[:, None].expand(b, hd, n, p.nslots, 2)
+        free = free.gather(-2, slot[..., None].expand(b, hd, n, nk, 2))
+        contrib = gpos[..., 1:] * (free & moves[..., None])
+        tq, hq, wq = qpos.unbind(-1)
+        bidx = torch.arange(b, device=qvid.device).view(b, 1, 1, 1)
+        pix = ((tq * height + hq) * width + wq).view(1, 1, n, 1)
+        row = ((bidx * nframes * height * width + pix) * p.nslots) + slot
+        gflows.view(-1, 2).index_add_(0, row.reshape(-1), contrib.reshape(-1, 2))
+    gf = gflows.permute(0, 1, 4, 5, 2, 3).to(flows.dtype) if flow_grad else qvid.new_empty(0)
+    return gq.to(qvid.dtype), gk.to(kvid.dtype), gf
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dnls::search", mutates_args=())
+def _search_op(
+    qvid: torch.Tensor,
+    kvid: torch.Tensor,
+    flows: torch.Tensor | None,
+    *,
+    ws: int,
+    wt: int,
+    ps: int,
+    pt: int,
+    k: int,
+    dist: str,
+    stride0: int,
+    stride1: float,
+    dilation: int,
+    region: list[int],
+    start: int,
+    count: int,
+    self_match: str,
+    border: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = SearchParams(
+        ws,
+        wt,
+        ps,
+        pt,
+        k,
+        dist,
+        stride0,
+        stride1,
+        dilation,
+        tuple(region),
+        start,
+        count,
+        self_match,
+        border,
+    )
+    backend(qvid.device)
+    return _search_ref(qvid, kvid, flows, p)
+
+
+@_search_op.register_fake
+def _(qvid, kvid, flows, *, k, count, self_match, ws, wt, stride1, **_):
+    b, hd = qvid.shape[:2]
+    nwin = (2 * wt + 1) * ws * ws
+    nk = k if k >= 0 else nwin - (self_match == "exclude")
+    return (
+        qvid.new_empty(b, hd, count, nk),
+        qvid.new_empty(b, hd, count, nk, 3, dtype=_inds_dtype(flows, stride1)),
+        qvid.new_empty(b, hd, count, nk, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("dnls::search_backward", mutates_args=())
+def _search_backward_op(
+    gdists: torch.Tensor,
+    ginds: torch.Tensor | None,
+    qvid: torch.Tensor,
+    kvid: torch.Tensor,
+    flows: torch.Tensor | None,
+    widx: torch.Tensor,
+    *,
+    ws: int,
+    wt: int,
+    ps: int,
+    pt: int,
+    k: int,
+    dist: str,
+    stride0: int,
+    stride1: float,
+    dilation: int,
+    region: list[int],
+    start: int,
+    count: int,
+    self_match: str,
+    border: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = SearchParams(
+        ws,
+        wt,
+        ps,
+        pt,
+        k,
+        dist,
+        stride0,
+        stride1,
+        dilation,
+        tuple(region),
+        start,
+        count,
+        self_match,
+        border,
+    )
+    backend(qvid.device)
+    return _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p)
+
+
+@_search_backward_op.register_fake
+def _(gdists, ginds, qvid, kvid, flows, widx, **_):
+    flow_grad = flows is not None and flows.is_floating_point()
+    gf = torch.empty_like(flows) if flow_grad else qvid.new_empty(0)
+    return torch.empty_like(qvid), torch.empty_like(kvid), gf
+
+
+def _search_setup(ctx, inputs, keyword_only_inputs, output):
+    qvid, kvid, flows = inputs
+    ctx.has_flows = flows is not None
+    ctx.kw = dict(keyword_only_inputs)
+    saved = (qvid, kvid, output[2]) + ((flows,) if flows is not None else ())
+    ctx.save_for_backward(*saved)
+
+
+def _search_backward(ctx, gdists, ginds, _gwidx):
+    qvid, kvid, widx, *rest = ctx.saved_tensors
+    flows = rest[0] if ctx.has_flows else None
+    float_flows = flows is not None and flows.is_floating_point()
+    ginds = ginds if (float_flows and ginds is not None and ginds.is_floating_point()) else None
+    gq, gk, gf = _search_backward_op(gdists, ginds, qvid, kvid, flows, widx, **ctx.kw)
+    return gq, gk, (gf if float_flows else None)
+
+
+_search_op.register_autograd(_search_backward, setup_context=_search_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor | None:
+    if flows is None:
+        return None
+    if isinstance(flows, (tuple, list)):
+        if len(flows) != 2:
+            _checks.fail("flows", flows, "a tensor or a pair (fflow, bflow)", TypeError)
+        pair = []
+        for name, f in zip(("flows[0] (fflow)", "flows[1] (bflow)"), flows, strict=True):
+            f = _checks.check_tensor(name, f)
+            if tuple(f.shape) != (b, nframes, 2, height, width):
+                _checks.fail(name, f, f"of shape {(b, nframes, 2, height, width)}")
+            pair.append(f)
+        if pair[0].dtype != pair[1].dtype:
+            _checks.fail(
+                "flows[1] (bflow)", pair[1], f"of dtype {pair[0].dtype} like fflow", TypeError
+            )
+        tensors = pair
+    else:
+        f = _checks.check_tensor("flows", flows)
+        expected = (b, nframes, 2 * wt + 1, 2, height, width)
+        if tuple(f.shape) != expected:
+            _checks.fail("flows", f, f"of shape {expected} (B, T, 2*wt+1, 2, H, W) or a pair")
+        tensors = [f]
+    for i, f in enumerate(tensors):
+        name = "flows" if len(tensors) == 1 else f"flows[{i}]"
+        if f.dtype not in _checks.FLOAT_DTYPES + _checks.INDEX_INT_DTYPES:
+            _checks.fail(name, f, "a floating or int32/int64 tensor", TypeError)
+        if f.device != device:
+            _checks.fail(name, f, f"on the video's device ({device})")
+        if f.is_floating_point() and not torch.isfinite(f).all():
+            _checks.fail(name, f, "finite (it holds inf or nan)")
+    if len(tensors) == 2:
+        return accumulate_flows(tensors[0], tensors[1], wt)
+    return tensors[0]
+
+
+def search(
+    qvid: torch.Tensor,
+    kvid: torch.Tensor | None = None,
+    *,
+    ws: int,
+    wt: int = 0,
+    ps: int = 7,
+    pt: int = 1,
+    k: int | None = None,
+    dist: str = "l2",
+    stride0: int = 1,
+    stride1: float = 1,
+    dilation: int = 1,
+    nheads: int = 1,
+    flows: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    region: Sequence[int] | None = None,
+    start: int = 0,
+    count: int | None = None,
+    self_match: str = "keep",
+    border: str = "reflect",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest patches of each query in a space-time window.
+
+    Args:
+        qvid: queries, ``(B, T, C, H, W)`` or head-split ``(B, HD, T, C', H, W)``.
+        kvid: keys of the same shape; ``None`` searches ``qvid`` against itself.
+        ws: the window is ``ws x ws`` positions spaced by ``stride1`` in each of ``2*wt + 1``
+            frames, slid inward where it would leave the video.
+        ps, pt, dilation, border: the patch. k: results per query (``None``: all ``W``
+            candidates in window order). dist: ``"l2"`` (sum of squared differences, smaller
+            is nearer) or ``"dot"`` (sum of products, larger is nearer).
+        stride0, region, start, count: the query grid and the batch of it to search.
+        nheads: heads of 5-D inputs. flows: ``(B, T, 2*wt+1, 2, H, W)`` or a pair
+            ``(fflow, bflow)`` of ``(B, T, 2, H, W)``; integer flows keep whole positions.
+        self_match: ``"keep"``, ``"anchor"`` (the query's own position first) or
+            ``"exclude"`` (its own position left out).
+
+    Returns:
+        ``dists (B, HD, Q, K)`` in the input dtype and ``inds (B, HD, Q, K, 3)`` positions
+        ``(t, h, w)``: int32, or float32 with floating flows or a fractional ``stride1``.
+        Ties go to the earlier candidate in window order. Differentiable w.r.t. ``qvid``,
+        ``kvid`` and floating ``flows`` (through ``dists`` and float ``inds``).
+
+    Example:
+        >>> vid = torch.rand(1, 3, 3, 32, 32)
+        >>> dists, inds = dnls.search(vid, ws=7, wt=1, ps=5, k=8)
+        >>> dists.shape, inds.shape
+        (torch.Size([1, 1, 3072, 8]), torch.Size([1, 1, 3072, 8, 3]))
+    """
+    qvid = _checks.check_video("qvid", qvid)
+    hd = _checks.check_nheads(nheads, qvid, "qvid")
+    if kvid is None:
+        kvid = qvid
+    else:
+        kvid = _checks.check_video("kvid", kvid)
+        _checks.check_same("kvid", kvid, "qvid", qvid)
+    q6, k6 = split_heads(qvid, hd), split_heads(kvid, hd)
+    b, _, nframes, _, height, width = q6.shape
+
+    ws = _checks.check_int("ws", ws, min_value=1)
+    wt = _checks.check_int("wt", wt, min_value=0)
+    _checks.check_patch_geometry(ps, pt, dilation, border)
+    dist = _checks.check_choice("dist", dist, DISTS)
+    self_match = _checks.check_choice("self_match", self_match, SELF_MATCH)
+    stride0 = _checks.check_int("stride0", stride0, min_value=1)
+    stride1 = _checks.check_positive_number("stride1", stride1)
+    if nframes < 2 * wt + 1:
+        _checks.fail(
+            "wt", wt, f"at most (T - 1) // 2 = {(nframes - 1) // 2} for T={nframes} frames"
+        )
+    span = (ws - 1) * stride1
+    if span > min(height, width) - 1:
+        _checks.fail(
+            "ws",
+            ws,
+            f"a window that fits the {height}x{width} frame: (ws - 1) * stride1 = {span:g} "
+            f"must be at most {min(height, width) - 1}",
+        )
+    nwin = (2 * wt + 1) * ws * ws
+    if self_match != "keep" and k is None and stride1 != 1:
+        _checks.fail(
+            "self_match",
+            self_match,
+            "'keep' when k is None and stride1 != 1 (the query's own position is then not "
+            "always a candidate); pass k",
+        )
+    kmax = nwin - 1 if self_match == "exclude" else nwin
+    if k is not None:
+        k = _checks.check_int("k", k, min_value=1)
+        if k > kmax:
+            _checks.fail(
+                "k", k, f"at most {kmax}, the candidates per query (self_match={self_match!r})"
+            )
+    region = _checks.check_region(region, (nframes, height, width))
+    grid = QueryGrid((nframes, height, width), stride0, region)
+    start, count = _checks.check_start_count(start, count, grid.count)
+    flows = _check_flows(flows, b, nframes, height, width, wt, qvid.device)
+
+    p = SearchParams(
+        ws,
+        wt,
+        ps,
+        pt,
+        -1 if k is None else k,
+        dist,
+        stride0,
+        stride1,
+        dilation,
+        region,
+        start,
+        count,
+        self_match,
+        border,
+    )
+    dists, inds, _ = _search_op(q6, k6, flows, **p.op_kwargs())
+    return dists, inds

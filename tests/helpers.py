@@ -1,0 +1,39 @@
+"""Shared test helpers: the tolerance table and a verbose comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# (rtol, atol) per dtype, for results accumulated in float32 (float64 for float64 inputs)
+# and rounded to the input dtype.
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def assert_close(actual, expected, dtype=torch.float64, what="result", scale=1.0):
+    """Compare with the tolerance of ``dtype``; on failure print where and by how much."""
+    actual = torch.as_tensor(np.asarray(actual) if not torch.is_tensor(actual) else actual)
+    expected = torch.as_tensor(np.asarray(expected) if not torch.is_tensor(expected) else expected)
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    rtol, atol = TOL[dtype]
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol * scale)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        err = (actual - expected).abs().max().item()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (max abs err {err:.3g}, "
+            f"rtol {rtol}, atol {atol * scale}); first at {idx}: "
+            f"{actual[tuple(idx)].item()!r} vs expected {expected[tuple(idx)].item()!r}"
+        )
+
+
+def rand_video(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)

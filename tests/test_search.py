@@ -1,0 +1,316 @@
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import oracle
+import pytest
+import torch
+from helpers import assert_close, rand_video
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dnls
+
+
+@st.composite
+def search_cases(draw, max_hw=6):
+    nheads = draw(st.integers(1, 2))
+    b = draw(st.integers(1, 3 - nheads))
+    c = nheads * draw(st.integers(1, 2))
+    wt = draw(st.integers(0, 1))
+    t = draw(st.integers(2 * wt + 1, 2 * wt + 2))
+    h, w = draw(st.integers(3, max_hw)), draw(st.integers(3, max_hw))
+    stride1 = draw(st.sampled_from([1, 1, 1, 2, 0.5, 0.75]))
+    ws_max = min(3, int((min(h, w) - 1) / stride1) + 1)
+    ws = draw(st.integers(1, ws_max))
+    flow_kind = draw(st.sampled_from(["none", "none", "int", "float"]))
+    self_match = draw(st.sampled_from(["keep", "anchor", "exclude"]))
+    nwin = (2 * wt + 1) * ws * ws
+    if self_match == "exclude" and nwin == 1:
+        self_match = "keep"
+    kmax = nwin - 1 if self_match == "exclude" else nwin
+    k_values = st.integers(1, kmax)
+    if self_match == "keep" or stride1 == 1:  # else k=None is refused (own not a candidate)
+        k_values = st.one_of(st.none(), k_values)
+    k = draw(k_values)
+    region = None
+    if draw(st.booleans()):
+        t0 = draw(st.integers(0, t - 1))
+        h0, w0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+        region = (
+            t0,
+            draw(st.integers(t0 + 1, t)),
+            h0,
+            draw(st.integers(h0 + 1, h)),
+            w0,
+            draw(st.integers(w0 + 1, w)),
+        )
+    return dict(
+        shape=(b, t, c, h, w),
+        seed=draw(st.integers(0, 2**16)),
+        cross=draw(st.booleans()),
+        flow_kind=flow_kind,
+        kw=dict(
+            ws=ws,
+            wt=wt,
+            ps=draw(st.integers(1, 3)),
+            pt=draw(st.integers(1, 2)),
+            k=k,
+            dist=draw(st.sampled_from(["l2", "dot"])),
+            stride0=draw(st.integers(1, 3)),
+            stride1=stride1,
+            dilation=draw(st.integers(1, 2)),
+            nheads=nheads,
+            region=region,
+            self_match=self_match,
+            border=draw(st.sampled_from(["reflect", "zero"])),
+        ),
+    )
+
+
+def make_flows(kind, shape, wt, seed):
+    b, t, _, h, w = shape
+    g = torch.Generator().manual_seed(seed + 1)
+    size = (b, t, 2 * wt + 1, 2, h, w)
+    if kind == "int":
+        return torch.randint(-2, 3, size, generator=g, dtype=torch.int32)
+    if kind == "float":
+        return (torch.rand(size, generator=g, dtype=torch.float64) - 0.5) * 5
+    return None
+
+
+def run_both(case):
+    q = rand_video(case["shape"], seed=case["seed"])
+    k = rand_video(case["shape"], seed=case["seed"] + 7) if case["cross"] else None
+    kw = case["kw"]
+    flows = make_flows(case["flow_kind"], case["shape"], kw["wt"], case["seed"])
+    dists, inds = dnls.search(q, k, flows=flows, **kw)
+    np_flows = None if flows is None else flows.double().numpy()
+    knp = q.numpy() if k is None else k.numpy()
+    ed, ei = oracle.search(q.numpy(), knp, flows=np_flows, **kw)
+    return dists, inds, ed, ei, flows
+
+
+@settings(max_examples=200)
+@given(search_cases())
+def test_search_equals_oracle(case):
+    dists, inds, ed, ei, flows = run_both(case)
+    whole = (flows is None or not flows.is_floating_point()) and float(
+        case["kw"]["stride1"]
+    ).is_integer()
+    assert inds.dtype == (torch.int32 if whole else torch.float32)
+    assert dists.shape == ed.shape[:4] if ed.size else dists.numel() == 0
+    if ed.size == 0:
+        return
+    assert_close(dists, ed, what="dists")
+    assert_same_selection(case, inds, ed, ei)
+
+
+def assert_same_selection(case, inds, ed, ei):
+    """``inds`` equal the oracle's, except where two candidates tie: patches that hold the same
+    pixels in another order (reflection in tiny frames) have equal distances up to rounding,
+    and the two sums may round either way. A differing position must then be at the oracle's
+    distance for that slot, and no position may repeat."""
+    kw = case["kw"]
+    q = rand_video(case["shape"], seed=case["seed"]).numpy()
+    k = rand_video(case["shape"], seed=case["seed"] + 7).numpy() if case["cross"] else q
+    got = inds.double().numpy()
+    near = np.isclose(got, ei, rtol=0, atol=1e-4).all(-1)
+    queries = oracle.grid_positions(
+        case["shape"][1:2] + case["shape"][3:], kw["stride0"], kw["region"]
+    )
+    cph = case["shape"][2] // kw["nheads"]
+    geo = (kw["ps"], kw["pt"], kw["dilation"], kw["border"])
+    for b, hd, qi, j in zip(*np.nonzero(~near), strict=True):
+        chans = list(range(hd * cph, (hd + 1) * cph))
+        qp = oracle.patch(q, b, chans, queries[qi], *geo)
+        kp = oracle.patch(k, b, chans, tuple(got[b, hd, qi, j]), *geo)
+        d = ((qp - kp) ** 2).sum() if kw["dist"] == "l2" else (qp * kp).sum()
+        assert abs(d - ed[b, hd, qi, j]) < 1e-9, (b, hd, qi, j, got[b, hd, qi, j], ei[b, hd, qi, j])
+    rows = got.reshape(-1, got.shape[3], 3)
+    for row in rows:
+        assert len({tuple(r) for r in row}) == len(row), row
+
+
+@settings(max_examples=30)
+@given(search_cases(), st.integers(1, 7))
+def test_batches_equal_one_shot(case, size):
+    q = rand_video(case["shape"], seed=case["seed"])
+    kw = case["kw"]
+    flows = make_flows(case["flow_kind"], case["shape"], kw["wt"], case["seed"])
+    full_d, full_i = dnls.search(q, flows=flows, **kw)
+    grid = dnls.query_grid(q.shape, kw["stride0"], kw["region"])
+    assert grid.count == full_d.shape[2]
+    parts = [dnls.search(q, flows=flows, start=s, count=n, **kw) for s, n in grid.batches(size)]
+    assert torch.equal(torch.cat([d for d, _ in parts], 2), full_d)
+    assert torch.equal(torch.cat([i for _, i in parts], 2), full_i)
+
+
+def test_search_defaults_and_shapes():
+    vid = rand_video((2, 3, 4, 9, 10), torch.float32)
+    dists, inds = dnls.search(vid, ws=3, wt=1, ps=3, k=5, nheads=2, stride0=2)
+    q = 3 * 5 * 5
+    assert dists.shape == (2, 2, q, 5) and dists.dtype == torch.float32
+    assert inds.shape == (2, 2, q, 5, 3) and inds.dtype == torch.int32
+    # self-search l2: the query itself is at distance 0, the nearest
+    assert torch.all(dists[..., 0] == 0)
+    d_all, _ = dnls.search(vid, ws=3, wt=1, ps=3, nheads=2)
+    assert d_all.shape == (2, 2, 3 * 9 * 10, 27)
+
+
+def test_six_d_input_equals_split_five_d():
+    vid = rand_video((1, 3, 4, 7, 8))
+    d5, i5 = dnls.search(vid, ws=3, wt=1, k=4, nheads=2, ps=3)
+    vid6 = vid.view(1, 3, 2, 2, 7, 8).transpose(1, 2)
+    d6, i6 = dnls.search(vid6, ws=3, wt=1, k=4, ps=3)
+    assert torch.equal(d5, d6) and torch.equal(i5, i6)
+
+
+def test_self_match_modes():
+    vid = rand_video((1, 1, 2, 8, 8))
+    kw = dict(ws=5, ps=3, k=4)
+    d_keep, i_keep = dnls.search(vid, **kw)
+    d_anchor, i_anchor = dnls.search(vid, self_match="anchor", **kw)
+    d_excl, i_excl = dnls.search(vid, self_match="exclude", **kw)
+    own = dnls.query_grid(vid.shape).positions().to(torch.int32)
+    # l2 self-search: keep and anchor both put the query first; exclude never returns it
+    assert torch.equal(i_keep[0, 0, :, 0], own) and torch.equal(i_anchor, i_keep)
+    assert not (i_excl == own[:, None]).all(-1).any()
+    assert torch.equal(i_excl[..., :3, :], i_keep[..., 1:, :])
+    # dot: the query is not its own nearest, anchor forces it first anyway
+    _, i_dot = dnls.search(vid, dist="dot", self_match="anchor", **kw)
+    assert torch.equal(i_dot[0, 0, :, 0], own)
+
+
+def test_ties_go_to_earlier_candidate():
+    vid = torch.zeros(1, 1, 1, 6, 6, dtype=torch.float64)  # every distance ties
+    dists, inds = dnls.search(vid, ws=3, ps=1, k=9)
+    _, window = dnls.search(vid, ws=3, ps=1)
+    assert torch.equal(inds, window) and torch.all(dists == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_matches_float64(dtype):
+    vid = rand_video((1, 3, 3, 8, 8))
+    kw = dict(ws=3, wt=1, ps=3, pt=2)
+    d64, i64 = dnls.search(vid, **kw)
+    d, i = dnls.search(vid.to(dtype), **kw)
+    assert d.dtype == dtype and torch.equal(i, i64)
+    # inputs are rounded to dtype: compare against the float64 search of the rounded video
+    d_ref, _ = dnls.search(vid.to(dtype).double(), **kw)
+    assert_close(d, d_ref, dtype=dtype, what=f"dists {dtype}", scale=10)
+
+
+def _gradcheck(fn, *inputs, fast=False):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast)
+
+
+@pytest.mark.parametrize("dist", ["l2", "dot"])
+@pytest.mark.parametrize("border", ["reflect", "zero"])
+def test_gradcheck_videos(dist, border):
+    q = rand_video((1, 3, 2, 5, 6), seed=1).requires_grad_()
+    k = rand_video((1, 3, 2, 5, 6), seed=2).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=3, pt=2, dilation=2, dist=dist, border=border, stride0=2)
+    _gradcheck(lambda a, b: dnls.search(a, b, **kw)[0], q, k)
+    _gradcheck(lambda a, b: dnls.search(a, b, k=4, self_match="anchor", **kw)[0], q, k)
+    _gradcheck(lambda a: dnls.search(a, k=3, self_match="exclude", nheads=2, **kw)[0], q)
+
+
+def _fractional(size, seed):
+    g = torch.Generator().manual_seed(seed)
+    whole = torch.randint(-2, 3, size, generator=g).double()
+    return whole + 0.2 + 0.6 * torch.rand(size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dist", ["l2", "dot"])
+def test_gradcheck_flows(dist):
+    q = rand_video((1, 3, 2, 7, 7), seed=3).requires_grad_()
+    flows = _fractional((1, 3, 3, 2, 7, 7), 4).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=3, dist=dist)
+    _gradcheck(lambda v, f: dnls.search(v, flows=f, **kw)[0], q, flows, fast=True)
+    _gradcheck(
+        lambda f: dnls.search(q, flows=f, k=5, self_match="anchor", **kw)[0], flows, fast=True
+    )
+
+
+def test_gradcheck_flow_pair():
+    q = rand_video((1, 3, 1, 6, 6), seed=5).requires_grad_()
+    fflow = (_fractional((1, 3, 2, 6, 6), 6) * 0.4).requires_grad_()
+    bflow = (_fractional((1, 3, 2, 6, 6), 7) * 0.4).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=1)
+    _gradcheck(lambda v, f, b: dnls.search(v, flows=(f, b), **kw)[0], q, fflow, bflow, fast=True)
+
+
+def test_inds_gradient_reaches_flows():
+    """Float ``inds`` are differentiable w.r.t. ``flows``: compare the gradient with central
+    differences (``inds`` are piecewise linear in the flows, so a small step is exact)."""
+    q = rand_video((1, 3, 1, 8, 8), seed=8)
+    flows = _fractional((1, 3, 3, 2, 8, 8), 9).requires_grad_()
+    weight = torch.rand(1, 1, 192, 27, 3, dtype=torch.float64)
+    direction = torch.rand_like(flows)
+    _, inds = dnls.search(q, flows=flows, ws=3, wt=1, ps=1)
+    (grad,) = torch.autograd.grad((inds.double() * weight).sum(), flows)
+    eps = 1e-2
+    with torch.no_grad():
+        _, ip = dnls.search(q, flows=flows + eps * direction, ws=3, wt=1, ps=1)
+        _, im = dnls.search(q, flows=flows - eps * direction, ws=3, wt=1, ps=1)
+    numeric = ((ip.double() - im.double()) * weight).sum() / (2 * eps)
+    assert abs((grad * direction).sum().item() - numeric.item()) < 1e-3 * max(1, abs(numeric))
+    assert grad.abs().sum() > 0
+
+
+def test_flow_pair_equals_accumulated_oracle():
+    g = torch.Generator().manual_seed(11)
+    fflow = (torch.rand(1, 4, 2, 5, 6, generator=g, dtype=torch.float64) - 0.5) * 3
+    bflow = (torch.rand(1, 4, 2, 5, 6, generator=g, dtype=torch.float64) - 0.5) * 3
+    got = dnls.accumulate_flows(fflow, bflow, wt=1)
+    assert_close(got, oracle.accumulate_flows(fflow.numpy(), bflow.numpy(), 1), what="flows")
+    ints = dnls.accumulate_flows(fflow.round().int(), bflow.round().int(), wt=1)
+    expected = oracle.accumulate_flows(fflow.round().numpy(), bflow.round().numpy(), 1)
+    assert ints.dtype == torch.int32 and np.array_equal(ints.numpy(), expected)
+    vid = rand_video((1, 4, 1, 5, 6))
+    a = dnls.search(vid, ws=3, wt=1, ps=1, k=4, flows=(fflow, bflow))
+    b = dnls.search(vid, ws=3, wt=1, ps=1, k=4, flows=got)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_inputs_not_modified():
+    q = rand_video((1, 3, 2, 6, 6)).requires_grad_()
+    flows = _fractional((1, 3, 3, 2, 6, 6), 1)
+    q0, f0 = q.detach().clone(), flows.clone()
+    dists, _ = dnls.search(q, flows=flows, ws=3, wt=1, k=3)
+    dists.sum().backward()
+    assert torch.equal(q.detach(), q0) and torch.equal(flows, f0)
+
+
+_MEMORY_PROBE = textwrap.dedent(
+    """
+    import resource, sys, torch, dnls
+    torch.set_num_threads(1)
+    size = int(sys.argv[1])
+    vid = torch.rand(1, 1, 1, size, size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dnls.search(vid, ws=21, ps=1, k=4)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """
+)
+
+
+def test_search_memory_does_not_grow_with_queries():
+    """Peak RSS growth of one search at 128x128 and 256x256 (4x the queries). A Q x W float32
+    tensor alone (W = 441) would add 86 MB between the two; the chunked search adds only its
+    O(Q x K) outputs."""
+
+    def peak_kib(size):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(size)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout.strip())
+
+    small, large = peak_kib(128), peak_kib(256)
+    outputs = 256 * 256 * 4 * (4 + 12)  # dists + inds of the larger run, in bytes
+    assert large - small < (outputs + 16 * 2**20) / 1024, (small, large)
