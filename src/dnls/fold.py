@@ -16,11 +16,12 @@ from ._ref import acc_dtype
 from .patches import _add_into, _gather_op, _scatter_op
 
 
-def _grid_inds(shape5, stride, region, start, count, device) -> tuple[torch.Tensor, int]:
+def _grid_inds(shape5, stride, region, start, count, device) -> torch.Tensor:
+    """Positions ``(B, 1, count, 1, 3)`` of queries ``[start, start + count)`` of the grid."""
     grid = query_grid(shape5, stride, region)
     start, count = _checks.check_start_count(start, count, grid.count)
     pos = grid.positions(start, count, device=device)
-    return pos.view(1, 1, count, 1, 3).expand(shape5[0], 1, count, 1, 3), count
+    return pos.view(1, 1, count, 1, 3).expand(shape5[0], 1, count, 1, 3)
 
 
 def iunfold(
@@ -56,7 +57,7 @@ def iunfold(
     if vid.ndim != 5:
         _checks.fail("vid", vid, "5-D (B, T, C, H, W)")
     _checks.check_patch_geometry(ps, pt, dilation, border)
-    inds, _ = _grid_inds(tuple(vid.shape), stride, region, start, count, vid.device)
+    inds = _grid_inds(tuple(vid.shape), stride, region, start, count, vid.device)
     out = _gather_op(vid.unsqueeze(1), inds, ps=ps, pt=pt, dilation=dilation, border=border)
     return out[:, 0, :, 0]
 
@@ -95,7 +96,15 @@ def ifold(
     if len(shape) != 5 or shape[0] != b or shape[2] != c:
         _checks.fail("shape", shape, f"5 ints (B={b}, T, C={c}, H, W) to match patches")
     _checks.check_patch_geometry(ps, pt, dilation, border)
-    inds, _ = _grid_inds(shape, stride, region, start, q, patches.device)
+    start = _checks.check_int("start", start, min_value=0)
+    total = query_grid(shape, stride, region).count
+    if start + q > total:
+        _checks.fail(
+            "patches",
+            patches,
+            f"at most Q - start = {total - start} queries (the grid has Q={total}, start={start})",
+        )
+    inds = _grid_inds(shape, stride, region, start, q, patches.device)
     kw = dict(frames=shape[1], height=shape[3], width=shape[4], dilation=dilation, border=border)
     vid = _scatter_op(patches.unsqueeze(1).unsqueeze(3), inds, **kw)[:, 0]
     ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)

@@ -439,15 +439,16 @@ def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor |
         if len(flows) != 2:
             _checks.fail("flows", flows, "a tensor or a pair (fflow, bflow)", TypeError)
         pair = []
-        for name, f in zip(("flows[0] (fflow)", "flows[1] (bflow)"), flows, strict=True):
-            f = _checks.check_tensor(name, f)
+        for i, (f, role) in enumerate(
+            zip(flows, ("frame-to-next", "frame-to-previous"), strict=True)
+        ):
+            f = _checks.check_tensor(f"flows[{i}]", f)
             if tuple(f.shape) != (b, nframes, 2, height, width):
-                _checks.fail(name, f, f"of shape {(b, nframes, 2, height, width)}")
+                expected = f"the {role} flow, of shape {(b, nframes, 2, height, width)}"
+                _checks.fail(f"flows[{i}]", f, expected)
             pair.append(f)
         if pair[0].dtype != pair[1].dtype:
-            _checks.fail(
-                "flows[1] (bflow)", pair[1], f"of dtype {pair[0].dtype} like fflow", TypeError
-            )
+            _checks.fail("flows[1]", pair[1], f"of dtype {pair[0].dtype} like flows[0]", TypeError)
         tensors = pair
     else:
         f = _checks.check_tensor("flows", flows)
