@@ -37,10 +37,12 @@ def _flat_pos(inds: torch.Tensor) -> torch.Tensor:
 def _gather_ref(vid: torch.Tensor, inds: torch.Tensor, geom: PatchGeom) -> torch.Tensor:
     b, hd, q, k, _ = inds.shape
     out = read(flat_video(vid), tuple(vid.shape), _flat_pos(inds), geom)
-    return out.reshape(b, hd, q, k, *out.shape[3:]).to(vid.dtype)
+    return out.reshape(b, hd, q, k, *out.shape[3:]).to(vid.dtype).contiguous()
 
 
 def _gather_dpos_ref(vid, inds, grad, geom: PatchGeom) -> torch.Tensor:
+    if not inds.is_floating_point():  # whole positions carry no gradient
+        return torch.zeros_like(inds, memory_format=torch.contiguous_format)
     b, hd, q, k, _ = inds.shape
     g = grad.reshape(b, hd, q * k, *grad.shape[4:]).to(acc_dtype(vid.dtype))
     out = read_dpos(flat_video(vid), tuple(vid.shape), _flat_pos(inds), geom, g)
@@ -50,7 +52,7 @@ def _gather_dpos_ref(vid, inds, grad, geom: PatchGeom) -> torch.Tensor:
 def _scatter_ref(patches, inds, shape6: tuple[int, ...], geom: PatchGeom) -> torch.Tensor:
     b, hd, q, k = inds.shape[:4]
     p = patches.reshape(b, hd, q * k, *patches.shape[4:]).to(acc_dtype(patches.dtype))
-    return write(p, _flat_pos(inds), shape6, geom).to(patches.dtype)
+    return write(p, _flat_pos(inds), shape6, geom).to(patches.dtype).contiguous()
 
 
 def _wpsum_ref(vid, weights, inds, geom: PatchGeom) -> torch.Tensor:
@@ -63,7 +65,7 @@ def _wpsum_ref(vid, weights, inds, geom: PatchGeom) -> torch.Tensor:
     if out is None:
         b, hd, q = inds.shape[:3]
         out = flat.new_zeros(b, hd, q, geom.pt, vid.shape[3], geom.ps, geom.ps)
-    return out.to(torch.promote_types(vid.dtype, weights.dtype))
+    return out.to(torch.promote_types(vid.dtype, weights.dtype)).contiguous()
 
 
 def _wpsum_backward_ref(grad, vid, weights, inds, geom: PatchGeom):
@@ -123,7 +125,7 @@ def _gather_dpos_op(
 
 @_gather_dpos_op.register_fake
 def _(vid, inds, grad, *, ps, pt, dilation, border):
-    return torch.empty_like(inds)
+    return inds.new_empty(inds.shape)
 
 
 @torch.library.custom_op("dnls::scatter", mutates_args=())
@@ -191,7 +193,7 @@ def _wpsum_backward_op(
 
 @_wpsum_backward_op.register_fake
 def _(grad, vid, weights, inds, *, ps, pt, dilation, border):
-    return torch.empty_like(vid), torch.empty_like(weights), torch.empty_like(inds)
+    return vid.new_empty(vid.shape), weights.new_empty(weights.shape), inds.new_empty(inds.shape)
 
 
 def _save_geom(ctx, inputs, keyword_only_inputs, output):

@@ -294,7 +294,11 @@ def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams
         pix = ((tq * height + hq) * width + wq).view(1, 1, n, 1)
         row = ((bidx * nframes * height * width + pix) * p.nslots) + slot
         gflows.view(-1, 2).index_add_(0, row.reshape(-1), contrib.reshape(-1, 2))
-    gf = gflows.permute(0, 1, 4, 5, 2, 3).to(flows.dtype) if flow_grad else qvid.new_empty(0)
+    gf = (
+        gflows.permute(0, 1, 4, 5, 2, 3).to(flows.dtype).contiguous()
+        if flow_grad
+        else qvid.new_empty(0)
+    )
     return gq.to(qvid.dtype), gk.to(kvid.dtype), gf
 
 
@@ -403,8 +407,8 @@ def _search_backward_op(
 @_search_backward_op.register_fake
 def _(gdists, ginds, qvid, kvid, flows, widx, **_):
     flow_grad = flows is not None and flows.is_floating_point()
-    gf = torch.empty_like(flows) if flow_grad else qvid.new_empty(0)
-    return torch.empty_like(qvid), torch.empty_like(kvid), gf
+    gf = flows.new_empty(flows.shape) if flow_grad else qvid.new_empty(0)
+    return qvid.new_empty(qvid.shape), kvid.new_empty(kvid.shape), gf
 
 
 def _search_setup(ctx, inputs, keyword_only_inputs, output):

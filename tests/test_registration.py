@@ -1,0 +1,58 @@
+"""The ops are registered with torch.library: schema, fake kernels and autograd pass opcheck."""
+
+import pytest
+import torch
+from helpers import rand_video
+
+from dnls.search import SearchParams
+
+GEOM = dict(ps=3, pt=2, dilation=1, border="reflect")
+
+
+def _opcheck(op, args, kwargs):
+    result = torch.library.opcheck(op, args, kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def _inds(fractional):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 2, (1, 2, 4, 3, 1), generator=g)
+    hw = torch.rand(1, 2, 4, 3, 2, generator=g, dtype=torch.float64) * 4
+    if fractional:
+        return torch.cat([t.double(), hw], -1)
+    return torch.cat([t, hw.long()], -1).int()
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_patch_ops(fractional):
+    vid = rand_video((1, 2, 2, 3, 5, 5)).requires_grad_()
+    inds = _inds(fractional).requires_grad_(fractional)
+    _opcheck(torch.ops.dnls.gather.default, (vid, inds), GEOM)
+    grad = torch.rand(1, 2, 4, 3, 2, 3, 3, 3, dtype=torch.float64)
+    _opcheck(torch.ops.dnls.gather_dpos.default, (vid.detach(), inds.detach(), grad), GEOM)
+    patches = grad.clone().requires_grad_()
+    kw = dict(frames=2, height=5, width=5, dilation=1, border="zero")
+    _opcheck(torch.ops.dnls.scatter.default, (patches, inds.detach()), kw)
+    weights = torch.rand(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    _opcheck(torch.ops.dnls.wpsum.default, (vid, weights, inds), GEOM)
+    g = torch.rand(1, 2, 4, 2, 3, 3, 3, dtype=torch.float64)
+    args = (g, vid.detach(), weights.detach(), inds.detach())
+    _opcheck(torch.ops.dnls.wpsum_backward.default, args, GEOM)
+
+
+@pytest.mark.parametrize("flow_kind", ["none", "int", "float"])
+def test_search_ops(flow_kind):
+    q = rand_video((1, 1, 3, 2, 6, 6), seed=1).requires_grad_()
+    k = rand_video((1, 1, 3, 2, 6, 6), seed=2).requires_grad_()
+    flows = {
+        "none": None,
+        "int": torch.ones(1, 3, 3, 2, 6, 6, dtype=torch.int32),
+        "float": torch.full((1, 3, 3, 2, 6, 6), 0.4, dtype=torch.float64, requires_grad=True),
+    }[flow_kind]
+    p = SearchParams(3, 1, 3, 1, 4, "l2", 2, 1.0, 1, (0, 3, 0, 6, 0, 6), 0, 27, "anchor", "reflect")
+    _opcheck(torch.ops.dnls.search.default, (q, k, flows), p.op_kwargs())
+    dists, inds, widx = torch.ops.dnls.search(q, k, flows, **p.op_kwargs())
+    gi = torch.rand(inds.shape, dtype=torch.float32) if flow_kind == "float" else None
+    flows = None if flows is None else flows.detach()
+    args = (torch.rand_like(dists), gi, q.detach(), k.detach(), flows, widx)
+    _opcheck(torch.ops.dnls.search_backward.default, args, p.op_kwargs())
