@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import rand_video
 
-from dnls.search import SearchParams
+from dnls.ops.search import SearchParams
 
 GEOM = dict(ps=3, pt=2, dilation=1, border="reflect")
 

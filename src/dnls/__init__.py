@@ -11,10 +11,10 @@ Here they follow PyTorch: ``gather`` reads patches, ``scatter`` writes them.
 """
 
 from ._grid import QueryGrid, query_grid
-from .flows import accumulate_flows
-from .fold import ifold, iunfold
-from .patches import gather, scatter, wpsum
-from .search import search
+from .ops.flows import accumulate_flows
+from .ops.fold import ifold, iunfold
+from .ops.patches import gather, scatter, wpsum
+from .ops.search import search
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ import torch
 
 from .._checks import check_int, check_positive_number, check_video, fail
 from .._grid import query_grid
-from ..fold import ifold
-from ..patches import wpsum
-from ..search import search
+from ..ops.fold import ifold
+from ..ops.patches import wpsum
+from ..ops.search import search
 
 
 def nlm(

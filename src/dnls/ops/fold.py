@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks
-from ._grid import query_grid
-from ._ref import acc_dtype
+from .. import _checks
+from .._grid import query_grid
+from .._ref import acc_dtype
 from .patches import _add_into, _gather_op, _scatter_op
 
 

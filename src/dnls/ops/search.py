@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
-from ._common import backend, split_heads
-from ._grid import QueryGrid
-from ._ref import PatchGeom, flat_video, read, read_dpos, write
+from .. import _checks
+from .._common import backend, split_heads
+from .._grid import QueryGrid
+from .._ref import PatchGeom, flat_video, read, read_dpos, write
 from .flows import accumulate_flows
 
 DISTS = ("l2", "dot")
@@ -206,7 +206,9 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
     nwin, nk = p.nwin, p.nk
     patch = p.pt * c * p.ps * p.ps
     dists = qflat.new_empty(b, hd, p.count, nk)
-    inds = torch.empty(b, hd, p.count, nk, 3, dtype=pdtype, device=qvid.device)
+    inds = torch.empty(
+        b, hd, p.count, nk, 3, dtype=_inds_dtype(flows, p.stride1), device=qvid.device
+    )
     widx = torch.empty(b, hd, p.count, nk, dtype=torch.int32, device=qvid.device)
     wchunk = max(1, min(nwin, WORKSPACE // (b * hd * patch)))
     for c0, n in _chunks(p.count, b * hd * nwin * patch):
@@ -236,7 +238,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
             own_kp = read(kflat, shape6, qpos6, geom)[:, :, :, None]
             dists[:, :, chunk, 0] = _distance(qp, own_kp, p.dist)[..., 0]
             inds[:, :, chunk, 0] = qpos6
-    return dists.to(qvid.dtype), inds.to(_inds_dtype(flows, p.stride1)), widx
+    return dists.to(qvid.dtype), inds, widx
 
 
 def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams):

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks
-from ._common import backend, merge_heads, split_heads
-from ._ref import PatchGeom, acc_dtype, flat_video, read, read_dpos, write
+from .. import _checks
+from .._common import backend, merge_heads, split_heads
+from .._ref import PatchGeom, acc_dtype, flat_video, read, read_dpos, write
 
 # ---------------------------------------------------------------------------------------------
 # Reference kernels. Shapes: vid (B, HD, T, C, H, W); inds (B, HD, Q, K, 3);

@@ -1,0 +1,1 @@
+"""The op families, one module each: reference kernels, registration, public function."""
