@@ -162,7 +162,10 @@ def test_backend_variable(monkeypatch):
     with pytest.raises(ValueError, match="^DNLS_BACKEND must be one of"):
         dnls.search(V, ws=3)
     monkeypatch.setenv("DNLS_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="no Triton kernels"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dnls.search(V, ws=3)
+    with pytest.raises(RuntimeError, match="gather has no Triton kernel"):
+        dnls.gather(V, INDS, ps=3)
     monkeypatch.setenv("DNLS_BACKEND", "torch")
     assert dnls.search(V, ws=3, k=2)[0].shape == (1, 1, 192, 2)

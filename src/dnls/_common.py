@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -23,19 +24,47 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, hd * c, h, w)
 
 
-def backend(device: torch.device) -> str:
-    """The backend that runs an op on ``device``: ``"torch"`` or ``"triton"``.
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
-    ``DNLS_BACKEND`` (``auto``, ``torch`` or ``triton``) forces one; ``auto`` picks the reference
-    path. The Triton kernels are not part of this version, so an explicit ``triton`` request
-    raises with that reason rather than silently running something else.
+
+# Ops that have Triton kernels in this version.
+TRITON_OPS = frozenset({"search"})
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend(device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on ``device``: ``"torch"`` or ``"triton"``.
+
+    ``auto`` (the default) runs the Triton kernels on CUDA tensors when Triton is installed and
+    the op has kernels, else the reference path. The environment variable ``DNLS_BACKEND``
+    (``auto``, ``torch`` or ``triton``) forces a backend; ``triton`` on CPU tensors runs under
+    Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before dnls launches a kernel.
+    A forced backend that cannot run raises ``RuntimeError`` with the reason.
     """
     choice = os.environ.get("DNLS_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"DNLS_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
-    if choice == "triton":
+    if choice == "torch":
+        return "torch"
+    has_kernel = op in TRITON_OPS and _triton_available()
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and has_kernel else "torch"
+    if op not in TRITON_OPS:
         raise RuntimeError(
-            "DNLS_BACKEND=triton was requested, but this version of dnls has no Triton kernels "
-            f"yet (device {device}); unset DNLS_BACKEND or set it to 'torch' or 'auto'"
+            f"DNLS_BACKEND=triton was requested, but {op} has no Triton kernel in this version; "
+            "unset DNLS_BACKEND or set it to 'torch' or 'auto'"
         )
-    return "torch"
+    if not _triton_available():
+        raise RuntimeError("DNLS_BACKEND=triton was requested, but Triton is not installed")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "DNLS_BACKEND=triton on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before starting Python"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"DNLS_BACKEND=triton cannot run on device {device}")
+    return "triton"

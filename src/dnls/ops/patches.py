@@ -90,8 +90,8 @@ def _wpsum_backward_ref(grad, vid, weights, inds, geom: PatchGeom):
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(device: torch.device, ref, *args):
-    backend(device)  # raises where an explicitly requested backend cannot run
+def _run(device: torch.device, op: str, ref, *args):
+    backend(device, op)  # raises where an explicitly requested backend cannot run
     return ref(*args)
 
 
@@ -99,7 +99,7 @@ def _run(device: torch.device, ref, *args):
 def _gather_op(
     vid: torch.Tensor, inds: torch.Tensor, *, ps: int, pt: int, dilation: int, border: str
 ) -> torch.Tensor:
-    return _run(vid.device, _gather_ref, vid, inds, PatchGeom(ps, pt, dilation, border))
+    return _run(vid.device, "gather", _gather_ref, vid, inds, PatchGeom(ps, pt, dilation, border))
 
 
 @_gather_op.register_fake
@@ -120,7 +120,7 @@ def _gather_dpos_op(
     border: str,
 ) -> torch.Tensor:
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(vid.device, _gather_dpos_ref, vid, inds, grad, geom)
+    return _run(vid.device, "gather", _gather_dpos_ref, vid, inds, grad, geom)
 
 
 @_gather_dpos_op.register_fake
@@ -142,9 +142,8 @@ def _scatter_op(
     b, hd = inds.shape[:2]
     pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
     shape6 = (b, hd, frames, c, height, width)
-    return _run(
-        patches.device, _scatter_ref, patches, inds, shape6, PatchGeom(ps, pt, dilation, border)
-    )
+    geom = PatchGeom(ps, pt, dilation, border)
+    return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom)
 
 
 @_scatter_op.register_fake
@@ -165,7 +164,7 @@ def _wpsum_op(
     border: str,
 ) -> torch.Tensor:
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(vid.device, _wpsum_ref, vid, weights, inds, geom)
+    return _run(vid.device, "wpsum", _wpsum_ref, vid, weights, inds, geom)
 
 
 @_wpsum_op.register_fake
@@ -188,7 +187,7 @@ def _wpsum_backward_op(
     border: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(vid.device, _wpsum_backward_ref, grad, vid, weights, inds, geom)
+    return _run(vid.device, "wpsum", _wpsum_backward_ref, grad, vid, weights, inds, geom)
 
 
 @_wpsum_backward_op.register_fake

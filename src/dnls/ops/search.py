@@ -157,6 +157,31 @@ def _candidates(win: _Window, p: SearchParams) -> torch.Tensor:
     return pos.reshape(bf, n, nslots * ws * ws, 3)
 
 
+def _positions(win: _Window, widx: torch.Tensor, qpos: torch.Tensor, p: SearchParams):
+    """Positions ``(B, HD, n, K, 3)`` of window indices ``widx`` ``(B, HD, n, K)``; ``-1`` is
+    the query's own position ``qpos`` ``(n, 3)``."""
+    b, hd, n, nk = widx.shape
+    wi = widx.long().clamp(min=0)
+    slot, a, c = wi // (p.ws * p.ws), (wi // p.ws) % p.ws, wi % p.ws
+    center = win.center[:, None].expand(b, hd, n, p.nslots, 2)
+    center = center.gather(-2, slot[..., None].expand(b, hd, n, nk, 2))
+    frames = win.frames.expand(b, hd, n, p.nslots).gather(-1, slot)
+    pos = torch.stack(
+        [frames.to(center.dtype), center[..., 0] + win.offsets[a], center[..., 1] + win.offsets[c]],
+        dim=-1,
+    )
+    own = qpos.to(pos.dtype)[:, None].expand(b, hd, n, nk, 3)
+    return torch.where((widx < 0)[..., None], own, pos)
+
+
+def _own_index(win: _Window, qpos: torch.Tensor, p: SearchParams) -> torch.Tensor:
+    """Window index ``(Bf, n)`` of each query's own position (``stride1 == 1`` only)."""
+    n = qpos.shape[0]
+    center = win.center.gather(2, win.own.view(1, n, 1, 1).expand(win.center.shape[0], n, 1, 2))
+    a = qpos[None, :, 1:] - center[:, :, 0].long() + p.ws // 2  # (Bf, n, 2)
+    return (win.own[None] * p.ws + a[..., 0]) * p.ws + a[..., 1]
+
+
 def _chunks(count: int, per_query: int):
     n = max(1, WORKSPACE // max(1, per_query))
     for c0 in range(0, count, n):
@@ -168,8 +193,8 @@ def _stable_argsort(key: torch.Tensor) -> torch.Tensor:
 
 
 def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor:
-    """Window indices ``(B, HD, n, K)`` of the results; ``-1`` for an anchored query that is not
-    one of its own candidates."""
+    """Window indices ``(B, HD, n, K)`` of the results; ``-1`` stands for the query's own
+    position (the first result with ``self_match="anchor"``)."""
     own = own.expand_as(d)
     window_order = torch.arange(d.shape[-1], device=d.device).expand_as(d)
     if p.k >= 0:
@@ -181,8 +206,7 @@ def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor
     own_last = order.gather(-1, _stable_argsort(own.gather(-1, order).to(torch.uint8)))
     if p.self_match == "exclude":
         return own_last[..., : p.nk]
-    own_idx = torch.where(own.any(-1), own.to(torch.uint8).argmax(-1), -1)
-    return torch.cat([own_idx[..., None], own_last[..., : p.nk - 1]], dim=-1)
+    return torch.cat([torch.full_like(order[..., :1], -1), own_last[..., : p.nk - 1]], dim=-1)
 
 
 def _distance(qp: torch.Tensor, kp: torch.Tensor, dist: str) -> torch.Tensor:
@@ -241,6 +265,46 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
     return dists.to(qvid.dtype), inds, widx
 
 
+def _search_triton(qvid, kvid, flows, p: SearchParams):
+    """Forward with the Triton kernel: fused distances and top-k; positions from indices."""
+    from . import _search_triton as kernels
+
+    b, hd, nframes, _, height, width = qvid.shape
+    thw = (nframes, height, width)
+    pdtype = _pos_dtype(qvid, flows, p)
+    whole = pdtype == torch.int64
+    keys, ids, own = kernels.search_keys(qvid, kvid, flows, p, whole, pdtype)
+    keys = keys.view(b, hd, p.count, -1)
+    qpos = p.grid(thw).positions(p.start, p.count, device=qvid.device)
+    win = _window(qpos, flows, thw, p, pdtype)
+    if ids is None:  # k=None: every candidate in window order
+        widx = torch.arange(p.nwin, device=qvid.device).expand(b, hd, p.count, p.nwin)
+        if p.self_match != "keep":
+            own_idx = _own_index(win, qpos, p)[:, None, :, None]  # (Bf, 1, count, 1)
+            rest = torch.arange(p.nwin - 1, device=qvid.device)
+            rest = rest + (rest >= own_idx).long()  # every index but the own one, in order
+            first = [own_idx.expand(b, hd, p.count, 1)] if p.self_match == "anchor" else []
+            widx = torch.cat(first + [rest.expand(b, hd, p.count, p.nwin - 1)], dim=-1)
+            keys = keys.gather(-1, widx)
+        if p.self_match == "anchor":
+            widx = torch.cat([torch.full_like(widx[..., :1], -1), widx[..., 1:]], dim=-1)
+    else:
+        ids = ids.view(b, hd, p.count, -1)
+        by_index = ids.sort(dim=-1).indices  # (key, index) order: index first, then stable key
+        keys, ids = keys.gather(-1, by_index), ids.gather(-1, by_index)
+        by_key = _stable_argsort(keys)
+        kept = p.nk - (p.self_match == "anchor")
+        by_key = by_key[..., by_key.shape[-1] - kept :]  # padding slots (-inf) sort first
+        keys, widx = keys.gather(-1, by_key), ids.gather(-1, by_key)
+        if own is not None:
+            own_key = own.view(b, hd, p.count, 1)
+            keys = torch.cat([-own_key if p.dist == "dot" else own_key, keys], dim=-1)
+            widx = torch.cat([torch.full_like(widx[..., :1], -1), widx], dim=-1)
+    dists = -keys if p.dist == "dot" else keys
+    inds = _positions(win, widx, qpos, p).to(_inds_dtype(flows, p.stride1))
+    return dists.to(qvid.dtype).contiguous(), inds.contiguous(), widx.to(torch.int32).contiguous()
+
+
 def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams):
     b, hd, nframes, c, height, width = qvid.shape
     thw = (nframes, height, width)
@@ -259,15 +323,9 @@ def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams
         chunk = slice(c0, c0 + n)
         qpos = p.grid(thw).positions(p.start + c0, n, device=qvid.device)
         win = _window(qpos, flows, thw, p, pdtype)
-        cands = _candidates(win, p)
         wi = widx[:, :, chunk].long()
         qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
-        pos = (
-            cands[:, None]
-            .expand(b, hd, n, p.nwin, 3)
-            .gather(-2, wi.clamp(min=0)[..., None].expand(b, hd, n, nk, 3))
-        )
-        pos = torch.where((wi < 0)[..., None], qpos6[:, :, :, None], pos)
+        pos = _positions(win, wi, qpos, p)
         pos_flat = pos.reshape(b, hd, n * nk, 3)
         qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
         kp = read(kflat, shape6, pos_flat, geom).view(b, hd, n, nk, *qp.shape[4:])
@@ -346,7 +404,8 @@ def _search_op(
         self_match,
         border,
     )
-    backend(qvid.device)
+    if backend(qvid.device, "search") == "triton":
+        return _search_triton(qvid, kvid, flows, p)
     return _search_ref(qvid, kvid, flows, p)
 
 
@@ -402,7 +461,6 @@ def _search_backward_op(
         self_match,
         border,
     )
-    backend(qvid.device)
     return _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p)
 
 

@@ -1,0 +1,453 @@
+"""Triton kernels for ``search`` (forward): fused distance + running top-k.
+
+Imported only when the Triton backend runs, so ``import dnls`` never needs Triton.
+
+One program handles ``BLOCK_Q`` queries of one ``(batch, head)``. It walks the window in window
+order (slot, row, column); for each candidate it accumulates the patch distance over
+``pt x ps x ps`` pixels, ``BLOCK_C`` channels at a time, reading both videos through the border
+rule (and bilinear taps for sub-pixel positions). Selection keeps, per query, the ``KP`` best
+``(key, window index)`` pairs in registers, replacing the current worst:
+
+    worst = max over slots of (key, index)   (lexicographic: a larger index loses a tie)
+    insert candidate j iff key_j < worst.key  (j is larger than every stored index, so an
+                                               equal key never displaces an earlier candidate)
+
+which keeps exactly the ``k`` smallest ``(key, index)`` pairs: nearest first, ties to the
+earlier candidate. ``key = dist`` for l2 and ``-dist`` for dot. The ``Q x W`` distances are
+never written (except for ``k=None``, where they are the output). The launcher sorts the ``KP``
+survivors by ``(key, index)`` and turns window indices into positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import next_power_of_2
+
+
+@triton.jit
+def _border(i, n, REFLECT: tl.constexpr):
+    """Index into [0, n) and its validity (always valid for reflect)."""
+    if REFLECT:
+        period = tl.maximum(2 * (n - 1), 1)
+        i = i % period
+        i = tl.where(i < 0, i + period, i)
+        i = tl.where(i >= n, period - i, i)
+        return i, i >= 0
+    valid = (i >= 0) & (i < n)
+    return tl.minimum(tl.maximum(i, 0), n - 1), valid
+
+
+@triton.jit
+def _pixels(
+    base, t, y, x, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT: tl.constexpr, ACC: tl.constexpr
+):
+    """(BLOCK_Q, BLOCK_C) pixels at whole coordinates, border rule applied."""
+    ti, tv = _border(t, T, REFLECT)
+    yi, yv = _border(y, H, REFLECT)
+    xi, xv = _border(x, W, REFLECT)
+    off = ti.to(tl.int64) * st + yi.to(tl.int64) * sy + xi.to(tl.int64) * sx
+    ptr = base + off[:, None] + cc[None, :].to(tl.int64) * sc
+    valid = (tv & yv & xv)[:, None] & cmask
+    return tl.load(ptr, mask=valid, other=0.0).to(ACC)
+
+
+@triton.jit
+def _sample(
+    base,
+    t,
+    y,
+    x,
+    cc,
+    cmask,
+    st,
+    sc,
+    sy,
+    sx,
+    T,
+    H,
+    W,
+    REFLECT: tl.constexpr,
+    WHOLE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """(BLOCK_Q, BLOCK_C) pixels at (t, y, x); bilinear when the positions are fractional."""
+    if WHOLE:
+        return _pixels(base, t, y, x, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    fy = (y - y0f).to(ACC)[:, None]
+    fx = (x - x0f).to(ACC)[:, None]
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    v00 = _pixels(base, t, y0, x0, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
+    v01 = _pixels(base, t, y0, x0 + 1, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
+    v10 = _pixels(base, t, y0 + 1, x0, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
+    v11 = _pixels(base, t, y0 + 1, x0 + 1, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
+    top = v00 * (1 - fx) + v01 * fx
+    bot = v10 * (1 - fx) + v11 * fx
+    return top * (1 - fy) + bot * fy
+
+
+@triton.jit
+def _patch_dist(
+    q_base,
+    k_base,
+    qt,
+    qy,
+    qx,
+    kt,
+    ky,
+    kx,
+    cc0,
+    C,
+    sq_t,
+    sq_c,
+    sq_y,
+    sq_x,
+    sk_t,
+    sk_c,
+    sk_y,
+    sk_x,
+    T,
+    H,
+    W,
+    PS: tl.constexpr,
+    PT: tl.constexpr,
+    DIL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
+    REFLECT: tl.constexpr,
+    WHOLE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Distance between the query patches at (qt, qy, qx) (whole) and the key patches at
+    (kt, ky, kx): sum of squared differences, or of products when DOT."""
+    d = tl.zeros(qy.shape, dtype=ACC)
+    for dt in tl.static_range(PT):
+        for i in tl.static_range(PS):
+            for j in tl.static_range(PS):
+                oy = (i - PS // 2) * DIL
+                ox = (j - PS // 2) * DIL
+                for c0 in range(0, C, BLOCK_C):
+                    cc = c0 + cc0
+                    cmask = (cc < C)[None, :]
+                    qv = _pixels(
+                        q_base,
+                        qt + dt,
+                        qy + oy,
+                        qx + ox,
+                        cc,
+                        cmask,
+                        sq_t,
+                        sq_c,
+                        sq_y,
+                        sq_x,
+                        T,
+                        H,
+                        W,
+                        REFLECT,
+                        ACC,
+                    )
+                    kv = _sample(
+                        k_base,
+                        kt + dt,
+                        ky + oy,
+                        kx + ox,
+                        cc,
+                        cmask,
+                        sk_t,
+                        sk_c,
+                        sk_y,
+                        sk_x,
+                        T,
+                        H,
+                        W,
+                        REFLECT,
+                        WHOLE,
+                        ACC,
+                    )
+                    if DOT:
+                        d += tl.sum(qv * kv, axis=1)
+                    else:
+                        diff = qv - kv
+                        d += tl.sum(diff * diff, axis=1)
+    return d
+
+
+@triton.jit
+def _search_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    flow_ptr,  # videos (B, HD, T, C, H, W); flows (B, T, S, 2, H, W) or unused
+    key_ptr,  # out: (B*HD, count, KP) best keys, or (B*HD, count, NWIN) every key when ALL
+    idx_ptr,  # out: (B*HD, count, KP) window indices of the best keys (unused when ALL)
+    own_ptr,  # out: (B*HD, count) distance to the query's own position (ANCHOR only)
+    sq_b,
+    sq_h,
+    sq_t,
+    sq_c,
+    sq_y,
+    sq_x,  # strides of q
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_c,
+    sk_y,
+    sk_x,  # strides of k
+    sf_b,
+    sf_t,
+    sf_s,
+    sf_c,
+    sf_y,
+    sf_x,  # strides of flows
+    HD,
+    T,
+    C,
+    H,
+    W,
+    start,
+    count,
+    t0,
+    h0,
+    w0,
+    nh,
+    nw,
+    stride0,  # query grid
+    s1,
+    lo_steps,
+    hi_steps,
+    S,  # window: stride1, steps before/after the centre, frames
+    NWIN,
+    KEEP,  # candidates per query; how many results the selection keeps (<= KP)
+    WS: tl.constexpr,
+    PS: tl.constexpr,
+    PT: tl.constexpr,
+    DIL: tl.constexpr,
+    KP: tl.constexpr,
+    ALL: tl.constexpr,
+    DOT: tl.constexpr,
+    REFLECT: tl.constexpr,
+    SKIP_OWN: tl.constexpr,
+    ANCHOR: tl.constexpr,
+    WHOLE: tl.constexpr,
+    HAS_FLOW: tl.constexpr,
+    POS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HD
+    hd = pid_bh % HD
+    q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+
+    lane = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = lane < count
+    qi = start + tl.where(qmask, lane, 0)
+    per_frame = nh * nw
+    qt = t0 + qi // per_frame
+    rem = qi % per_frame
+    qy = h0 + (rem // nw) * stride0
+    qx = w0 + (rem % nw) * stride0
+    cc0 = tl.arange(0, BLOCK_C)
+    row = pid_bh.to(tl.int64) * count + lane.to(tl.int64)
+
+    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+    lo = (lo_steps * s1).to(POS)
+    hi_y = (H - 1 - hi_steps * s1).to(POS)
+    hi_x = (W - 1 - hi_steps * s1).to(POS)
+
+    slot = tl.arange(0, KP)
+    keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
+    keys = tl.zeros((BLOCK_Q, KP), dtype=ACC) + keys[None, :]
+    ids = tl.zeros((BLOCK_Q, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
+
+    for s in range(S):
+        tf = tstart + s
+        cy = qy.to(POS)
+        cx = qx.to(POS)
+        if HAS_FLOW:
+            f_off = (
+                b.to(tl.int64) * sf_b
+                + qt.to(tl.int64) * sf_t
+                + s * sf_s
+                + qy.to(tl.int64) * sf_y
+                + qx.to(tl.int64) * sf_x
+            )
+            moves = tf != qt
+            fy = tl.load(flow_ptr + f_off, mask=qmask & moves, other=0).to(POS)
+            fx = tl.load(flow_ptr + f_off + sf_c, mask=qmask & moves, other=0).to(POS)
+            cy = cy + fy
+            cx = cx + fx
+        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
+        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+        for a in range(WS):
+            ky = cy + ((a - lo_steps) * s1).to(POS)
+            for bb in range(WS):
+                kx = cx + ((bb - lo_steps) * s1).to(POS)
+                d = _patch_dist(
+                    q_base,
+                    k_base,
+                    qt,
+                    qy,
+                    qx,
+                    tf,
+                    ky,
+                    kx,
+                    cc0,
+                    C,
+                    sq_t,
+                    sq_c,
+                    sq_y,
+                    sq_x,
+                    sk_t,
+                    sk_c,
+                    sk_y,
+                    sk_x,
+                    T,
+                    H,
+                    W,
+                    PS,
+                    PT,
+                    DIL,
+                    BLOCK_C,
+                    DOT,
+                    REFLECT,
+                    WHOLE,
+                    ACC,
+                )
+                key = -d if DOT else d
+                j = (s * WS + a) * WS + bb
+                if ALL:
+                    tl.store(key_ptr + row * NWIN + j, key, mask=qmask)
+                else:
+                    cand = qmask
+                    if SKIP_OWN:
+                        own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
+                        cand = cand & (own == 0)
+                    worst = tl.max(keys, axis=1)
+                    worst_id = tl.max(tl.where(keys == worst[:, None], ids, -1), axis=1)
+                    take = cand & (key < worst)
+                    hit = (ids == worst_id[:, None]) & take[:, None]
+                    keys = tl.where(hit, key[:, None], keys)
+                    ids = tl.where(hit, j, ids)
+    if not ALL:
+        out = row[:, None] * KP + slot[None, :]
+        tl.store(key_ptr + out, keys, mask=qmask[:, None])
+        tl.store(idx_ptr + out, ids, mask=qmask[:, None])
+    if ANCHOR:
+        d = _patch_dist(
+            q_base,
+            k_base,
+            qt,
+            qy,
+            qx,
+            qt,
+            qy.to(POS),
+            qx.to(POS),
+            cc0,
+            C,
+            sq_t,
+            sq_c,
+            sq_y,
+            sq_x,
+            sk_t,
+            sk_c,
+            sk_y,
+            sk_x,
+            T,
+            H,
+            W,
+            PS,
+            PT,
+            DIL,
+            BLOCK_C,
+            DOT,
+            REFLECT,
+            WHOLE,
+            ACC,
+        )
+        tl.store(own_ptr + row, d, mask=qmask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def search_keys(qvid, kvid, flows, p, whole: bool, pos_dtype: torch.dtype):
+    """Run the kernel. Returns ``(keys, ids, own)``: with ``k`` given, the ``KP`` best keys and
+    their window indices per query (unsorted; padding slots hold ``-inf`` and ``-1``);
+    with ``k=None`` every key in window order (``ids`` is None). ``own`` is the distance at the
+    query's own position (anchor) or None. Keys are distances for l2 and negated for dot."""
+    b, hd, nframes, c, height, width = qvid.shape
+    acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
+    select_all = p.k < 0
+    anchor = p.self_match == "anchor"
+    keep = 0 if select_all else (p.k - 1 if anchor else p.k)
+    kp = next_power_of_2(max(keep, 1))
+    dev = qvid.device
+    width_out = p.nwin if select_all else kp
+    keys = torch.empty(b * hd, p.count, width_out, dtype=acc, device=dev)
+    ids = keys.new_empty(b * hd, p.count, kp, dtype=torch.int32) if not select_all else keys
+    own = keys.new_empty(b * hd, p.count) if anchor else keys
+    t0, _, h0, _, w0, _ = p.region
+    nh = -(-(p.region[3] - h0) // p.stride0)
+    nw = -(-(p.region[5] - w0) // p.stride0)
+    fl = flows if flows is not None else qvid
+    fstrides = flows.stride() if flows is not None else (0,) * 6
+    block_c = min(next_power_of_2(c), 32)
+    block_q = 32 if kp <= 16 else 16
+    grid = (triton.cdiv(p.count, block_q), b * hd)
+    if p.count == 0 or b * hd == 0:
+        return keys, (None if select_all else ids), (own if anchor else None)
+    _search_fwd_kernel[grid](
+        qvid,
+        kvid,
+        fl,
+        keys,
+        ids,
+        own,
+        *qvid.stride(),
+        *kvid.stride(),
+        *fstrides,
+        hd,
+        nframes,
+        c,
+        height,
+        width,
+        p.start,
+        p.count,
+        t0,
+        h0,
+        w0,
+        nh,
+        nw,
+        p.stride0,
+        float(p.stride1),
+        p.ws // 2,
+        p.ws - 1 - p.ws // 2,
+        p.nslots,
+        p.nwin,
+        keep,
+        WS=p.ws,
+        PS=p.ps,
+        PT=p.pt,
+        DIL=p.dilation,
+        KP=kp,
+        ALL=select_all,
+        DOT=p.dist == "dot",
+        REFLECT=p.border == "reflect",
+        SKIP_OWN=(not select_all) and p.self_match != "keep",
+        ANCHOR=anchor,
+        WHOLE=whole,
+        HAS_FLOW=flows is not None,
+        POS=tl.int32 if whole else _TL_DTYPES[pos_dtype],
+        ACC=_TL_DTYPES[acc],
+        BLOCK_Q=block_q,
+        BLOCK_C=block_c,
+    )
+    return keys, (None if select_all else ids), (own if anchor else None)
