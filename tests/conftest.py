@@ -2,6 +2,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run under Triton's interpreter (read when a kernel module
+# is imported, so it is set before any test runs).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 # Seeded, reproducible property tests: the same examples on every run and every machine.

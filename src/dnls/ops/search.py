@@ -299,7 +299,8 @@ def _search_triton(qvid, kvid, flows, p: SearchParams):
         if own is not None:
             own_key = own.view(b, hd, p.count, 1)
             keys = torch.cat([-own_key if p.dist == "dot" else own_key, keys], dim=-1)
-            widx = torch.cat([torch.full_like(widx[..., :1], -1), widx], dim=-1)
+            own_idx = torch.full_like(own_key, -1, dtype=widx.dtype)
+            widx = torch.cat([own_idx, widx], dim=-1)
     dists = -keys if p.dist == "dot" else keys
     inds = _positions(win, widx, qpos, p).to(_inds_dtype(flows, p.stride1))
     return dists.to(qvid.dtype).contiguous(), inds.contiguous(), widx.to(torch.int32).contiguous()

@@ -1,0 +1,76 @@
+"""The Triton search kernels against the reference layer, forward and backward, per dtype.
+
+On a machine without a GPU they run on CPU tensors under Triton's interpreter, at tiny sizes;
+on a GPU the same tests run on CUDA tensors at larger sizes and with more examples."""
+
+import pytest
+import torch
+from helpers import assert_close, rand_video
+from hypothesis import given, settings
+from test_search import make_flows, search_cases
+
+import dnls
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+EXAMPLES = 150 if CUDA else 10
+MAX_HW = 12 if CUDA else 5
+
+
+def both(monkeypatch, *args, **kwargs):
+    """(reference result, Triton result) of the same search."""
+    monkeypatch.setenv("DNLS_BACKEND", "torch")
+    ref = dnls.search(*args, **kwargs)
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    return ref, dnls.search(*args, **kwargs)
+
+
+@settings(max_examples=EXAMPLES)
+@given(search_cases(max_hw=MAX_HW))
+def test_forward_equals_reference(case):
+    with pytest.MonkeyPatch.context() as mp:
+        q = rand_video(case["shape"], seed=case["seed"]).to(DEVICE)
+        k = rand_video(case["shape"], seed=case["seed"] + 7).to(DEVICE) if case["cross"] else None
+        flows = make_flows(case["flow_kind"], case["shape"], case["kw"]["wt"], case["seed"])
+        flows = None if flows is None else flows.to(DEVICE)
+        (d0, i0), (d1, i1) = both(mp, q, k, flows=flows, **case["kw"])
+    assert i1.dtype == i0.dtype and i1.device == i0.device
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0), "inds differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [None, 4])
+def test_dtypes(monkeypatch, dtype, k):
+    shape = (1, 3, 4, 24, 20) if CUDA else (1, 1, 4, 4, 5)
+    vid = rand_video(shape, dtype, seed=3).to(DEVICE)
+    kw = dict(ws=3, wt=1 if CUDA else 0, ps=3, k=k, nheads=2)
+    (d0, i0), (d1, i1) = both(monkeypatch, vid, **kw)
+    assert d1.dtype == dtype
+    assert_close(d1, d0, dtype=dtype, what=f"dists {dtype}", scale=10)
+    if k is None or dtype in (torch.float32, torch.float64):
+        assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize("dist", ["l2", "dot"])
+def test_backward_equals_reference(monkeypatch, dist):
+    shape = (1, 3, 2, 16, 14) if CUDA else (1, 3, 1, 5, 5)
+    q = rand_video(shape, seed=4).to(DEVICE).requires_grad_()
+    k = rand_video(shape, seed=5).to(DEVICE).requires_grad_()
+    g = torch.Generator().manual_seed(6)
+    flows = ((torch.rand(shape[0], shape[1], 3, 2, *shape[3:], generator=g) - 0.5) * 3).double()
+    flows = flows.to(DEVICE).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=3, k=4, dist=dist, self_match="anchor")
+    nq = shape[1] * shape[3] * shape[4]
+    weight = torch.rand(1, 1, nq, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    grads = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        dists, inds = dnls.search(q, k, flows=flows, **kw)
+        loss = (dists * weight).sum() + inds.double().sum()
+        grads.append(torch.autograd.grad(loss, (q, k, flows)))
+    for name, a, b in zip(("qvid", "kvid", "flows"), *grads, strict=True):
+        assert_close(b, a, what=f"grad {name}")
+
