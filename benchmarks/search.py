@@ -1,0 +1,179 @@
+"""Benchmark and real-size check of ``dnls.search`` on a GPU.
+
+For each workload row: the Triton path (forward, forward+backward), a plain-PyTorch
+shift-and-box-filter loop (the usual way to write this without dnls), and the reference path
+(timed on a slice of the queries and scaled: it is the slow oracle). Median of CUDA-event
+timings, peak memory above the inputs. Before timing, the Triton result is checked against the
+reference on a slice of the queries at the real size.
+
+    python benchmarks/search.py [--rows W1,W3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import dnls
+
+
+@dataclass
+class Row:
+    name: str
+    shape: tuple  # (B, T, C, H, W)
+    kw: dict
+
+    @property
+    def queries(self) -> int:
+        b, t, c, h, w = self.shape
+        return t * h * w
+
+    def floor_ms(self, device_bw=2.9e12, fp32_flops=51e12) -> tuple[float, float]:
+        """(memory floor, direct-arithmetic floor) in ms: videos read once and outputs written
+        once; 3 flops (sub/mul/add or mul/add) per candidate pixel, no reuse across queries."""
+        b, t, c, h, w = self.shape
+        k, ws, wt, ps = self.kw["k"], self.kw["ws"], self.kw.get("wt", 0), self.kw["ps"]
+        bytes_ = b * t * c * h * w * 4 + b * self.queries * k * (4 + 12)
+        flops = 3 * b * self.queries * (2 * wt + 1) * ws * ws * ps * ps * c
+        return bytes_ / device_bw * 1e3, flops / fp32_flops * 1e3
+
+
+ROWS = {
+    "W1": Row("W1", (1, 5, 3, 256, 256), dict(ws=21, wt=2, ps=7, k=14)),
+    "W1s": Row("W1s", (1, 5, 3, 192, 192), dict(ws=21, wt=2, ps=7, k=14)),
+    "W2": Row("W2", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16, dist="dot", nheads=4)),
+    "W3": Row("W3", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14)),
+    "W4": Row("W4", (1, 3, 16, 288, 288), dict(ws=15, wt=1, ps=7, k=10)),
+}
+
+
+def baseline(
+    vid: torch.Tensor, ws: int, ps: int, k: int, wt: int = 0, dist: str = "l2", nheads: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: for every displacement, a shifted difference, a box filter over the patch
+    and a running top-k. Windows are not slid inward at the borders (reflect padding instead)."""
+    b, t, c, h, w = vid.shape
+    x = vid.view(b * t, nheads, c // nheads, h, w)
+    r, pr = ws // 2, ps // 2
+    pad = F.pad(vid.view(b * t, c, h, w), (r, r, r, r), mode="reflect").view(
+        b * t, nheads, c // nheads, h + 2 * r, w + 2 * r
+    )
+    sign = 1.0 if dist == "l2" else -1.0
+    best = torch.full((b * t, nheads, h, w, k), float("inf"), device=vid.device)
+    frames = torch.arange(t, device=vid.device)
+    for dt in range(-wt, wt + 1):
+        src = (
+            (frames + dt).clamp(0, t - 1)[None] + torch.arange(b, device=vid.device)[:, None] * t
+        ).flatten()
+        for dy in range(ws):
+            for dx in range(ws):
+                y = pad[src, :, :, dy : dy + h, dx : dx + w]
+                e = (x - y).square().sum(2) if dist == "l2" else (x * y).sum(2)
+                if ps > 1:
+                    e = F.avg_pool2d(F.pad(e, (pr, pr, pr, pr), mode="reflect"), ps, stride=1)
+                cand = torch.cat([best, sign * e[..., None]], -1)
+                best = cand.topk(k, dim=-1, largest=False).values
+    return best, best
+
+
+def bench(fn, reps_ms=300) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=reps_ms, return_mode="median")
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def check(row: Row, vid: torch.Tensor, count: int) -> str:
+    """Triton vs reference on queries [start, start + count) of the real-size problem."""
+    start = row.queries // 3
+    kw = dict(row.kw, start=start, count=count)
+    os.environ["DNLS_BACKEND"] = "torch"
+    d0, i0 = dnls.search(vid, **kw)
+    os.environ["DNLS_BACKEND"] = "triton"
+    d1, i1 = dnls.search(vid, **kw)
+    err = ((d1 - d0).norm() / d0.norm().clamp(min=1e-30)).item()
+    same = (i1 == i0).all(-1).float().mean().item()
+    ok = err < 1e-5 and same > 0.999
+    return f"{'ok' if ok else 'FAIL'} rel-err {err:.1e}, same inds {same:.4f}"
+
+
+def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
+    row = ROWS[name]
+    torch.manual_seed(0)
+    vid = torch.rand(row.shape, device="cuda")
+    res = {"row": name, "gpu": gpu, "shape": row.shape, **row.kw}
+    res["check"] = check(row, vid, min(args.check_queries, row.queries))
+    os.environ["DNLS_BACKEND"] = "triton"
+    res["fwd_ms"] = bench(lambda: dnls.search(vid, **row.kw))
+    res["fwd_mb"] = peak_mb(lambda: dnls.search(vid, **row.kw))
+    vg = vid.clone().requires_grad_()
+
+    def fwd_bwd():
+        d, _ = dnls.search(vg, **row.kw)
+        d.sum().backward()
+
+    fwd_bwd()  # compile and warm up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t0
+    res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
+    res["fwdbwd_mb"] = peak_mb(fwd_bwd)
+    base_kw = {k: v for k, v in row.kw.items() if k in ("ws", "ps", "k", "wt", "dist", "nheads")}
+    res["baseline_ms"] = bench(lambda: baseline(vid, **base_kw), 500)
+    res["baseline_mb"] = peak_mb(lambda: baseline(vid, **base_kw))
+    n = min(args.ref_queries, row.queries)
+    os.environ["DNLS_BACKEND"] = "torch"
+    ref_ms = bench(lambda: dnls.search(vid, count=n, **row.kw), 200)
+    res["reference_ms_scaled"] = ref_ms * row.queries / n
+    os.environ["DNLS_BACKEND"] = "triton"
+    res["floor_mem_ms"], res["floor_direct_ms"] = row.floor_ms()
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--check-queries", type=int, default=2048)
+    parser.add_argument("--ref-queries", type=int, default=256)
+    args = parser.parse_args()
+    gpu = torch.cuda.get_device_name()
+    results = []
+    for name in args.rows.split(","):
+        res = measure(name, args, gpu)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    print(f"\n{gpu}, torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"{'row':5} {'fwd ms':>8} {'fwd MB':>8} {'f+b ms':>9} {'f+b MB':>8} {'base ms':>8} "
+        f"{'base MB':>8} {'ref ms*':>9} {'floor mem':>9} {'floor dir':>9}  check"
+    )
+    for r in results:
+        print(
+            f"{r['row']:5} {r['fwd_ms']:8.2f} {r['fwd_mb']:8.0f} {r['fwdbwd_ms']:9.2f} "
+            f"{r['fwdbwd_mb']:8.0f} {r['baseline_ms']:8.2f} {r['baseline_mb']:8.0f} "
+            f"{r['reference_ms_scaled']:9.0f} {r['floor_mem_ms']:9.3f} "
+            f"{r['floor_direct_ms']:9.2f}  {r['check']}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
