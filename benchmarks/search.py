@@ -119,29 +119,38 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     os.environ["DNLS_BACKEND"] = "triton"
     res["fwd_ms"] = bench(lambda: dnls.search(vid, **row.kw))
     res["fwd_mb"] = peak_mb(lambda: dnls.search(vid, **row.kw))
+    parts = args.parts.split(",")
+    nan = float("nan")
+    res.update(fwdbwd_ms=nan, fwdbwd_mb=nan, baseline_ms=nan, baseline_mb=nan)
+    res.update(reference_ms_scaled=nan)
+    res["floor_mem_ms"], res["floor_direct_ms"] = row.floor_ms()
     vg = vid.clone().requires_grad_()
 
     def fwd_bwd():
         d, _ = dnls.search(vg, **row.kw)
         d.sum().backward()
 
-    fwd_bwd()  # compile and warm up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    once = time.perf_counter() - t0
-    res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
-    res["fwdbwd_mb"] = peak_mb(fwd_bwd)
-    base_kw = {k: v for k, v in row.kw.items() if k in ("ws", "ps", "k", "wt", "dist", "nheads")}
-    res["baseline_ms"] = bench(lambda: baseline(vid, **base_kw), 500)
-    res["baseline_mb"] = peak_mb(lambda: baseline(vid, **base_kw))
-    n = min(args.ref_queries, row.queries)
-    os.environ["DNLS_BACKEND"] = "torch"
-    ref_ms = bench(lambda: dnls.search(vid, count=n, **row.kw), 200)
-    res["reference_ms_scaled"] = ref_ms * row.queries / n
-    os.environ["DNLS_BACKEND"] = "triton"
-    res["floor_mem_ms"], res["floor_direct_ms"] = row.floor_ms()
+    if "bwd" in parts:
+        fwd_bwd()  # compile and warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        once = time.perf_counter() - t0
+        res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
+        res["fwdbwd_mb"] = peak_mb(fwd_bwd)
+    if "base" in parts:
+        base_kw = {
+            k: v for k, v in row.kw.items() if k in ("ws", "ps", "k", "wt", "dist", "nheads")
+        }
+        res["baseline_ms"] = bench(lambda: baseline(vid, **base_kw), 500)
+        res["baseline_mb"] = peak_mb(lambda: baseline(vid, **base_kw))
+    if "ref" in parts:
+        n = min(args.ref_queries, row.queries)
+        os.environ["DNLS_BACKEND"] = "torch"
+        ref_ms = bench(lambda: dnls.search(vid, count=n, **row.kw), 200)
+        res["reference_ms_scaled"] = ref_ms * row.queries / n
+        os.environ["DNLS_BACKEND"] = "triton"
     return res
 
 
@@ -151,6 +160,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--check-queries", type=int, default=2048)
     parser.add_argument("--ref-queries", type=int, default=256)
+    parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     results = []

@@ -35,60 +35,21 @@ def _border(i, n, REFLECT: tl.constexpr):
         i = i % period
         i = tl.where(i < 0, i + period, i)
         i = tl.where(i >= n, period - i, i)
-        return i, i >= 0
-    valid = (i >= 0) & (i < n)
-    return tl.minimum(tl.maximum(i, 0), n - 1), valid
+        valid = i >= 0
+    else:
+        valid = (i >= 0) & (i < n)
+        i = tl.minimum(tl.maximum(i, 0), n - 1)
+    return i, valid
 
 
 @triton.jit
-def _pixels(
-    base, t, y, x, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT: tl.constexpr, ACC: tl.constexpr
-):
-    """(BLOCK_Q, BLOCK_C) pixels at whole coordinates, border rule applied."""
-    ti, tv = _border(t, T, REFLECT)
-    yi, yv = _border(y, H, REFLECT)
-    xi, xv = _border(x, W, REFLECT)
-    off = ti.to(tl.int64) * st + yi.to(tl.int64) * sy + xi.to(tl.int64) * sx
-    ptr = base + off[:, None] + cc[None, :].to(tl.int64) * sc
-    valid = (tv & yv & xv)[:, None] & cmask
-    return tl.load(ptr, mask=valid, other=0.0).to(ACC)
-
-
-@triton.jit
-def _sample(
-    base,
-    t,
-    y,
-    x,
-    cc,
-    cmask,
-    st,
-    sc,
-    sy,
-    sx,
-    T,
-    H,
-    W,
-    REFLECT: tl.constexpr,
-    WHOLE: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """(BLOCK_Q, BLOCK_C) pixels at (t, y, x); bilinear when the positions are fractional."""
-    if WHOLE:
-        return _pixels(base, t, y, x, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
-    y0f = tl.floor(y)
-    x0f = tl.floor(x)
-    fy = (y - y0f).to(ACC)[:, None]
-    fx = (x - x0f).to(ACC)[:, None]
-    y0 = y0f.to(tl.int32)
-    x0 = x0f.to(tl.int32)
-    v00 = _pixels(base, t, y0, x0, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
-    v01 = _pixels(base, t, y0, x0 + 1, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
-    v10 = _pixels(base, t, y0 + 1, x0, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
-    v11 = _pixels(base, t, y0 + 1, x0 + 1, cc, cmask, st, sc, sy, sx, T, H, W, REFLECT, ACC)
-    top = v00 * (1 - fx) + v01 * fx
-    bot = v10 * (1 - fx) + v11 * fx
-    return top * (1 - fy) + bot * fy
+def _spatial(y, x, offs, pmask, sy, sx, H, W, REFLECT: tl.constexpr):
+    """In-frame offsets (BQ, 1, PSP, PSP) and validity of the patch pixels around whole (y, x)."""
+    yi, yv = _border(y[:, None] + offs[None, :], H, REFLECT)
+    xi, xv = _border(x[:, None] + offs[None, :], W, REFLECT)
+    sp = (yi * sy)[:, None, :, None] + (xi * sx)[:, None, None, :]
+    m = (yv & pmask[None, :])[:, None, :, None] & (xv & pmask[None, :])[:, None, None, :]
+    return sp, m
 
 
 @triton.jit
@@ -101,7 +62,6 @@ def _patch_dist(
     kt,
     ky,
     kx,
-    cc0,
     C,
     sq_t,
     sq_c,
@@ -115,6 +75,7 @@ def _patch_dist(
     H,
     W,
     PS: tl.constexpr,
+    PSP: tl.constexpr,
     PT: tl.constexpr,
     DIL: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -123,58 +84,59 @@ def _patch_dist(
     WHOLE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Distance between the query patches at (qt, qy, qx) (whole) and the key patches at
-    (kt, ky, kx): sum of squared differences, or of products when DOT."""
-    d = tl.zeros(qy.shape, dtype=ACC)
+    """Distance between the query patches at whole (qt, qy, qx) and the key patches at
+    (kt, ky, kx) (bilinear when not WHOLE): sum of squared differences, or of products when DOT.
+    Patches are read as (BQ, BLOCK_C, PSP, PSP) tiles, the border rule applied per row/column."""
+    ii = tl.arange(0, PSP)
+    offs = (ii - PS // 2) * DIL
+    pmask = ii < PS
+    cc = tl.arange(0, BLOCK_C)
+    q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
+    if WHOLE:
+        k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+    else:
+        y0f = tl.floor(ky)
+        x0f = tl.floor(kx)
+        fy = (ky - y0f).to(ACC)[:, None, None, None]
+        fx = (kx - x0f).to(ACC)[:, None, None, None]
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+        sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+        sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+        sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+    acc = (
+        tl.zeros((BLOCK_C, PSP, PSP), dtype=ACC)[None]
+        + tl.zeros(qy.shape, ACC)[:, None, None, None]
+    )
     for dt in tl.static_range(PT):
-        for i in tl.static_range(PS):
-            for j in tl.static_range(PS):
-                oy = (i - PS // 2) * DIL
-                ox = (j - PS // 2) * DIL
-                for c0 in range(0, C, BLOCK_C):
-                    cc = c0 + cc0
-                    cmask = (cc < C)[None, :]
-                    qv = _pixels(
-                        q_base,
-                        qt + dt,
-                        qy + oy,
-                        qx + ox,
-                        cc,
-                        cmask,
-                        sq_t,
-                        sq_c,
-                        sq_y,
-                        sq_x,
-                        T,
-                        H,
-                        W,
-                        REFLECT,
-                        ACC,
-                    )
-                    kv = _sample(
-                        k_base,
-                        kt + dt,
-                        ky + oy,
-                        kx + ox,
-                        cc,
-                        cmask,
-                        sk_t,
-                        sk_c,
-                        sk_y,
-                        sk_x,
-                        T,
-                        H,
-                        W,
-                        REFLECT,
-                        WHOLE,
-                        ACC,
-                    )
-                    if DOT:
-                        d += tl.sum(qv * kv, axis=1)
-                    else:
-                        diff = qv - kv
-                        d += tl.sum(diff * diff, axis=1)
-    return d
+        qti, qtv = _border(qt + dt, T, REFLECT)
+        kti, ktv = _border(kt + dt, T, REFLECT)
+        q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
+        k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
+        qtv4 = qtv[:, None, None, None]
+        ktv4 = ktv[:, None, None, None]
+        for c0 in range(0, C, BLOCK_C):
+            ch = c0 + cc
+            cm = (ch < C)[None, :, None, None]
+            qc = (ch * sq_c)[None, :, None, None]
+            kc = (ch * sk_c)[None, :, None, None]
+            qv = tl.load(q_fr + qc + q_sp, mask=q_m & cm & qtv4, other=0.0).to(ACC)
+            if WHOLE:
+                kv = tl.load(k_fr + kc + k_sp, mask=k_m & cm & ktv4, other=0.0).to(ACC)
+            else:
+                km = cm & ktv4
+                v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
+                v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
+                v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
+                v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
+                kv = (v00 * (1 - fx) + v01 * fx) * (1 - fy) + (v10 * (1 - fx) + v11 * fx) * fy
+            if DOT:
+                acc += qv * kv
+            else:
+                diff = qv - kv
+                acc += diff * diff
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
 
 
 @triton.jit
@@ -238,6 +200,7 @@ def _search_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PSP: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -254,7 +217,6 @@ def _search_fwd_kernel(
     rem = qi % per_frame
     qy = h0 + (rem // nw) * stride0
     qx = w0 + (rem % nw) * stride0
-    cc0 = tl.arange(0, BLOCK_C)
     row = pid_bh.to(tl.int64) * count + lane.to(tl.int64)
 
     tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
@@ -299,7 +261,6 @@ def _search_fwd_kernel(
                     tf,
                     ky,
                     kx,
-                    cc0,
                     C,
                     sq_t,
                     sq_c,
@@ -313,6 +274,7 @@ def _search_fwd_kernel(
                     H,
                     W,
                     PS,
+                    PSP,
                     PT,
                     DIL,
                     BLOCK_C,
@@ -350,7 +312,6 @@ def _search_fwd_kernel(
             qt,
             qy.to(POS),
             qx.to(POS),
-            cc0,
             C,
             sq_t,
             sq_c,
@@ -364,6 +325,7 @@ def _search_fwd_kernel(
             H,
             W,
             PS,
+            PSP,
             PT,
             DIL,
             BLOCK_C,
@@ -399,7 +361,8 @@ def search_keys(qvid, kvid, flows, p, whole: bool, pos_dtype: torch.dtype):
     nw = -(-(p.region[5] - w0) // p.stride0)
     fl = flows if flows is not None else qvid
     fstrides = flows.stride() if flows is not None else (0,) * 6
-    block_c = min(next_power_of_2(c), 32)
+    psp = next_power_of_2(p.ps)
+    block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
     block_q = 32 if kp <= 16 else 16
     grid = (triton.cdiv(p.count, block_q), b * hd)
     if p.count == 0 or b * hd == 0:
@@ -449,5 +412,6 @@ def search_keys(qvid, kvid, flows, p, whole: bool, pos_dtype: torch.dtype):
         ACC=_TL_DTYPES[acc],
         BLOCK_Q=block_q,
         BLOCK_C=block_c,
+        PSP=psp,
     )
     return keys, (None if select_all else ids), (own if anchor else None)
