@@ -144,9 +144,9 @@ def _search_fwd_kernel(
     q_ptr,
     k_ptr,
     flow_ptr,  # videos (B, HD, T, C, H, W); flows (B, T, S, 2, H, W) or unused
-    key_ptr,  # out: (B*HD, count, KP) best keys, or (B*HD, count, NWIN) every key when ALL
-    idx_ptr,  # out: (B*HD, count, KP) window indices of the best keys (unused when ALL)
-    own_ptr,  # out: (B*HD, count) distance to the query's own position (ANCHOR only)
+    dist_ptr,  # out: (B*HD, count, KOUT) distances, nearest first; (B*HD, count, NWIN) when ALL
+    inds_ptr,  # out: (B*HD, count, KOUT, 3) positions (unused when ALL)
+    widx_ptr,  # out: (B*HD, count, KOUT) window indices, -1 for the anchored query (not ALL)
     sq_b,
     sq_h,
     sq_t,
@@ -183,7 +183,8 @@ def _search_fwd_kernel(
     hi_steps,
     S,  # window: stride1, steps before/after the centre, frames
     NWIN,
-    KEEP,  # candidates per query; how many results the selection keeps (<= KP)
+    KEEP,  # how many candidates the selection keeps (<= KP)
+    KOUT,  # results per query: KEEP, plus one for the anchored query
     WS: tl.constexpr,
     PS: tl.constexpr,
     PT: tl.constexpr,
@@ -286,7 +287,7 @@ def _search_fwd_kernel(
                 key = -d if DOT else d
                 j = (s * WS + a) * WS + bb
                 if ALL:
-                    tl.store(key_ptr + row * NWIN + j, key, mask=qmask)
+                    tl.store(dist_ptr + row * NWIN + j, d.to(dist_ptr.dtype.element_ty), mask=qmask)
                 else:
                     cand = qmask
                     if SKIP_OWN:
@@ -299,63 +300,102 @@ def _search_fwd_kernel(
                     keys = tl.where(hit, key[:, None], keys)
                     ids = tl.where(hit, j, ids)
     if not ALL:
-        out = row[:, None] * KP + slot[None, :]
-        tl.store(key_ptr + out, keys, mask=qmask[:, None])
-        tl.store(idx_ptr + out, ids, mask=qmask[:, None])
-    if ANCHOR:
-        d = _patch_dist(
-            q_base,
-            k_base,
-            qt,
-            qy,
-            qx,
-            qt,
-            qy.to(POS),
-            qx.to(POS),
-            C,
-            sq_t,
-            sq_c,
-            sq_y,
-            sq_x,
-            sk_t,
-            sk_c,
-            sk_y,
-            sk_x,
-            T,
-            H,
-            W,
-            PS,
-            PSP,
-            PT,
-            DIL,
-            BLOCK_C,
-            DOT,
-            REFLECT,
-            WHOLE,
-            ACC,
+        # Rank of each kept (key, index) pair; the KP - KEEP padding slots (-inf) rank first.
+        less = (keys[:, None, :] < keys[:, :, None]) | (
+            (keys[:, None, :] == keys[:, :, None]) & (ids[:, None, :] < ids[:, :, None])
         )
-        tl.store(own_ptr + row, d, mask=qmask)
+        rank = tl.sum(less.to(tl.int32), axis=2)
+        kept = qmask[:, None] & (rank >= KP - KEEP)
+        col = rank - (KP - KEEP) + (1 if ANCHOR else 0)
+        out = row[:, None] * KOUT + col
+        # positions of the kept window indices
+        sid = tl.where(kept, ids, 0)
+        s_ = sid // (WS * WS)
+        tf = tstart[:, None] + s_
+        cy = qy[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
+        cx = qx[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
+        if HAS_FLOW:
+            f_off = (
+                b.to(tl.int64) * sf_b
+                + qt.to(tl.int64) * sf_t
+                + qy.to(tl.int64) * sf_y
+                + qx.to(tl.int64) * sf_x
+            )[:, None] + s_.to(tl.int64) * sf_s
+            moves = kept & (tf != qt[:, None])
+            cy += tl.load(flow_ptr + f_off, mask=moves, other=0).to(POS)
+            cx += tl.load(flow_ptr + f_off + sf_c, mask=moves, other=0).to(POS)
+        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
+        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+        ky = cy + (((sid // WS) % WS - lo_steps) * s1).to(POS)
+        kx = cx + ((sid % WS - lo_steps) * s1).to(POS)
+        dist = -keys if DOT else keys
+        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+        tl.store(widx_ptr + out, ids, mask=kept)
+        ity = inds_ptr.dtype.element_ty
+        tl.store(inds_ptr + out * 3, tf.to(ity), mask=kept)
+        tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=kept)
+        tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=kept)
+        if ANCHOR:
+            d = _patch_dist(
+                q_base,
+                k_base,
+                qt,
+                qy,
+                qx,
+                qt,
+                qy.to(POS),
+                qx.to(POS),
+                C,
+                sq_t,
+                sq_c,
+                sq_y,
+                sq_x,
+                sk_t,
+                sk_c,
+                sk_y,
+                sk_x,
+                T,
+                H,
+                W,
+                PS,
+                PSP,
+                PT,
+                DIL,
+                BLOCK_C,
+                DOT,
+                REFLECT,
+                WHOLE,
+                ACC,
+            )
+            first = row * KOUT
+            tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
+            tl.store(widx_ptr + first, tl.full((BLOCK_Q,), -1, tl.int32), mask=qmask)
+            tl.store(inds_ptr + first * 3, qt.to(ity), mask=qmask)
+            tl.store(inds_ptr + first * 3 + 1, qy.to(ity), mask=qmask)
+            tl.store(inds_ptr + first * 3 + 2, qx.to(ity), mask=qmask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def search_keys(qvid, kvid, flows, p, whole: bool, pos_dtype: torch.dtype):
-    """Run the kernel. Returns ``(keys, ids, own)``: with ``k`` given, the ``KP`` best keys and
-    their window indices per query (unsorted; padding slots hold ``-inf`` and ``-1``);
-    with ``k=None`` every key in window order (``ids`` is None). ``own`` is the distance at the
-    query's own position (anchor) or None. Keys are distances for l2 and negated for dot."""
+def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
+    """Run the kernel. With ``k`` given, returns the final ``(dists, inds, widx)`` of shapes
+    ``(B, HD, count, K)``, ``(B, HD, count, K, 3)`` and ``(B, HD, count, K)``; with ``k=None``,
+    ``(dists, None, None)`` with every candidate's distance in window order."""
     b, hd, nframes, c, height, width = qvid.shape
     acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
     select_all = p.k < 0
-    anchor = p.self_match == "anchor"
-    keep = 0 if select_all else (p.k - 1 if anchor else p.k)
+    anchor = p.self_match == "anchor" and not select_all
+    keep = 0 if select_all else p.nk - anchor
     kp = next_power_of_2(max(keep, 1))
     dev = qvid.device
-    width_out = p.nwin if select_all else kp
-    keys = torch.empty(b * hd, p.count, width_out, dtype=acc, device=dev)
-    ids = keys.new_empty(b * hd, p.count, kp, dtype=torch.int32) if not select_all else keys
-    own = keys.new_empty(b * hd, p.count) if anchor else keys
+    kout = p.nwin if select_all else p.nk
+    dists = torch.empty(b, hd, p.count, kout, dtype=qvid.dtype, device=dev)
+    if select_all:
+        inds = widx = dists
+    else:
+        inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
+        widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
     t0, _, h0, _, w0, _ = p.region
     nh = -(-(p.region[3] - h0) // p.stride0)
     nw = -(-(p.region[5] - w0) // p.stride0)
@@ -365,53 +405,21 @@ def search_keys(qvid, kvid, flows, p, whole: bool, pos_dtype: torch.dtype):
     block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
     block_q = 32 if kp <= 16 else 16
     grid = (triton.cdiv(p.count, block_q), b * hd)
-    if p.count == 0 or b * hd == 0:
-        return keys, (None if select_all else ids), (own if anchor else None)
-    _search_fwd_kernel[grid](
-        qvid,
-        kvid,
-        fl,
-        keys,
-        ids,
-        own,
-        *qvid.stride(),
-        *kvid.stride(),
-        *fstrides,
-        hd,
-        nframes,
-        c,
-        height,
-        width,
-        p.start,
-        p.count,
-        t0,
-        h0,
-        w0,
-        nh,
-        nw,
-        p.stride0,
-        float(p.stride1),
-        p.ws // 2,
-        p.ws - 1 - p.ws // 2,
-        p.nslots,
-        p.nwin,
-        keep,
-        WS=p.ws,
-        PS=p.ps,
-        PT=p.pt,
-        DIL=p.dilation,
-        KP=kp,
-        ALL=select_all,
-        DOT=p.dist == "dot",
-        REFLECT=p.border == "reflect",
-        SKIP_OWN=(not select_all) and p.self_match != "keep",
-        ANCHOR=anchor,
-        WHOLE=whole,
-        HAS_FLOW=flows is not None,
-        POS=tl.int32 if whole else _TL_DTYPES[pos_dtype],
-        ACC=_TL_DTYPES[acc],
-        BLOCK_Q=block_q,
-        BLOCK_C=block_c,
-        PSP=psp,
-    )
-    return keys, (None if select_all else ids), (own if anchor else None)
+    if p.count > 0 and b * hd > 0:
+        _search_fwd_kernel[grid](
+            qvid, kvid, fl, dists, inds, widx,
+            *qvid.stride(), *kvid.stride(), *fstrides,
+            hd, nframes, c, height, width,
+            p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+            float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
+            p.nwin, keep, kout,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp, ALL=select_all,
+            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+            SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
+            WHOLE=whole, HAS_FLOW=flows is not None,
+            POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+        )  # fmt: skip
+    if select_all:
+        return dists, None, None
+    return dists, inds, widx

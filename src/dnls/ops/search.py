@@ -266,44 +266,33 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
 
 
 def _search_triton(qvid, kvid, flows, p: SearchParams):
-    """Forward with the Triton kernel: fused distances and top-k; positions from indices."""
+    """Forward with the Triton kernel: fused distances and top-k, written in final order."""
     from . import _search_triton as kernels
 
     b, hd, nframes, _, height, width = qvid.shape
-    thw = (nframes, height, width)
     pdtype = _pos_dtype(qvid, flows, p)
     whole = pdtype == torch.int64
-    keys, ids, own = kernels.search_keys(qvid, kvid, flows, p, whole, pdtype)
-    keys = keys.view(b, hd, p.count, -1)
+    dists, inds, widx = kernels.search_forward(
+        qvid, kvid, flows, p, whole, pdtype, _inds_dtype(flows, p.stride1)
+    )
+    if inds is not None:
+        return dists, inds, widx
+    # k=None: every candidate in window order, the query's own position moved or dropped
+    thw = (nframes, height, width)
     qpos = p.grid(thw).positions(p.start, p.count, device=qvid.device)
     win = _window(qpos, flows, thw, p, pdtype)
-    if ids is None:  # k=None: every candidate in window order
-        widx = torch.arange(p.nwin, device=qvid.device).expand(b, hd, p.count, p.nwin)
-        if p.self_match != "keep":
-            own_idx = _own_index(win, qpos, p)[:, None, :, None]  # (Bf, 1, count, 1)
-            rest = torch.arange(p.nwin - 1, device=qvid.device)
-            rest = rest + (rest >= own_idx).long()  # every index but the own one, in order
-            first = [own_idx.expand(b, hd, p.count, 1)] if p.self_match == "anchor" else []
-            widx = torch.cat(first + [rest.expand(b, hd, p.count, p.nwin - 1)], dim=-1)
-            keys = keys.gather(-1, widx)
+    widx = torch.arange(p.nwin, device=qvid.device).expand(b, hd, p.count, p.nwin)
+    if p.self_match != "keep":
+        own_idx = _own_index(win, qpos, p)[:, None, :, None]  # (Bf, 1, count, 1)
+        rest = torch.arange(p.nwin - 1, device=qvid.device)
+        rest = rest + (rest >= own_idx).long()  # every index but the own one, in order
+        first = [own_idx.expand(b, hd, p.count, 1)] if p.self_match == "anchor" else []
+        widx = torch.cat(first + [rest.expand(b, hd, p.count, p.nwin - 1)], dim=-1)
+        dists = dists.gather(-1, widx)
         if p.self_match == "anchor":
             widx = torch.cat([torch.full_like(widx[..., :1], -1), widx[..., 1:]], dim=-1)
-    else:
-        ids = ids.view(b, hd, p.count, -1)
-        by_index = ids.sort(dim=-1).indices  # (key, index) order: index first, then stable key
-        keys, ids = keys.gather(-1, by_index), ids.gather(-1, by_index)
-        by_key = _stable_argsort(keys)
-        kept = p.nk - (p.self_match == "anchor")
-        by_key = by_key[..., by_key.shape[-1] - kept :]  # padding slots (-inf) sort first
-        keys, widx = keys.gather(-1, by_key), ids.gather(-1, by_key)
-        if own is not None:
-            own_key = own.view(b, hd, p.count, 1)
-            keys = torch.cat([-own_key if p.dist == "dot" else own_key, keys], dim=-1)
-            own_idx = torch.full_like(own_key, -1, dtype=widx.dtype)
-            widx = torch.cat([own_idx, widx], dim=-1)
-    dists = -keys if p.dist == "dot" else keys
     inds = _positions(win, widx, qpos, p).to(_inds_dtype(flows, p.stride1))
-    return dists.to(qvid.dtype).contiguous(), inds.contiguous(), widx.to(torch.int32).contiguous()
+    return dists.contiguous(), inds.contiguous(), widx.to(torch.int32).contiguous()
 
 
 def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams):
