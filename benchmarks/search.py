@@ -154,6 +154,31 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
+def sweeps(gpu: str) -> None:
+    """Launch configurations of the forward kernel, and peak memory against the window size
+    and the number of queries (it must follow count x K, not the window)."""
+    from dnls.ops import _search_triton as kernels
+
+    os.environ["DNLS_BACKEND"] = "triton"
+    for name in ("W1s", "W3"):
+        row = ROWS[name]
+        vid = torch.rand(row.shape, device="cuda")
+        for block_q in (16, 32, 64):
+            for warps in (2, 4, 8):
+                kernels.CONFIG.update(block_q=block_q, num_warps=warps)
+                ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
+                print(f"config {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms", flush=True)
+    kernels.CONFIG.update(block_q=None, num_warps=4)
+    vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
+    q = 512 * 512
+    for ws in (7, 15, 31):
+        mb = peak_mb(lambda: dnls.search(vid, ws=ws, ps=7, k=14))  # noqa: B023
+        print(f"memory {gpu}: 512x512, ws={ws}, k=14, count={q}: {mb:.1f} MB", flush=True)
+    for count in (q // 4, q // 2, q):
+        mb = peak_mb(lambda: dnls.search(vid, ws=21, ps=7, k=14, count=count))  # noqa: B023
+        print(f"memory {gpu}: 512x512, ws=21, k=14, count={count}: {mb:.1f} MB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -161,8 +186,11 @@ def main() -> None:
     parser.add_argument("--check-queries", type=int, default=2048)
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
+    parser.add_argument("--sweep", action="store_true", help="launch configs and memory sweeps")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
+    if args.sweep:
+        sweeps(gpu)
     results = []
     for name in args.rows.split(","):
         res = measure(name, args, gpu)

@@ -377,6 +377,9 @@ def _search_fwd_kernel(
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
+# Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
+CONFIG = {"block_q": None, "num_warps": 4}
+
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     """Run the kernel. With ``k`` given, returns the final ``(dists, inds, widx)`` of shapes
@@ -403,7 +406,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     fstrides = flows.stride() if flows is not None else (0,) * 6
     psp = next_power_of_2(p.ps)
     block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
-    block_q = 32 if kp <= 16 else 16
+    block_q = CONFIG["block_q"] or (32 if kp <= 16 else 16)
     grid = (triton.cdiv(p.count, block_q), b * hd)
     if p.count > 0 and b * hd > 0:
         _search_fwd_kernel[grid](
@@ -418,7 +421,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["num_warps"],
         )  # fmt: skip
     if select_all:
         return dists, None, None
