@@ -406,7 +406,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     fstrides = flows.stride() if flows is not None else (0,) * 6
     psp = next_power_of_2(p.ps)
     block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
-    block_q = CONFIG["block_q"] or (32 if kp <= 16 else 16)
+    block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
     grid = (triton.cdiv(p.count, block_q), b * hd)
     if p.count > 0 and b * hd > 0:
         _search_fwd_kernel[grid](
