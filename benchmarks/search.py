@@ -105,9 +105,12 @@ def check(row: Row, vid: torch.Tensor, count: int) -> str:
     os.environ["DNLS_BACKEND"] = "triton"
     d1, i1 = dnls.search(vid, **kw)
     err = ((d1 - d0).norm() / d0.norm().clamp(min=1e-30)).item()
-    same = (i1 == i0).all(-1).float().mean().item()
-    ok = err < 1e-5 and same > 0.999
-    return f"{'ok' if ok else 'FAIL'} rel-err {err:.1e}, same inds {same:.4f}"
+    differ = (i1 != i0).any(-1)
+    same = 1 - differ.float().mean().item()
+    # a differing position is allowed only where the two distances tie to rounding
+    tie_gap = (d1 - d0).abs()[differ].max().item() if differ.any() else 0.0
+    ok = err < 1e-5 and tie_gap <= 1e-5 * d0.abs().max().item()
+    return f"{'ok' if ok else 'FAIL'} rel-err {err:.1e}, same inds {same:.4f} (ties {tie_gap:.0e})"
 
 
 def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
