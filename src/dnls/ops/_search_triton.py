@@ -375,6 +375,213 @@ def _search_fwd_kernel(
             tl.store(inds_ptr + first * 3 + 2, qx.to(ity), mask=qmask)
 
 
+@triton.jit
+def _search_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    flow_ptr,  # videos (B, HD, T, C, H, W); flows (B, T, S, 2, H, W) or unused
+    gd_ptr,  # (B*HD, count, K) gradient of the distances
+    gi_ptr,  # (B*HD, count, K, 3) gradient of float positions (HAS_GI only)
+    widx_ptr,  # (B*HD, count, K) window indices, -1 for the query itself
+    gq_ptr,
+    gk_ptr,  # out: (B, HD, T, C, H, W) contiguous accumulators, zeroed
+    gf_ptr,  # out: (B, T, S, 2, H, W) contiguous accumulator (FLOW_GRAD only)
+    sq_b,
+    sq_h,
+    sq_t,
+    sq_c,
+    sq_y,
+    sq_x,  # strides of q
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_c,
+    sk_y,
+    sk_x,  # strides of k
+    sf_b,
+    sf_t,
+    sf_s,
+    sf_c,
+    sf_y,
+    sf_x,  # strides of flows
+    HD,
+    T,
+    C,
+    H,
+    W,
+    start,
+    count,
+    t0,
+    h0,
+    w0,
+    nh,
+    nw,
+    stride0,  # query grid
+    s1,
+    lo_steps,
+    hi_steps,
+    S,  # window
+    K,
+    WS: tl.constexpr,
+    PS: tl.constexpr,
+    PT: tl.constexpr,
+    DIL: tl.constexpr,
+    DOT: tl.constexpr,
+    REFLECT: tl.constexpr,
+    WHOLE: tl.constexpr,
+    HAS_FLOW: tl.constexpr,
+    FLOW_GRAD: tl.constexpr,
+    HAS_GI: tl.constexpr,
+    POS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PSP: tl.constexpr,
+):
+    """For each (query, result): g = dL/d dist, q and k the two patches.
+        l2:  dL/dq += 2 g (q - k),  dL/dk = -2 g (q - k);   dot: dL/dq += g k,  dL/dk = g q
+    dL/dk is added to the key video through the same taps that read k (bilinear weights and
+    border rule: the adjoint of the read); dL/dpos = <dL/dk, dk/dpos> (+ the gradient of the
+    returned position) goes to the flow of the candidate's frame where the window was not slid.
+    Accumulation is by atomic adds."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HD
+    hd = pid_bh % HD
+    q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+    # accumulators are contiguous (B, HD, T, C, H, W)
+    g_base = pid_bh.to(tl.int64) * T * C * H * W
+    gq_base = gq_ptr + g_base
+    gk_base = gk_ptr + g_base
+
+    lane = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = lane < count
+    qi = start + tl.where(qmask, lane, 0)
+    per_frame = nh * nw
+    qt = t0 + qi // per_frame
+    rem = qi % per_frame
+    qy = h0 + (rem // nw) * stride0
+    qx = w0 + (rem % nw) * stride0
+    row = pid_bh.to(tl.int64) * count + lane.to(tl.int64)
+    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+    lo = (lo_steps * s1).to(POS)
+    hi_y = (H - 1 - hi_steps * s1).to(POS)
+    hi_x = (W - 1 - hi_steps * s1).to(POS)
+
+    ii = tl.arange(0, PSP)
+    offs = (ii - PS // 2) * DIL
+    pmask = ii < PS
+    cc = tl.arange(0, BLOCK_C)
+    q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
+    gq_sp, _ = _spatial(qy, qx, offs, pmask, W, 1, H, W, REFLECT)
+
+    for kk in range(K):
+        g = tl.load(gd_ptr + row * K + kk, mask=qmask, other=0).to(ACC)
+        wi = tl.load(widx_ptr + row * K + kk, mask=qmask, other=-1)
+        own = wi < 0
+        sid = tl.where(own, 0, wi)
+        s_ = sid // (WS * WS)
+        tf = tl.where(own, qt, tstart + s_)
+        cy = qy.to(POS)
+        cx = qx.to(POS)
+        moves = qmask & (own == 0) & (tf != qt)
+        if HAS_FLOW:
+            f_off = (
+                b.to(tl.int64) * sf_b
+                + qt.to(tl.int64) * sf_t
+                + s_.to(tl.int64) * sf_s
+                + qy.to(tl.int64) * sf_y
+                + qx.to(tl.int64) * sf_x
+            )
+            cy += tl.load(flow_ptr + f_off, mask=moves, other=0).to(POS)
+            cx += tl.load(flow_ptr + f_off + sf_c, mask=moves, other=0).to(POS)
+        free_y = (cy >= lo) & (cy <= hi_y)
+        free_x = (cx >= lo) & (cx <= hi_x)
+        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
+        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+        ky = tl.where(own, qy.to(POS), cy + (((sid // WS) % WS - lo_steps) * s1).to(POS))
+        kx = tl.where(own, qx.to(POS), cx + ((sid % WS - lo_steps) * s1).to(POS))
+        if WHOLE:
+            k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+            gk_sp, _ = _spatial(ky, kx, offs, pmask, W, 1, H, W, REFLECT)
+        else:
+            y0f = tl.floor(ky)
+            x0f = tl.floor(kx)
+            fy = (ky - y0f).to(ACC)[:, None, None, None]
+            fx = (kx - x0f).to(ACC)[:, None, None, None]
+            y0 = y0f.to(tl.int32)
+            x0 = x0f.to(tl.int32)
+            sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+            sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+            sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+            sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+            gp00, _ = _spatial(y0, x0, offs, pmask, W, 1, H, W, REFLECT)
+            gp01, _ = _spatial(y0, x0 + 1, offs, pmask, W, 1, H, W, REFLECT)
+            gp10, _ = _spatial(y0 + 1, x0, offs, pmask, W, 1, H, W, REFLECT)
+            gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, W, 1, H, W, REFLECT)
+        g4 = g[:, None, None, None]
+        gpos_y = tl.zeros((BLOCK_Q,), ACC)
+        gpos_x = tl.zeros((BLOCK_Q,), ACC)
+        for dt in tl.static_range(PT):
+            qti, qtv = _border(qt + dt, T, REFLECT)
+            kti, ktv = _border(tf + dt, T, REFLECT)
+            q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
+            k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
+            gq_fr = (gq_base + qti.to(tl.int64) * (C * H * W))[:, None, None, None]
+            gk_fr = (gk_base + kti.to(tl.int64) * (C * H * W))[:, None, None, None]
+            qv4 = (qtv & qmask)[:, None, None, None]
+            kv4 = (ktv & qmask)[:, None, None, None]
+            for c0 in range(0, C, BLOCK_C):
+                ch = c0 + cc
+                cm = (ch < C)[None, :, None, None]
+                qc = (ch * sq_c)[None, :, None, None]
+                kc = (ch * sk_c)[None, :, None, None]
+                gc = (ch * (H * W))[None, :, None, None]
+                qm = q_m & cm & qv4
+                qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
+                if WHOLE:
+                    km = k_m & cm & kv4
+                    kv = tl.load(k_fr + kc + k_sp, mask=km, other=0.0).to(ACC)
+                else:
+                    km = cm & kv4
+                    v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
+                    v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
+                    v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
+                    v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
+                    top = v00 * (1 - fx) + v01 * fx
+                    bot = v10 * (1 - fx) + v11 * fx
+                    kv = top * (1 - fy) + bot * fy
+                if DOT:
+                    gqp = g4 * kv
+                    gkp = g4 * qv
+                else:
+                    gqp = 2 * g4 * (qv - kv)
+                    gkp = -gqp
+                tl.atomic_add(gq_fr + gc + gq_sp, gqp, mask=qm)
+                if WHOLE:
+                    tl.atomic_add(gk_fr + gc + gk_sp, gkp, mask=km)
+                else:
+                    tl.atomic_add(gk_fr + gc + gp00, gkp * (1 - fy) * (1 - fx), mask=m00 & km)
+                    tl.atomic_add(gk_fr + gc + gp01, gkp * (1 - fy) * fx, mask=m01 & km)
+                    tl.atomic_add(gk_fr + gc + gp10, gkp * fy * (1 - fx), mask=m10 & km)
+                    tl.atomic_add(gk_fr + gc + gp11, gkp * fy * fx, mask=m11 & km)
+                    if FLOW_GRAD:
+                        dky = bot - top
+                        dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
+                        gpos_y += tl.sum(tl.sum(tl.sum(gkp * dky, axis=3), axis=2), axis=1)
+                        gpos_x += tl.sum(tl.sum(tl.sum(gkp * dkx, axis=3), axis=2), axis=1)
+        if FLOW_GRAD:
+            if HAS_GI:
+                gi_off = (row * K + kk) * 3
+                gpos_y += tl.load(gi_ptr + gi_off + 1, mask=qmask, other=0).to(ACC)
+                gpos_x += tl.load(gi_ptr + gi_off + 2, mask=qmask, other=0).to(ACC)
+            # the flow accumulator is laid out contiguously as the flows
+            gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
+            tl.atomic_add(gf_ptr + gf_off, gpos_y, mask=moves & free_y)
+            tl.atomic_add(gf_ptr + gf_off + H * W, gpos_x, mask=moves & free_x)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
@@ -426,3 +633,44 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     if select_all:
         return dists, None, None
     return dists, inds, widx
+
+
+def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_dtype):
+    """Gradients ``(gq, gk, gflows)`` of the search for the results ``widx``; ``gflows`` is an
+    empty tensor unless ``flows`` is floating."""
+    b, hd, nframes, c, height, width = qvid.shape
+    acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
+    dev = qvid.device
+    gq = torch.zeros(qvid.shape, dtype=acc, device=dev)
+    gk = torch.zeros(kvid.shape, dtype=acc, device=dev)
+    flow_grad = flows is not None and flows.is_floating_point() and not whole
+    gf = torch.zeros(flows.shape, dtype=acc, device=dev) if flow_grad else gq
+    gd = gdists.contiguous()
+    gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
+    widx = widx.contiguous()
+    t0, _, h0, _, w0, _ = p.region
+    nh = -(-(p.region[3] - h0) // p.stride0)
+    nw = -(-(p.region[5] - w0) // p.stride0)
+    fl = flows if flows is not None else qvid
+    fstrides = flows.stride() if flows is not None else (0,) * 6
+    psp = next_power_of_2(p.ps)
+    block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
+    block_q = 32
+    grid = (triton.cdiv(p.count, block_q), b * hd)
+    if p.count > 0 and b * hd > 0 and p.nk > 0:
+        _search_bwd_kernel[grid](
+            qvid, kvid, fl, gd, gi, widx, gq, gk, gf,
+            *qvid.stride(), *kvid.stride(), *fstrides,
+            hd, nframes, c, height, width,
+            p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+            float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
+            p.nk,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation,
+            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+            WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
+            HAS_GI=flow_grad and ginds is not None,
+            POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+        )  # fmt: skip
+    gflows = gf.to(flows.dtype) if flow_grad else qvid.new_empty(0)
+    return gq.to(qvid.dtype), gk.to(kvid.dtype), gflows

@@ -451,6 +451,13 @@ def _search_backward_op(
         self_match,
         border,
     )
+    if backend(qvid.device, "search") == "triton":
+        from . import _search_triton as kernels
+
+        pdtype = _pos_dtype(qvid, flows, p)
+        return kernels.search_backward(
+            gdists, ginds, qvid, kvid, flows, widx, p, pdtype == torch.int64, pdtype
+        )
     return _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p)
 
 
