@@ -97,20 +97,32 @@ def peak_mb(fn) -> float:
 
 
 def check(row: Row, vid: torch.Tensor, count: int) -> str:
-    """Triton vs reference on queries [start, start + count) of the real-size problem."""
+    """Triton vs reference on queries [start, start + count) of the real-size problem: the
+    distances, the positions (which may differ only where distances tie) and the gradient of a
+    random weighting of the distances with respect to the video."""
     start = row.queries // 3
     kw = dict(row.kw, start=start, count=count)
-    os.environ["DNLS_BACKEND"] = "torch"
-    d0, i0 = dnls.search(vid, **kw)
-    os.environ["DNLS_BACKEND"] = "triton"
-    d1, i1 = dnls.search(vid, **kw)
+    out = {}
+    for backend in ("torch", "triton"):
+        os.environ["DNLS_BACKEND"] = backend
+        v = vid.clone().requires_grad_()
+        d, i = dnls.search(v, **kw)
+        g = torch.Generator(device=vid.device).manual_seed(0)
+        weight = torch.rand(d.shape, generator=g, device=vid.device)
+        (grad,) = torch.autograd.grad((d * weight).sum(), v)
+        out[backend] = (d.detach(), i, grad)
+    (d0, i0, g0), (d1, i1, g1) = out["torch"], out["triton"]
     err = ((d1 - d0).norm() / d0.norm().clamp(min=1e-30)).item()
+    gerr = ((g1 - g0).norm() / g0.norm().clamp(min=1e-30)).item()
     differ = (i1 != i0).any(-1)
     same = 1 - differ.float().mean().item()
     # a differing position is allowed only where the two distances tie to rounding
     tie_gap = (d1 - d0).abs()[differ].max().item() if differ.any() else 0.0
-    ok = err < 1e-5 and tie_gap <= 1e-5 * d0.abs().max().item()
-    return f"{'ok' if ok else 'FAIL'} rel-err {err:.1e}, same inds {same:.4f} (ties {tie_gap:.0e})"
+    ok = err < 1e-5 and gerr < 1e-4 and tie_gap <= 1e-5 * d0.abs().max().item()
+    return (
+        f"{'ok' if ok else 'FAIL'} rel-err {err:.1e}, grad rel-err {gerr:.1e}, "
+        f"same inds {same:.4f} (ties {tie_gap:.0e})"
+    )
 
 
 def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
