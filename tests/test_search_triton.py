@@ -73,3 +73,23 @@ def test_backward_equals_reference(monkeypatch, dist):
         grads.append(torch.autograd.grad(loss, (q, k, flows)))
     for name, a, b in zip(("qvid", "kvid", "flows"), *grads, strict=True):
         assert_close(b, a, what=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ws=3, wt=1, ps=3, k=5),
+        dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero"),
+        dict(ws=3, wt=1, ps=3, k=4, pt=2, dilation=2, self_match="exclude", nheads=2),
+        dict(ws=3, ps=3, k=3, stride1=2, region=(1, 3, 1, 4, 3, 37), start=5, count=50),
+    ],
+)
+def test_row_kernel_equals_reference(monkeypatch, kw):
+    """Frames wide enough for the row kernel (reuse across queries) to take the interior
+    columns; the direct kernel takes the columns where windows slide."""
+    shape = (2, 3, 4, 9, 150) if CUDA else (1, 3, 2, 5, 40)
+    q = rand_video(shape, seed=11).to(DEVICE)
+    k = rand_video(shape, seed=12).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)

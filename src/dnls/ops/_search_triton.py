@@ -140,6 +140,26 @@ def _patch_dist(
 
 
 @triton.jit
+def _insert(keys, ids, key, j, cand):
+    """Keep the KP smallest (key, window index) pairs per query: candidate j replaces the
+    current worst (largest key, then largest index) when its key is strictly smaller."""
+    worst = tl.max(keys, axis=1)
+    worst_id = tl.max(tl.where(keys == worst[:, None], ids, -1), axis=1)
+    take = cand & (key < worst)
+    hit = (ids == worst_id[:, None]) & take[:, None]
+    return tl.where(hit, key[:, None], keys), tl.where(hit, j, ids)
+
+
+@triton.jit
+def _rank(keys, ids):
+    """Rank of each kept pair in (key, index) order."""
+    less = (keys[:, None, :] < keys[:, :, None]) | (
+        (keys[:, None, :] == keys[:, :, None]) & (ids[:, None, :] < ids[:, :, None])
+    )
+    return tl.sum(less.to(tl.int32), axis=2)
+
+
+@triton.jit
 def _search_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -178,6 +198,9 @@ def _search_fwd_kernel(
     nh,
     nw,
     stride0,  # query grid
+    row0,
+    jl,
+    jskip,  # first grid row of the batch; grid columns [jl, jl + jskip) are skipped
     s1,
     lo_steps,
     hi_steps,
@@ -210,15 +233,20 @@ def _search_fwd_kernel(
     q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
     k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
 
+    # Lanes walk grid rows row0.. and, in each, the columns outside [jl, jl + jskip) (those are
+    # left to the row kernel); a lane is live when its query is in [start, start + count).
     lane = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = lane < count
-    qi = start + tl.where(qmask, lane, 0)
+    ncol = nw - jskip
+    ce = lane % ncol
+    qi = (row0 + lane // ncol) * nw + tl.where(ce < jl, ce, ce + jskip)
+    qmask = (qi >= start) & (qi < start + count)
+    qi = tl.where(qmask, qi, start)
     per_frame = nh * nw
     qt = t0 + qi // per_frame
     rem = qi % per_frame
     qy = h0 + (rem // nw) * stride0
     qx = w0 + (rem % nw) * stride0
-    row = pid_bh.to(tl.int64) * count + lane.to(tl.int64)
+    row = pid_bh.to(tl.int64) * count + (qi - start).to(tl.int64)
 
     tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
     lo = (lo_steps * s1).to(POS)
@@ -293,18 +321,10 @@ def _search_fwd_kernel(
                     if SKIP_OWN:
                         own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
                         cand = cand & (own == 0)
-                    worst = tl.max(keys, axis=1)
-                    worst_id = tl.max(tl.where(keys == worst[:, None], ids, -1), axis=1)
-                    take = cand & (key < worst)
-                    hit = (ids == worst_id[:, None]) & take[:, None]
-                    keys = tl.where(hit, key[:, None], keys)
-                    ids = tl.where(hit, j, ids)
+                    keys, ids = _insert(keys, ids, key, j, cand)
     if not ALL:
         # Rank of each kept (key, index) pair; the KP - KEEP padding slots (-inf) rank first.
-        less = (keys[:, None, :] < keys[:, :, None]) | (
-            (keys[:, None, :] == keys[:, :, None]) & (ids[:, None, :] < ids[:, :, None])
-        )
-        rank = tl.sum(less.to(tl.int32), axis=2)
+        rank = _rank(keys, ids)
         kept = qmask[:, None] & (rank >= KP - KEEP)
         col = rank - (KP - KEEP) + (1 if ANCHOR else 0)
         out = row[:, None] * KOUT + col
@@ -373,6 +393,171 @@ def _search_fwd_kernel(
             tl.store(inds_ptr + first * 3, qt.to(ity), mask=qmask)
             tl.store(inds_ptr + first * 3 + 1, qy.to(ity), mask=qmask)
             tl.store(inds_ptr + first * 3 + 2, qx.to(ity), mask=qmask)
+
+
+@triton.jit
+def _search_rows_kernel(
+    q_ptr,
+    k_ptr,  # videos (B, HD, T, C, H, W)
+    dist_ptr,
+    inds_ptr,
+    widx_ptr,  # outputs, as in _search_fwd_kernel (never ALL here)
+    scratch_ptr,  # (programs, BX) workspace for the column sums
+    sq_b,
+    sq_h,
+    sq_t,
+    sq_c,
+    sq_y,
+    sq_x,  # strides of q
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_c,
+    sk_y,
+    sk_x,  # strides of k
+    HD,
+    T,
+    C,
+    H,
+    W,
+    start,
+    count,
+    t0,
+    h0,
+    w0,
+    nh,
+    nw,  # query grid (stride0 = 1)
+    row0,
+    nrows,
+    jl,
+    jr,
+    nxb,
+    nblocks,  # batch rows; interior grid columns [jl, jr) in blocks
+    s1,
+    lo_steps,
+    hi_steps,
+    S,
+    NWIN,
+    KEEP,
+    KOUT,
+    WS: tl.constexpr,
+    PS: tl.constexpr,
+    PT: tl.constexpr,
+    DIL: tl.constexpr,
+    KP: tl.constexpr,
+    DOT: tl.constexpr,
+    REFLECT: tl.constexpr,
+    SKIP_OWN: tl.constexpr,
+    ANCHOR: tl.constexpr,
+    ACC: tl.constexpr,
+    BX: tl.constexpr,
+    BOUT: tl.constexpr,
+    PSP: tl.constexpr,
+):
+    """Reuse across queries, for whole positions without flows and stride0 = 1.
+
+    A block is BOUT consecutive queries of one grid row whose windows are not slid sideways,
+    so every query of the block sees candidate j at the same displacement (dt, dy, dx). For
+    each candidate the block computes the column sums
+        e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
+    over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
+    the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
+    candidate instead of O(PS^2). The column sums pass through a per-program scratch row."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BX)
+    zero = lane * 0
+    scratch = scratch_ptr + pid.to(tl.int64) * BX
+    slot = tl.arange(0, KP)
+    half = (PS // 2) * DIL
+    for blk in range(pid, nblocks, nprog):
+        bh = blk // (nrows * nxb)
+        rem = blk % (nrows * nxb)
+        grow = row0 + rem // nxb
+        xb = rem % nxb
+        b = bh // HD
+        hd = bh % HD
+        q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
+        k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+        qt = t0 + grow // nh
+        qy = h0 + grow % nh
+        j0 = jl + xb * BOUT
+        jq = j0 + lane
+        qi = grow * nw + jq
+        qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
+        qx = w0 + jq
+        row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
+        xc = w0 + j0 - half + lane  # the columns whose sums the block needs
+        qxi, qxv = _border(xc, W, REFLECT)
+        tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+        cy = tl.minimum(tl.maximum(qy, lo_steps * s1), H - 1 - hi_steps * s1)
+        keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
+        keys = tl.zeros((BX, KP), dtype=ACC) + keys[None, :]
+        ids = tl.zeros((BX, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
+        for s in range(S):
+            tf = tstart + s
+            for a in range(WS):
+                ky = cy + (a - lo_steps) * s1
+                for bb in range(WS):
+                    dx = (bb - lo_steps) * s1
+                    kxi, kxv = _border(xc + dx, W, REFLECT)
+                    e = tl.zeros((BX,), dtype=ACC)
+                    for dt in tl.static_range(PT):
+                        # row coordinates as uniform vectors: masks stay vectors
+                        qti, qtv = _border(zero + qt + dt, T, REFLECT)
+                        kti, ktv = _border(zero + tf + dt, T, REFLECT)
+                        for i in tl.static_range(PS):
+                            qyi, qyv = _border(zero + qy + (i - PS // 2) * DIL, H, REFLECT)
+                            kyi, kyv = _border(zero + ky + (i - PS // 2) * DIL, H, REFLECT)
+                            qrow = q_base + qti.to(tl.int64) * sq_t + qyi.to(tl.int64) * sq_y
+                            krow = k_base + kti.to(tl.int64) * sk_t + kyi.to(tl.int64) * sk_y
+                            qm = qxv & qtv & qyv
+                            km = kxv & ktv & kyv
+                            for c in range(C):
+                                qv = tl.load(qrow + c * sq_c + qxi * sq_x, mask=qm, other=0.0)
+                                kv = tl.load(krow + c * sk_c + kxi * sk_x, mask=km, other=0.0)
+                                if DOT:
+                                    e += qv.to(ACC) * kv.to(ACC)
+                                else:
+                                    diff = qv.to(ACC) - kv.to(ACC)
+                                    e += diff * diff
+                    tl.store(scratch + lane, e)
+                    tl.debug_barrier()
+                    d = tl.zeros((BX,), dtype=ACC)
+                    for jj in tl.static_range(PS):
+                        src = lane + jj * DIL
+                        d += tl.load(scratch + src, mask=src < BX, other=0.0)
+                    tl.debug_barrier()
+                    key = -d if DOT else d
+                    cand = qmask
+                    if SKIP_OWN:
+                        own = (zero + tf == qt) & (zero + ky == qy) & (zero + dx == 0)
+                        cand = cand & (own == 0)
+                    keys, ids = _insert(keys, ids, key, (s * WS + a) * WS + bb, cand)
+        rank = _rank(keys, ids)
+        kept = qmask[:, None] & (rank >= KP - KEEP)
+        out = row[:, None] * KOUT + rank - (KP - KEEP) + (1 if ANCHOR else 0)
+        sid = tl.where(kept, ids, 0)
+        ky = cy + ((sid // WS) % WS - lo_steps) * s1
+        kx = qx[:, None] + (sid % WS - lo_steps) * s1
+        dist = -keys if DOT else keys
+        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+        tl.store(widx_ptr + out, ids, mask=kept)
+        tl.store(inds_ptr + out * 3, tstart + sid // (WS * WS), mask=kept)
+        tl.store(inds_ptr + out * 3 + 1, ky, mask=kept)
+        tl.store(inds_ptr + out * 3 + 2, kx, mask=kept)
+        if ANCHOR:
+            d = _patch_dist(
+                q_base, k_base, zero + qt, zero + qy, qx, zero + qt, zero + qy, qx, C,
+                sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
+                PS, PSP, PT, DIL, 1, DOT, REFLECT, True, ACC,
+            )  # fmt: skip
+            first = row * KOUT
+            tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
+            tl.store(widx_ptr + first, tl.full((BX,), -1, tl.int32), mask=qmask)
+            tl.store(inds_ptr + first * 3, zero + qt, mask=qmask)
+            tl.store(inds_ptr + first * 3 + 1, zero + qy, mask=qmask)
+            tl.store(inds_ptr + first * 3 + 2, qx, mask=qmask)
 
 
 @triton.jit
@@ -585,7 +770,7 @@ def _search_bwd_kernel(
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
-CONFIG = {"block_q": None, "num_warps": 4}
+CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 4}
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -614,13 +799,25 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     psp = next_power_of_2(p.ps)
     block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
     block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
-    grid = (triton.cdiv(p.count, block_q), b * hd)
-    if p.count > 0 and b * hd > 0:
-        _search_fwd_kernel[grid](
+    if p.count == 0 or b * hd == 0:
+        return (dists, None, None) if select_all else (dists, inds, widx)
+    row0 = p.start // nw
+    nrows = (p.start + p.count - 1) // nw - row0 + 1
+    # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
+    jl = jr = 0
+    s1 = int(p.stride1) if whole else 0
+    if whole and flows is None and p.stride0 == 1 and not select_all and p.ps > 1:
+        jl = max(0, (p.ws // 2) * s1 - w0)
+        jr = min(nw, width - (p.ws - 1 - p.ws // 2) * s1 - w0)
+        if not CONFIG["rows"] or jr - jl < 16:
+            jl = jr = 0
+    lanes = nrows * (nw - (jr - jl))
+    if lanes > 0:
+        _search_fwd_kernel[(triton.cdiv(lanes, block_q), b * hd)](
             qvid, kvid, fl, dists, inds, widx,
             *qvid.stride(), *kvid.stride(), *fstrides,
             hd, nframes, c, height, width,
-            p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+            p.start, p.count, t0, h0, w0, nh, nw, p.stride0, row0, jl, jr - jl,
             float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
             p.nwin, keep, kout,
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp, ALL=select_all,
@@ -629,6 +826,29 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
             BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["num_warps"],
+        )  # fmt: skip
+    if jr > jl:
+        span = (p.ps - 1) * p.dilation
+        bx = next_power_of_2(max(64, 2 * span))
+        bout = bx - span
+        nxb = triton.cdiv(jr - jl, bout)
+        nblocks = b * hd * nrows * nxb
+        sms = (
+            torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
+        )
+        nprog = min(nblocks, sms * 8)
+        scratch = torch.empty(nprog, bx, dtype=acc, device=dev)
+        _search_rows_kernel[(nprog,)](
+            qvid, kvid, dists, inds, widx, scratch,
+            *qvid.stride(), *kvid.stride(),
+            hd, nframes, c, height, width,
+            p.start, p.count, t0, h0, w0, nh, nw,
+            row0, nrows, jl, jr, nxb, nblocks,
+            s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
+            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
+            BX=bx, BOUT=bout, PSP=psp, num_warps=CONFIG["rows_warps"],
         )  # fmt: skip
     if select_all:
         return dists, None, None
