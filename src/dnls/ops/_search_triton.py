@@ -770,7 +770,7 @@ def _search_bwd_kernel(
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
-CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 4}
+CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None}
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -829,7 +829,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
-        bx = next_power_of_2(max(64, 2 * span))
+        bx = CONFIG["rows_bx"] or next_power_of_2(max(64, 2 * span))
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
         nblocks = b * hd * nrows * nxb
