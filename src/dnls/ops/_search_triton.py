@@ -20,6 +20,8 @@ survivors by ``(key, index)`` and turns window indices into positions.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -769,6 +771,33 @@ def _search_bwd_kernel(
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
+
+class _Layout(NamedTuple):
+    """What both launchers derive from the shapes: the query grid, the flows argument (the
+    query video stands in when there are none) and the patch tile sizes."""
+
+    t0: int
+    h0: int
+    w0: int
+    nh: int
+    nw: int
+    flows: torch.Tensor
+    flow_strides: tuple
+    psp: int
+    block_c: int
+
+    @staticmethod
+    def of(qvid: torch.Tensor, flows: torch.Tensor | None, p) -> _Layout:
+        t0, _, h0, h1, w0, w1 = p.region
+        psp = next_power_of_2(p.ps)
+        return _Layout(
+            t0, h0, w0, -(-(h1 - h0) // p.stride0), -(-(w1 - w0) // p.stride0),
+            flows if flows is not None else qvid,
+            flows.stride() if flows is not None else (0,) * 6,
+            psp, max(1, min(next_power_of_2(qvid.shape[3]), 64 // (psp * psp))),
+        )  # fmt: skip
+
+
 # Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
 CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None}
 
@@ -791,13 +820,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     else:
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
         widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
-    t0, _, h0, _, w0, _ = p.region
-    nh = -(-(p.region[3] - h0) // p.stride0)
-    nw = -(-(p.region[5] - w0) // p.stride0)
-    fl = flows if flows is not None else qvid
-    fstrides = flows.stride() if flows is not None else (0,) * 6
-    psp = next_power_of_2(p.ps)
-    block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
+    t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
     block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
     if p.count == 0 or b * hd == 0:
         return (dists, None, None) if select_all else (dists, inds, widx)
@@ -868,13 +891,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     gd = gdists.contiguous()
     gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
     widx = widx.contiguous()
-    t0, _, h0, _, w0, _ = p.region
-    nh = -(-(p.region[3] - h0) // p.stride0)
-    nw = -(-(p.region[5] - w0) // p.stride0)
-    fl = flows if flows is not None else qvid
-    fstrides = flows.stride() if flows is not None else (0,) * 6
-    psp = next_power_of_2(p.ps)
-    block_c = max(1, min(next_power_of_2(c), 64 // (psp * psp)))
+    t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
     block_q = 32
     grid = (triton.cdiv(p.count, block_q), b * hd)
     if p.count > 0 and b * hd > 0 and p.nk > 0:
