@@ -23,7 +23,7 @@ Patch gradients are added into the videos with the adjoint of the patch read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -357,49 +357,32 @@ def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("dnls::search", mutates_args=())
-def _search_op(
-    qvid: torch.Tensor,
-    kvid: torch.Tensor,
-    flows: torch.Tensor | None,
-    *,
-    ws: int,
-    wt: int,
-    ps: int,
-    pt: int,
-    k: int,
-    dist: str,
-    stride0: int,
-    stride1: float,
-    dilation: int,
-    region: list[int],
-    start: int,
-    count: int,
-    self_match: str,
-    border: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = SearchParams(
-        ws,
-        wt,
-        ps,
-        pt,
-        k,
-        dist,
-        stride0,
-        stride1,
-        dilation,
-        tuple(region),
-        start,
-        count,
-        self_match,
-        border,
-    )
+def _schema_params() -> str:
+    """The keyword part of both ops' schemas, from the fields of :class:`SearchParams`."""
+    types = {"int": "int", "float": "float", "str": "str"}
+    return ", ".join(f"{types.get(f.type, 'int[]')} {f.name}" for f in fields(SearchParams))
+
+
+torch.library.define(
+    "dnls::search",
+    f"(Tensor qvid, Tensor kvid, Tensor? flows, *, {_schema_params()}) -> (Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "dnls::search_backward",
+    "(Tensor gdists, Tensor? ginds, Tensor qvid, Tensor kvid, Tensor? flows, Tensor widx, *, "
+    f"{_schema_params()}) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl("dnls::search", ("cpu", "cuda"))
+def _search_impl(qvid, kvid, flows, **kw):
+    p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     if backend(qvid.device, "search") == "triton":
         return _search_triton(qvid, kvid, flows, p)
     return _search_ref(qvid, kvid, flows, p)
 
 
-@_search_op.register_fake
+@torch.library.register_fake("dnls::search")
 def _(qvid, kvid, flows, *, k, count, self_match, ws, wt, stride1, **_):
     b, hd = qvid.shape[:2]
     nwin = (2 * wt + 1) * ws * ws
@@ -411,46 +394,9 @@ def _(qvid, kvid, flows, *, k, count, self_match, ws, wt, stride1, **_):
     )
 
 
-@torch.library.custom_op("dnls::search_backward", mutates_args=())
-def _search_backward_op(
-    gdists: torch.Tensor,
-    ginds: torch.Tensor | None,
-    qvid: torch.Tensor,
-    kvid: torch.Tensor,
-    flows: torch.Tensor | None,
-    widx: torch.Tensor,
-    *,
-    ws: int,
-    wt: int,
-    ps: int,
-    pt: int,
-    k: int,
-    dist: str,
-    stride0: int,
-    stride1: float,
-    dilation: int,
-    region: list[int],
-    start: int,
-    count: int,
-    self_match: str,
-    border: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = SearchParams(
-        ws,
-        wt,
-        ps,
-        pt,
-        k,
-        dist,
-        stride0,
-        stride1,
-        dilation,
-        tuple(region),
-        start,
-        count,
-        self_match,
-        border,
-    )
+@torch.library.impl("dnls::search_backward", ("cpu", "cuda"))
+def _search_backward_impl(gdists, ginds, qvid, kvid, flows, widx, **kw):
+    p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     if backend(qvid.device, "search") == "triton":
         from . import _search_triton as kernels
 
@@ -461,7 +407,7 @@ def _search_backward_op(
     return _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p)
 
 
-@_search_backward_op.register_fake
+@torch.library.register_fake("dnls::search_backward")
 def _(gdists, ginds, qvid, kvid, flows, widx, **_):
     flow_grad = flows is not None and flows.is_floating_point()
     gf = flows.new_empty(flows.shape) if flow_grad else qvid.new_empty(0)
@@ -481,11 +427,11 @@ def _search_backward(ctx, gdists, ginds, _gwidx):
     flows = rest[0] if ctx.has_flows else None
     float_flows = flows is not None and flows.is_floating_point()
     ginds = ginds if (float_flows and ginds is not None and ginds.is_floating_point()) else None
-    gq, gk, gf = _search_backward_op(gdists, ginds, qvid, kvid, flows, widx, **ctx.kw)
+    gq, gk, gf = torch.ops.dnls.search_backward(gdists, ginds, qvid, kvid, flows, widx, **ctx.kw)
     return gq, gk, (gf if float_flows else None)
 
 
-_search_op.register_autograd(_search_backward, setup_context=_search_setup)
+torch.library.register_autograd("dnls::search", _search_backward, setup_context=_search_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,5 +590,5 @@ def search(
         self_match,
         border,
     )
-    dists, inds, _ = _search_op(q6, k6, flows, **p.op_kwargs())
+    dists, inds, _ = torch.ops.dnls.search(q6, k6, flows, **p.op_kwargs())
     return dists, inds
