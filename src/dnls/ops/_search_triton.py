@@ -142,6 +142,43 @@ def _patch_dist(
 
 
 @triton.jit
+def _centre(
+    flow_ptr,
+    pix_off,
+    slot,
+    moves,
+    cy,
+    cx,
+    lo,
+    hi_y,
+    hi_x,
+    sf_s,
+    sf_c,
+    HAS_FLOW: tl.constexpr,
+    POS: tl.constexpr,
+):
+    """Window centre in the frame of ``slot``: (cy, cx) moved by the flow where ``moves``, then
+    slid inward. Returns (cy, cx, free_y, free_x); free_* is True where the slide left it."""
+    if HAS_FLOW:
+        off = pix_off + slot * sf_s
+        cy = cy + tl.load(flow_ptr + off, mask=moves, other=0).to(POS)
+        cx = cx + tl.load(flow_ptr + off + sf_c, mask=moves, other=0).to(POS)
+    free_y = (cy >= lo) & (cy <= hi_y)
+    free_x = (cx >= lo) & (cx <= hi_x)
+    cy = tl.minimum(tl.maximum(cy, lo), hi_y)
+    cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+    return cy, cx, free_y, free_x
+
+
+@triton.jit
+def _offset(cy, cx, sid, lo_steps, s1, WS: tl.constexpr, POS: tl.constexpr):
+    """Position of window index ``sid`` on the grid around the centre (cy, cx)."""
+    ky = cy + (((sid // WS) % WS - lo_steps) * s1).to(POS)
+    kx = cx + ((sid % WS - lo_steps) * s1).to(POS)
+    return ky, kx
+
+
+@triton.jit
 def _insert(keys, ids, key, j, cand):
     """Keep the KP smallest (key, window index) pairs per query: candidate j replaces the
     current worst (largest key, then largest index) when its key is strictly smaller."""
@@ -254,6 +291,13 @@ def _search_fwd_kernel(
     lo = (lo_steps * s1).to(POS)
     hi_y = (H - 1 - hi_steps * s1).to(POS)
     hi_x = (W - 1 - hi_steps * s1).to(POS)
+    # offset of each query's pixel in the flows (slot 0)
+    pix_off = (
+        b.to(tl.int64) * sf_b
+        + qt.to(tl.int64) * sf_t
+        + qy.to(tl.int64) * sf_y
+        + qx.to(tl.int64) * sf_x
+    )
 
     slot = tl.arange(0, KP)
     keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
@@ -262,23 +306,21 @@ def _search_fwd_kernel(
 
     for s in range(S):
         tf = tstart + s
-        cy = qy.to(POS)
-        cx = qx.to(POS)
-        if HAS_FLOW:
-            f_off = (
-                b.to(tl.int64) * sf_b
-                + qt.to(tl.int64) * sf_t
-                + s * sf_s
-                + qy.to(tl.int64) * sf_y
-                + qx.to(tl.int64) * sf_x
-            )
-            moves = tf != qt
-            fy = tl.load(flow_ptr + f_off, mask=qmask & moves, other=0).to(POS)
-            fx = tl.load(flow_ptr + f_off + sf_c, mask=qmask & moves, other=0).to(POS)
-            cy = cy + fy
-            cx = cx + fx
-        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
-        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+        cy, cx, _, _ = _centre(
+            flow_ptr,
+            pix_off,
+            s,
+            qmask & (tf != qt),
+            qy.to(POS),
+            qx.to(POS),
+            lo,
+            hi_y,
+            hi_x,
+            sf_s,
+            sf_c,
+            HAS_FLOW,
+            POS,
+        )
         for a in range(WS):
             ky = cy + ((a - lo_steps) * s1).to(POS)
             for bb in range(WS):
@@ -336,20 +378,11 @@ def _search_fwd_kernel(
         tf = tstart[:, None] + s_
         cy = qy[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
         cx = qx[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
-        if HAS_FLOW:
-            f_off = (
-                b.to(tl.int64) * sf_b
-                + qt.to(tl.int64) * sf_t
-                + qy.to(tl.int64) * sf_y
-                + qx.to(tl.int64) * sf_x
-            )[:, None] + s_.to(tl.int64) * sf_s
-            moves = kept & (tf != qt[:, None])
-            cy += tl.load(flow_ptr + f_off, mask=moves, other=0).to(POS)
-            cx += tl.load(flow_ptr + f_off + sf_c, mask=moves, other=0).to(POS)
-        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
-        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
-        ky = cy + (((sid // WS) % WS - lo_steps) * s1).to(POS)
-        kx = cx + ((sid % WS - lo_steps) * s1).to(POS)
+        moves = kept & (tf != qt[:, None])
+        cy, cx, _, _ = _centre(
+            flow_ptr, pix_off[:, None], s_, moves, cy, cx, lo, hi_y, hi_x, sf_s, sf_c, HAS_FLOW, POS
+        )
+        ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
         dist = -keys if DOT else keys
         tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
         tl.store(widx_ptr + out, ids, mask=kept)
@@ -655,6 +688,13 @@ def _search_bwd_kernel(
     lo = (lo_steps * s1).to(POS)
     hi_y = (H - 1 - hi_steps * s1).to(POS)
     hi_x = (W - 1 - hi_steps * s1).to(POS)
+    # offset of each query's pixel in the flows (slot 0)
+    pix_off = (
+        b.to(tl.int64) * sf_b
+        + qt.to(tl.int64) * sf_t
+        + qy.to(tl.int64) * sf_y
+        + qx.to(tl.int64) * sf_x
+    )
 
     ii = tl.arange(0, PSP)
     offs = (ii - PS // 2) * DIL
@@ -670,25 +710,25 @@ def _search_bwd_kernel(
         sid = tl.where(own, 0, wi)
         s_ = sid // (WS * WS)
         tf = tl.where(own, qt, tstart + s_)
-        cy = qy.to(POS)
-        cx = qx.to(POS)
         moves = qmask & (own == 0) & (tf != qt)
-        if HAS_FLOW:
-            f_off = (
-                b.to(tl.int64) * sf_b
-                + qt.to(tl.int64) * sf_t
-                + s_.to(tl.int64) * sf_s
-                + qy.to(tl.int64) * sf_y
-                + qx.to(tl.int64) * sf_x
-            )
-            cy += tl.load(flow_ptr + f_off, mask=moves, other=0).to(POS)
-            cx += tl.load(flow_ptr + f_off + sf_c, mask=moves, other=0).to(POS)
-        free_y = (cy >= lo) & (cy <= hi_y)
-        free_x = (cx >= lo) & (cx <= hi_x)
-        cy = tl.minimum(tl.maximum(cy, lo), hi_y)
-        cx = tl.minimum(tl.maximum(cx, lo), hi_x)
-        ky = tl.where(own, qy.to(POS), cy + (((sid // WS) % WS - lo_steps) * s1).to(POS))
-        kx = tl.where(own, qx.to(POS), cx + ((sid % WS - lo_steps) * s1).to(POS))
+        cy, cx, free_y, free_x = _centre(
+            flow_ptr,
+            pix_off,
+            s_,
+            moves,
+            qy.to(POS),
+            qx.to(POS),
+            lo,
+            hi_y,
+            hi_x,
+            sf_s,
+            sf_c,
+            HAS_FLOW,
+            POS,
+        )
+        ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
+        ky = tl.where(own, qy.to(POS), ky)
+        kx = tl.where(own, qx.to(POS), kx)
         if WHOLE:
             k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
             gk_sp, _ = _spatial(ky, kx, offs, pmask, W, 1, H, W, REFLECT)
