@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import strategies as st
 
 # (rtol, atol) per dtype, for results accumulated in float32 (float64 for float64 inputs)
 # and rounded to the input dtype.
@@ -37,3 +38,23 @@ def assert_close(actual, expected, dtype=torch.float64, what="result", scale=1.0
 def rand_video(shape, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+@st.composite
+def regions(draw, t, h, w):
+    """None or a random non-empty region ``(t0, t1, h0, h1, w0, w1)`` of a (t, h, w) video."""
+    if not draw(st.booleans()):
+        return None
+    t0, h0, w0 = (
+        draw(st.integers(0, t - 1)),
+        draw(st.integers(0, h - 1)),
+        draw(st.integers(0, w - 1)),
+    )
+    return (
+        t0,
+        draw(st.integers(t0 + 1, t)),
+        h0,
+        draw(st.integers(h0 + 1, h)),
+        w0,
+        draw(st.integers(w0 + 1, w)),
+    )

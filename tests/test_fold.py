@@ -2,7 +2,7 @@ import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, rand_video
+from helpers import assert_close, rand_video, regions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,19 +65,9 @@ def test_ifold_equals_torch_fold(case):
 def region_cases(draw):
     b, t, c = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
     h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
-    t0, h0 = draw(st.integers(0, t - 1)), draw(st.integers(0, h - 1))
-    w0 = draw(st.integers(0, w - 1))
-    region = (
-        t0,
-        draw(st.integers(t0 + 1, t)),
-        h0,
-        draw(st.integers(h0 + 1, h)),
-        w0,
-        draw(st.integers(w0 + 1, w)),
-    )
     return dict(
         shape=(b, t, c, h, w),
-        region=draw(st.one_of(st.none(), st.just(region))),
+        region=draw(regions(t, h, w)),
         kw=dict(
             ps=draw(st.integers(1, 4)),
             pt=draw(st.integers(1, 2)),

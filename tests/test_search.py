@@ -7,7 +7,7 @@ import numpy as np
 import oracle
 import pytest
 import torch
-from helpers import assert_close, rand_video
+from helpers import assert_close, rand_video, regions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,18 +35,7 @@ def search_cases(draw, max_hw=6):
     if self_match == "keep" or stride1 == 1:  # else k=None is refused (own not a candidate)
         k_values = st.one_of(st.none(), k_values)
     k = draw(k_values)
-    region = None
-    if draw(st.booleans()):
-        t0 = draw(st.integers(0, t - 1))
-        h0, w0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
-        region = (
-            t0,
-            draw(st.integers(t0 + 1, t)),
-            h0,
-            draw(st.integers(h0 + 1, h)),
-            w0,
-            draw(st.integers(w0 + 1, w)),
-        )
+    region = draw(regions(t, h, w))
     return dict(
         shape=(b, t, c, h, w),
         seed=draw(st.integers(0, 2**16)),

@@ -75,10 +75,6 @@ class SearchParams:
         return self.nwin - 1 if self.self_match == "exclude" else self.nwin
 
     @property
-    def whole_stride(self) -> bool:
-        return float(self.stride1).is_integer()
-
-    @property
     def geom(self) -> PatchGeom:
         return PatchGeom(self.ps, self.pt, self.dilation, self.border)
 
@@ -91,9 +87,14 @@ class SearchParams:
         return kw
 
 
+def _whole(flows: torch.Tensor | None, stride1: float) -> bool:
+    """Whether every position is a whole pixel: no floating flows and an integral stride1."""
+    return (flows is None or not flows.is_floating_point()) and float(stride1).is_integer()
+
+
 def _pos_dtype(vid: torch.Tensor, flows: torch.Tensor | None, p: SearchParams) -> torch.dtype:
     """int64 for whole-pixel positions, else the float dtype positions are computed in."""
-    if (flows is None or not flows.is_floating_point()) and p.whole_stride:
+    if _whole(flows, p.stride1):
         return torch.int64
     if vid.dtype == torch.float64 or (flows is not None and flows.dtype == torch.float64):
         return torch.float64
@@ -101,8 +102,7 @@ def _pos_dtype(vid: torch.Tensor, flows: torch.Tensor | None, p: SearchParams) -
 
 
 def _inds_dtype(flows: torch.Tensor | None, stride1: float) -> torch.dtype:
-    whole = (flows is None or not flows.is_floating_point()) and float(stride1).is_integer()
-    return torch.int32 if whole else torch.float32
+    return torch.int32 if _whole(flows, stride1) else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
