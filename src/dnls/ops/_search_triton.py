@@ -142,6 +142,24 @@ def _patch_dist(
 
 
 @triton.jit
+def _query_position(qi, t0, h0, w0, nh, nw, stride0):
+    """(t, h, w) of query ``qi`` of the grid, in raster order t -> h -> w."""
+    per_frame = nh * nw
+    rem = qi % per_frame
+    return t0 + qi // per_frame, h0 + (rem // nw) * stride0, w0 + (rem % nw) * stride0
+
+
+@triton.jit
+def _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, POS: tl.constexpr):
+    """First frame of the window of frame ``qt`` and the range the grid centre is slid into."""
+    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+    lo = (lo_steps * s1).to(POS)
+    hi_y = (H - 1 - hi_steps * s1).to(POS)
+    hi_x = (W - 1 - hi_steps * s1).to(POS)
+    return tstart, lo, hi_y, hi_x
+
+
+@triton.jit
 def _centre(
     flow_ptr,
     pix_off,
@@ -280,17 +298,10 @@ def _search_fwd_kernel(
     qi = (row0 + lane // ncol) * nw + tl.where(ce < jl, ce, ce + jskip)
     qmask = (qi >= start) & (qi < start + count)
     qi = tl.where(qmask, qi, start)
-    per_frame = nh * nw
-    qt = t0 + qi // per_frame
-    rem = qi % per_frame
-    qy = h0 + (rem // nw) * stride0
-    qx = w0 + (rem % nw) * stride0
+    qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
     row = pid_bh.to(tl.int64) * count + (qi - start).to(tl.int64)
 
-    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
-    lo = (lo_steps * s1).to(POS)
-    hi_y = (H - 1 - hi_steps * s1).to(POS)
-    hi_x = (W - 1 - hi_steps * s1).to(POS)
+    tstart, lo, hi_y, hi_x = _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, POS)
     # offset of each query's pixel in the flows (slot 0)
     pix_off = (
         b.to(tl.int64) * sf_b
@@ -678,16 +689,9 @@ def _search_bwd_kernel(
     lane = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = lane < count
     qi = start + tl.where(qmask, lane, 0)
-    per_frame = nh * nw
-    qt = t0 + qi // per_frame
-    rem = qi % per_frame
-    qy = h0 + (rem // nw) * stride0
-    qx = w0 + (rem % nw) * stride0
+    qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
     row = pid_bh.to(tl.int64) * count + lane.to(tl.int64)
-    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
-    lo = (lo_steps * s1).to(POS)
-    hi_y = (H - 1 - hi_steps * s1).to(POS)
-    hi_x = (W - 1 - hi_steps * s1).to(POS)
+    tstart, lo, hi_y, hi_x = _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, POS)
     # offset of each query's pixel in the flows (slot 0)
     pix_off = (
         b.to(tl.int64) * sf_b
