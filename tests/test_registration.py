@@ -56,3 +56,20 @@ def test_search_ops(flow_kind):
     flows = None if flows is None else flows.detach()
     args = (torch.rand_like(dists), gi, q.detach(), k.detach(), flows, widx)
     _opcheck(torch.ops.dnls.search_backward.default, args, p.op_kwargs())
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_refine_ops(fractional):
+    from dnls.ops.refine import RefineParams
+
+    q = rand_video((1, 2, 2, 2, 5, 5), seed=3).requires_grad_()
+    k = rand_video((1, 2, 2, 2, 5, 5), seed=4).requires_grad_()
+    inds = _inds(fractional)
+    inds = torch.cat([inds] * 2, 2)[:, :, :, :2].contiguous().requires_grad_(fractional)
+    p = RefineParams(3, 2, 5, 3, 1, "l2", 3, 1.0, 1, (0, 2, 0, 5, 0, 5), 0, 8, "anchor", "zero")
+    kw = dict(p.__dict__, region=list(p.region))
+    _opcheck(torch.ops.dnls.refine.default, (q, k, inds), kw)
+    dists, out, widx = torch.ops.dnls.refine(q, k, inds, **kw)
+    gi = torch.rand(out.shape, dtype=torch.float32) if fractional else None
+    args = (torch.rand_like(dists), gi, q.detach(), k.detach(), inds.detach(), widx)
+    _opcheck(torch.ops.dnls.refine_backward.default, args, kw)

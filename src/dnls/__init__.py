@@ -14,6 +14,7 @@ from ._grid import QueryGrid, query_grid
 from .ops.flows import accumulate_flows
 from .ops.fold import ifold, iunfold
 from .ops.patches import gather, scatter, wpsum
+from .ops.refine import refine
 from .ops.search import search
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "ifold",
     "iunfold",
     "query_grid",
+    "refine",
     "scatter",
     "search",
     "wpsum",
