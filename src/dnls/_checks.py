@@ -26,6 +26,19 @@ def fail(name: str, value: object, expected: str, exc: type[Exception] = ValueEr
     raise exc(f"{name} must be {expected}, got {_describe(value)}")
 
 
+def check_data(ok: torch.Tensor, name: str, value: object, expected: str) -> None:
+    """Raise ``ValueError`` unless the one-element boolean tensor ``ok`` is true.
+
+    Under ``torch.compile`` a Python branch on tensor data would break the graph, so there the
+    check is an asynchronous assert in the graph: a ``RuntimeError`` with the same message,
+    raised when the graph runs.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, f"{name} must be {expected}, got {_describe(value)}")
+    elif not bool(ok):
+        fail(name, value, expected)
+
+
 def check_int(name: str, value: object, *, min_value: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         fail(name, value, "an int", TypeError)
@@ -140,10 +153,14 @@ def check_positions(
         return
     flat = inds.detach().reshape(-1, 3)
     if inds.is_floating_point():
-        if not torch.isfinite(flat).all():
-            fail(name, inds, "finite positions")
-        if (flat[:, 0] != flat[:, 0].round()).any():
-            fail(name, inds, "positions with whole frame indices t")
+        check_data(torch.isfinite(flat).all(), name, inds, "finite positions")
+        whole_t = (flat[:, 0] == flat[:, 0].round()).all()
+        check_data(whole_t, name, inds, "positions with whole frame indices t")
+    if torch.compiler.is_compiling():
+        top = torch.tensor(thw, device=flat.device) - 1
+        inside = ((flat >= 0) & (flat <= top)).all()
+        check_data(inside, name, inds, f"positions inside the (T, H, W) = {thw} video")
+        return
     lo = flat.amin(0).tolist()
     hi = flat.amax(0).tolist()
     for i, size in enumerate(thw):

@@ -469,8 +469,8 @@ def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor |
             _checks.fail(name, f, "a floating or int32/int64 tensor", TypeError)
         if f.device != device:
             _checks.fail(name, f, f"on the video's device ({device})")
-        if f.is_floating_point() and not torch.isfinite(f).all():
-            _checks.fail(name, f, "finite (it holds inf or nan)")
+        if f.is_floating_point():
+            _checks.check_data(torch.isfinite(f).all(), name, f, "finite (it holds inf or nan)")
     if len(tensors) == 2:
         return accumulate_flows(tensors[0], tensors[1], wt)
     return tensors[0]
