@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dnls
+from dnls._common import backend
 
 V = torch.rand(1, 3, 4, 8, 8)
 INDS = torch.zeros(1, 1, 5, 2, 3, dtype=torch.int32)
@@ -165,7 +166,9 @@ def test_backend_variable(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dnls.search(V, ws=3)
-    with pytest.raises(RuntimeError, match="gather has no Triton kernel"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dnls.gather(V, INDS, ps=3)
+    with pytest.raises(RuntimeError, match="nothing has no Triton kernel"):
+        backend(torch.device("cpu"), "nothing")
     monkeypatch.setenv("DNLS_BACKEND", "torch")
     assert dnls.search(V, ws=3, k=2)[0].shape == (1, 1, 192, 2)

@@ -58,6 +58,16 @@ def test_search_ops(flow_kind):
     _opcheck(torch.ops.dnls.search_backward.default, args, p.op_kwargs())
 
 
+@pytest.mark.parametrize("border", ["reflect", "zero"])
+def test_ifold_op(border):
+    patches = rand_video((2, 6, 2, 3, 3, 3), seed=3).requires_grad_()
+    kw = dict(
+        shape=[2, 3, 3, 5, 5], stride=2, dilation=1, region=[0, 3, 1, 5, 0, 4], start=2,
+        border=border,
+    )  # fmt: skip
+    _opcheck(torch.ops.dnls.ifold.default, (patches,), kw)
+
+
 @pytest.mark.parametrize("fractional", [False, True])
 def test_refine_ops(fractional):
     from dnls.ops.refine import RefineParams

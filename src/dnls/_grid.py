@@ -42,6 +42,10 @@ class QueryGrid:
     ) -> torch.Tensor:
         """The ``(count, 3)`` int64 positions ``(t, h, w)`` of queries ``[start, start+count)``."""
         start, count = _checks.check_start_count(start, count, self.count)
+        return self.positions_unchecked(start, count, device)
+
+    def positions_unchecked(self, start, count, device=None) -> torch.Tensor:
+        """:meth:`positions` for a ``start``/``count`` already checked (may be symbolic)."""
         _, nh, nw = self.sizes
         t0, _, h0, _, w0, _ = self.region
         idx = torch.arange(start, start + count, device=device, dtype=torch.int64)

@@ -110,6 +110,11 @@ def taps(pos: torch.Tensor, shape6: tuple[int, ...], geom: PatchGeom) -> list[Ta
     return out
 
 
+def _at(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fractional positions in the accumulation dtype, so float64 work has float64 weights."""
+    return pos.to(dtype) if pos.is_floating_point() and dtype == torch.float64 else pos
+
+
 def flat_video(vid6: torch.Tensor) -> torch.Tensor:
     """``(B, HD, T, C, H, W)`` -> rows ``(B*HD*T*H*W, C)`` in the accumulation dtype."""
     c = vid6.shape[3]
@@ -119,7 +124,7 @@ def flat_video(vid6: torch.Tensor) -> torch.Tensor:
 def read(flat: torch.Tensor, shape6: tuple[int, ...], pos: torch.Tensor, geom: PatchGeom):
     """Patches ``(B, HD, N, pt, C, ps, ps)`` at ``pos`` of the video whose rows are ``flat``."""
     out = None
-    for tap in taps(pos, shape6, geom):
+    for tap in taps(_at(pos, flat.dtype), shape6, geom):
         v = flat.index_select(0, tap.index.reshape(-1)).view(*tap.index.shape, flat.shape[1])
         if tap.weight is not None:
             v = v * tap.weight[..., None].to(v.dtype)
@@ -137,7 +142,7 @@ def read_dpos(
     """``d <grad, read(pos)> / d pos``: ``(B, HD, N, 3)`` (zero for ``t``; needs float ``pos``)."""
     g = grad.permute(0, 1, 2, 3, 5, 6, 4)  # (B, HD, N, pt, ps, ps, C)
     gh = gw = None
-    for tap in taps(pos, shape6, geom):
+    for tap in taps(_at(pos, flat.dtype), shape6, geom):
         v = flat.index_select(0, tap.index.reshape(-1)).view(*tap.index.shape, flat.shape[1])
         s = (v * g).sum(-1)
         th = (s * tap.dweight_h.to(s.dtype)).sum((3, 4, 5))
@@ -157,7 +162,7 @@ def write(values: torch.Tensor, pos: torch.Tensor, shape6: tuple[int, ...], geom
     c = values.shape[4]
     out = values.new_zeros(b_ * hd_ * t_ * h_ * w_, c)
     v = values.permute(0, 1, 2, 3, 5, 6, 4)  # (B, HD, N, pt, ps, ps, C)
-    for tap in taps(pos, shape6, geom):
+    for tap in taps(_at(pos, values.dtype), shape6, geom):
         w = v if tap.weight is None else v * tap.weight[..., None].to(v.dtype)
         out.index_add_(0, tap.index.reshape(-1), w.reshape(-1, c))
     return out.view(b_, hd_, t_, h_, w_, c).permute(0, 1, 2, 5, 3, 4)

@@ -1,7 +1,10 @@
 """iunfold and ifold: unfold / fold on any rectangular region of a video, in query batches.
 
-Both are :func:`dnls.gather` / :func:`dnls.scatter` at the positions of a query grid, so they
-share those ops' kernels, registration and gradients.
+``iunfold`` is :func:`dnls.gather` at the positions of a query grid (its kernels, registration
+and gradients). ``ifold`` is its adjoint, registered as its own op ``dnls::ifold`` so that the
+Triton path can compute it per output pixel (each pixel sums the patch elements that land on
+it: no atomics, the same bits on every run); its reference is :func:`dnls.scatter`'s at the
+grid positions, and its backward is ``iunfold``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks
+from .._common import backend, fused_cpu
 from .._grid import query_grid
-from .._ref import acc_dtype
-from .patches import _add_into, _gather_op, _scatter_op
+from .._ref import PatchGeom, acc_dtype
+from . import _cpu
+from .patches import _add_into, _gather_op, _scatter_ref
 
 
 def _grid_inds(shape5, stride, region, start, count, device) -> torch.Tensor:
@@ -104,9 +109,71 @@ def ifold(
             patches,
             f"at most Q - start = {total - start} queries (the grid has Q={total}, start={start})",
         )
-    inds = _grid_inds(shape, stride, region, start, q, patches.device)
-    kw = dict(frames=shape[1], height=shape[3], width=shape[4], dilation=dilation, border=border)
-    vid = _scatter_op(patches.unsqueeze(1).unsqueeze(3), inds, **kw)[:, 0]
-    ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
-    cnt = _scatter_op(ones.expand(b, 1, q, 1, pt, 1, ps, ps), inds, **kw)[:, 0]
+    region = query_grid(shape, stride, region).region
+    vid, cnt = torch.ops.dnls.ifold(
+        patches, shape=shape, stride=stride, dilation=dilation, region=region, start=start,
+        border=border,
+    )  # fmt: skip
     return _add_into(vid, out, "out"), _add_into(cnt, counts, "counts")
+
+
+def _ifold_ref(patches, shape, stride, dilation, region, start, border):
+    b, q, pt, c, ps, _ = patches.shape
+    inds = _grid_inds(shape, stride, region, start, q, patches.device)
+    geom = PatchGeom(ps, pt, dilation, border)
+    shape6 = (b, 1, shape[1], c, shape[3], shape[4])
+    vid = _scatter_ref(patches[:, None, :, None], inds, shape6, geom)[:, 0]
+    ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
+    cnt = _scatter_ref(ones.expand(b, 1, q, 1, pt, 1, ps, ps), inds, shape6, geom)[:, 0]
+    return vid, cnt
+
+
+@torch.library.custom_op("dnls::ifold", mutates_args=())
+def _ifold_op(
+    patches: torch.Tensor,
+    *,
+    shape: list[int],
+    stride: int,
+    dilation: int,
+    region: list[int],
+    start: int,
+    border: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, region = tuple(shape), tuple(region)
+    ps, pt = patches.shape[4], patches.shape[2]
+    if backend(patches.device, "ifold") == "triton":
+        from . import _patches_triton as kernels
+
+        if kernels.fold_supported(shape, ps, pt, dilation, border):
+            return kernels.fold(patches, shape, stride, region, start, dilation, border)
+    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation):
+        pos = query_grid(shape, stride, region).positions(start, patches.shape[1])
+        return _cpu.fold(patches, pos, shape, border)
+    return _ifold_ref(patches, shape, stride, dilation, region, start, border)
+
+
+@_ifold_op.register_fake
+def _(patches, *, shape, stride, dilation, region, start, border):
+    b, t, c, h, w = shape
+    cnt = patches.new_empty(b, t, 1, h, w, dtype=acc_dtype(patches.dtype))
+    return patches.new_empty(b, t, c, h, w), cnt
+
+
+def _ifold_setup(ctx, inputs, keyword_only_inputs, output):
+    ctx.kw = dict(keyword_only_inputs)
+    ctx.geom = inputs[0].shape
+
+
+def _ifold_backward(ctx, gvid, _gcounts):
+    kw = ctx.kw
+    b, q, pt, c, ps, _ = ctx.geom
+    grid = query_grid(tuple(kw["shape"]), kw["stride"], kw["region"])
+    pos = grid.positions_unchecked(kw["start"], q, device=gvid.device)
+    inds = pos.view(1, 1, q, 1, 3).expand(b, 1, q, 1, 3)
+    gp = _gather_op(
+        gvid.unsqueeze(1), inds, ps=ps, pt=pt, dilation=kw["dilation"], border=kw["border"]
+    )
+    return gp[:, 0, :, 0]
+
+
+_ifold_op.register_autograd(_ifold_backward, setup_context=_ifold_setup)

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks
-from .._common import backend, merge_heads, split_heads
+from .._common import backend, fused_cpu, merge_heads, split_heads
 from .._ref import PatchGeom, acc_dtype, flat_video, read, read_dpos, write
+from . import _cpu
 
 # ---------------------------------------------------------------------------------------------
 # Reference kernels. Shapes: vid (B, HD, T, C, H, W); inds (B, HD, Q, K, 3);
@@ -90,8 +91,16 @@ def _wpsum_backward_ref(grad, vid, weights, inds, geom: PatchGeom):
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(device: torch.device, op: str, ref, *args):
-    backend(device, op)  # raises where an explicitly requested backend cannot run
+def _run(device: torch.device, op: str, ref, *args, atomic: bool = False):
+    """Run ``ref`` or the Triton launcher of the same name (without ``_ref``). Kernels that add
+    with atomics give way to the (deterministic) reference under
+    ``torch.use_deterministic_algorithms(True)``."""
+    if backend(device, op) == "triton" and not (
+        atomic and torch.are_deterministic_algorithms_enabled()
+    ):
+        from . import _patches_triton as kernels
+
+        return getattr(kernels, ref.__name__[1:].removesuffix("_ref"))(*args)
     return ref(*args)
 
 
@@ -143,7 +152,9 @@ def _scatter_op(
     pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
     shape6 = (b, hd, frames, c, height, width)
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom)
+    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds):
+        return _cpu.scatter(patches, inds, shape6, border)
+    return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom, atomic=True)
 
 
 @_scatter_op.register_fake
@@ -164,6 +175,8 @@ def _wpsum_op(
     border: str,
 ) -> torch.Tensor:
     geom = PatchGeom(ps, pt, dilation, border)
+    if fused_cpu(vid.device) and _cpu.applies(vid.device, pt, dilation, inds):
+        return _cpu.wpsum(vid, weights, inds, ps, border)
     return _run(vid.device, "wpsum", _wpsum_ref, vid, weights, inds, geom)
 
 
@@ -187,7 +200,9 @@ def _wpsum_backward_op(
     border: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(vid.device, "wpsum", _wpsum_backward_ref, grad, vid, weights, inds, geom)
+    return _run(
+        vid.device, "wpsum", _wpsum_backward_ref, grad, vid, weights, inds, geom, atomic=True
+    )
 
 
 @_wpsum_backward_op.register_fake

@@ -1,0 +1,534 @@
+"""Triton kernels for the patch ops: gather, scatter, wpsum (forward and backward) and ifold.
+
+Imported only when the Triton backend runs, so ``import dnls`` never needs Triton.
+
+Shapes (head-split): ``vid (B, HD, T, C, H, W)`` read through its strides; ``inds (B, HD, Q, K,
+3)`` contiguous; a patch is ``E = pt * C * ps * ps`` elements in ``(pt, C, ps, ps)`` order. A
+patch element ``e = (dt, c, i, j)`` of the patch at ``(t, y, x)`` is the pixel
+``(t + dt, y + (i - ps//2) * dil, x + (j - ps//2) * dil)`` through the border rule; at a
+fractional ``(y, x)`` it is the bilinear mix of the four corners around that point:
+
+    v = (1-fy) * ((1-fx) v00 + fx v01) + fy * ((1-fx) v10 + fx v11) = (1-fy) top + fy bot
+    dv/dy = bot - top,   dv/dx = (1-fy) (v01 - v00) + fy (v11 - v10)
+
+Backward, with ``P(v, x)`` the patches of ``v`` at ``x`` and ``S = P^T`` (a scatter-add):
+
+    gather:  gvid = S(g, x)             gx = <g, dP/dx>          (gather_dpos_kernel)
+    wpsum:   out_q = sum_k w_qk P(v, x_qk)
+             gvid = sum_k S(w_qk g_q, x_qk)   gw_qk = <g_q, P(v, x_qk)>   gx_qk = <w_qk g_q, dP/dx>
+
+Reads are gathers that coalesce along ``j`` (consecutive columns). Generic scatters add with
+atomics into a float32 (float64) buffer, so their bits can vary between runs; the launcher
+falls back to the reference path when ``torch.use_deterministic_algorithms(True)`` is set.
+``ifold`` (patches on a query grid) needs no atomics: each output pixel sums the patch
+elements that land on it, so it is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import next_power_of_2
+from ._search_triton import _TL_DTYPES, _border
+
+
+@triton.jit
+def _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT: tl.constexpr):
+    """In-video offset of whole pixels (t, y, x) through the border rule, and their validity."""
+    ti, tv = _border(t, T, REFLECT)
+    yi, yv = _border(y, H, REFLECT)
+    xi, xv = _border(x, W, REFLECT)
+    off = ti.to(tl.int64) * s_t + yi.to(tl.int64) * s_y + xi.to(tl.int64) * s_x
+    return off, tv & yv & xv
+
+
+@triton.jit
+def _element(e, C: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
+    """Patch element index -> frame offset, channel, row offset, column offset."""
+    dt = e // (C * PS * PS)
+    c = (e // (PS * PS)) % C
+    oy = ((e // PS) % PS - PS // 2) * DIL
+    ox = (e % PS - PS // 2) * DIL
+    return dt, c, oy, ox
+
+
+@triton.jit
+def _load_pos(inds, n, mask, WHOLE: tl.constexpr, ACC: tl.constexpr):
+    """Position ``(t, y, x)`` of patch ``n``: t whole; y, x whole, or floating in ACC."""
+    pt = tl.load(inds + n * 3, mask=mask, other=0)
+    py = tl.load(inds + n * 3 + 1, mask=mask, other=0)
+    px = tl.load(inds + n * 3 + 2, mask=mask, other=0)
+    if WHOLE:
+        t = pt
+    else:
+        t = tl.floor(pt + 0.5).to(tl.int32)
+        py = py.to(ACC)
+        px = px.to(ACC)
+    return t, py, px
+
+
+@triton.jit
+def _read(
+    base, t, y, x, T, H, W, s_t, s_y, s_x, mask,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Value at (t, y, x) (bilinear when not WHOLE) and, when not WHOLE, d value / d (y, x)."""
+    if WHOLE:
+        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT)
+        v = tl.load(base + off, mask=mask & ok, other=0.0).to(ACC)
+        dy = v
+        dx = v
+    else:
+        y0f = tl.floor(y)
+        x0f = tl.floor(x)
+        fy = (y - y0f).to(ACC)
+        fx = (x - x0f).to(ACC)
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, REFLECT)
+        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, REFLECT)
+        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        v00 = tl.load(base + o00, mask=mask & k00, other=0.0).to(ACC)
+        v01 = tl.load(base + o01, mask=mask & k01, other=0.0).to(ACC)
+        v10 = tl.load(base + o10, mask=mask & k10, other=0.0).to(ACC)
+        v11 = tl.load(base + o11, mask=mask & k11, other=0.0).to(ACC)
+        top = v00 * (1 - fx) + v01 * fx
+        bot = v10 * (1 - fx) + v11 * fx
+        v = top * (1 - fy) + bot * fy
+        dy = bot - top
+        dx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
+    return v, dy, dx
+
+
+@triton.jit
+def _add(
+    base, t, y, x, T, H, W, s_t, s_y, s_x, val, mask,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Atomically add ``val`` at (t, y, x) (split over the bilinear corners when not WHOLE):
+    the adjoint of :func:`_read`."""
+    if WHOLE:
+        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT)
+        tl.atomic_add(base + off, val, mask=mask & ok)
+    else:
+        y0f = tl.floor(y)
+        x0f = tl.floor(x)
+        fy = (y - y0f).to(ACC)
+        fx = (x - x0f).to(ACC)
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, REFLECT)
+        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, REFLECT)
+        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        tl.atomic_add(base + o00, val * ((1 - fy) * (1 - fx)), mask=mask & k00)
+        tl.atomic_add(base + o01, val * ((1 - fy) * fx), mask=mask & k01)
+        tl.atomic_add(base + o10, val * (fy * (1 - fx)), mask=mask & k10)
+        tl.atomic_add(base + o11, val * (fy * fx), mask=mask & k11)
+
+
+@triton.jit
+def _gather_kernel(
+    vid,  # (B, HD, T, C, H, W), any strides
+    inds,  # (N, 3) positions, N = B * HD * Q * K
+    out,  # (N, E) patches, contiguous
+    n_elem, QK, HD, T, H, W,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One output element per lane over the flat (N, E) patches."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elem
+    n = idx // (PT * C * PS * PS)
+    e = (idx % (PT * C * PS * PS)).to(tl.int32)
+    dt, c, oy, ox = _element(e, C, PS, DIL)
+    bh = n // QK
+    base = vid + (bh // HD) * s_b + (bh % HD) * s_h + c.to(tl.int64) * s_c
+    t, y, x = _load_pos(inds, n, mask, WHOLE, ACC)
+    v, _, _ = _read(
+        base, t + dt, y + oy, x + ox, T, H, W, s_t, s_y, s_x, mask, REFLECT, WHOLE, ACC
+    )
+    tl.store(out + idx, v.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scatter_kernel(
+    patches,  # (N, E) contiguous
+    inds,  # (N, 3)
+    out,  # (B, HD, T, C, H, W) contiguous accumulation buffer
+    n_elem, QK, T, H, W,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One patch element per lane, added into the video with atomics."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elem
+    n = idx // (PT * C * PS * PS)
+    e = (idx % (PT * C * PS * PS)).to(tl.int32)
+    dt, c, oy, ox = _element(e, C, PS, DIL)
+    s_y = W
+    s_c = H.to(tl.int64) * W
+    s_t = C * s_c
+    base = out + (n // QK) * (T * s_t) + c.to(tl.int64) * s_c
+    t, y, x = _load_pos(inds, n, mask, WHOLE, ACC)
+    val = tl.load(patches + idx, mask=mask, other=0.0).to(ACC)
+    _add(base, t + dt, y + oy, x + ox, T, H, W, s_t, s_y, 1, val, mask, REFLECT, WHOLE, ACC)
+
+
+@triton.jit
+def _gather_dpos_kernel(
+    vid,  # (B, HD, T, C, H, W), any strides
+    inds,  # (N, 3) floating positions
+    grad,  # (N, E) gradient of the patches, contiguous
+    gpos,  # (N, 3) output, zero for t
+    N, QK, HD, T, H, W,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_N patches per program; reduces <grad, dP/dy> and <grad, dP/dx> over E."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    t, y, x = _load_pos(inds, n, nmask, False, ACC)
+    bh = n // QK
+    nbase = vid + (bh // HD) * s_b + (bh % HD) * s_h
+    gy = tl.zeros((BLOCK_N,), dtype=ACC)
+    gx = tl.zeros((BLOCK_N,), dtype=ACC)
+    for e0 in range(0, PT * C * PS * PS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        m = nmask[:, None] & (e < PT * C * PS * PS)[None, :]
+        dt, c, oy, ox = _element(e, C, PS, DIL)
+        base = nbase[:, None] + (c.to(tl.int64) * s_c)[None, :]
+        g = tl.load(grad + n[:, None] * (PT * C * PS * PS) + e[None, :], mask=m, other=0.0)
+        _, dy, dx = _read(
+            base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
+            T, H, W, s_t, s_y, s_x, m, REFLECT, False, ACC,
+        )  # fmt: skip
+        g = g.to(ACC)
+        gy += tl.sum(g * dy, axis=1)
+        gx += tl.sum(g * dx, axis=1)
+    ty = gpos.dtype.element_ty
+    tl.store(gpos + n * 3, tl.zeros((BLOCK_N,), dtype=ty), mask=nmask)
+    tl.store(gpos + n * 3 + 1, gy.to(ty), mask=nmask)
+    tl.store(gpos + n * 3 + 2, gx.to(ty), mask=nmask)
+
+
+@triton.jit
+def _wpsum_kernel(
+    vid,  # (B, HD, T, C, H, W), any strides
+    weights,  # (R, K) contiguous, R = B * HD * Q
+    inds,  # (R * K, 3)
+    out,  # (R, E) contiguous
+    R, Q, K, HD, T, H, W,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """A (BLOCK_Q queries) x (BLOCK_E patch elements) tile, summed over the K neighbours."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    rmask = r < R
+    m = rmask[:, None] & (e < PT * C * PS * PS)[None, :]
+    dt, c, oy, ox = _element(e, C, PS, DIL)
+    bh = r // Q
+    base = (vid + (bh // HD) * s_b + (bh % HD) * s_h)[:, None] + (c.to(tl.int64) * s_c)[None, :]
+    acc = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
+    for kk in range(K):
+        n = r * K + kk
+        w = tl.load(weights + n, mask=rmask, other=0.0).to(ACC)
+        t, y, x = _load_pos(inds, n, rmask, WHOLE, ACC)
+        v, _, _ = _read(
+            base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
+            T, H, W, s_t, s_y, s_x, m, REFLECT, WHOLE, ACC,
+        )  # fmt: skip
+        acc += w[:, None] * v
+    optr = out + r[:, None] * (PT * C * PS * PS) + e[None, :]
+    tl.store(optr, acc.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _wpsum_bwd_kernel(
+    vid,  # (B, HD, T, C, H, W), any strides
+    weights,  # (R, K) contiguous
+    inds,  # (R * K, 3)
+    grad,  # (R, E) contiguous
+    gvid,  # (B, HD, T, C, H, W) contiguous accumulation buffer
+    gw,  # (R, K) output
+    gpos,  # (R * K, 3) output (written when not WHOLE)
+    R, Q, K, HD, T, H, W,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
+    (reductions over E) and the video gradient (atomic adds)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rmask = r < R
+    bh = r // Q
+    vbase = vid + (bh // HD) * s_b + (bh % HD) * s_h
+    g_sc = H.to(tl.int64) * W
+    g_st = C * g_sc
+    gbase = gvid + bh * (T * g_st)
+    for kk in range(K):
+        n = r * K + kk
+        w = tl.load(weights + n, mask=rmask, other=0.0).to(ACC)
+        t, y, x = _load_pos(inds, n, rmask, WHOLE, ACC)
+        acc_w = tl.zeros((BLOCK_Q,), dtype=ACC)
+        acc_y = tl.zeros((BLOCK_Q,), dtype=ACC)
+        acc_x = tl.zeros((BLOCK_Q,), dtype=ACC)
+        for e0 in range(0, PT * C * PS * PS, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            m = rmask[:, None] & (e < PT * C * PS * PS)[None, :]
+            dt, c, oy, ox = _element(e, C, PS, DIL)
+            c64 = c.to(tl.int64)
+            g = tl.load(grad + r[:, None] * (PT * C * PS * PS) + e[None, :], mask=m, other=0.0)
+            g = g.to(ACC)
+            tt = t[:, None] + dt[None, :]
+            yy = y[:, None] + oy[None, :]
+            xx = x[:, None] + ox[None, :]
+            v, dy, dx = _read(
+                vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
+                T, H, W, s_t, s_y, s_x, m, REFLECT, WHOLE, ACC,
+            )  # fmt: skip
+            acc_w += tl.sum(g * v, axis=1)
+            wg = g * w[:, None]
+            if not WHOLE:
+                acc_y += tl.sum(wg * dy, axis=1)
+                acc_x += tl.sum(wg * dx, axis=1)
+            _add(
+                gbase[:, None] + (c64 * g_sc)[None, :], tt, yy, xx,
+                T, H, W, g_st, W, 1, wg, m, REFLECT, WHOLE, ACC,
+            )  # fmt: skip
+        tl.store(gw + n, acc_w.to(gw.dtype.element_ty), mask=rmask)
+        if not WHOLE:
+            ty = gpos.dtype.element_ty
+            tl.store(gpos + n * 3, tl.zeros((BLOCK_Q,), dtype=ty), mask=rmask)
+            tl.store(gpos + n * 3 + 1, acc_y.to(ty), mask=rmask)
+            tl.store(gpos + n * 3 + 2, acc_x.to(ty), mask=rmask)
+
+
+@triton.jit
+def _fold_kernel(
+    patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
+    out,  # (B, T, C, H, W) contiguous
+    counts,  # (B, T, 1, H, W) contiguous
+    Qn, T, H, W,
+    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw, stride,
+    C: tl.constexpr, CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
+    DIL: tl.constexpr, REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """Each program sums, for BLOCK_X pixels of one row of one frame and all channels, every
+    patch element that lands there. A pixel at coordinate ``p`` is written by the patch pixel
+    at ``p`` and, with reflection, by those at ``-p`` and ``2 (n - 1) - p`` (one bounce, which
+    the launcher guarantees is enough); each is a patch of the grid if its centre is a grid
+    point of the region among queries ``[start, start + Qn)``."""
+    xb = tl.program_id(0)
+    yq = tl.program_id(1)
+    bt = tl.program_id(2)
+    b = bt // T
+    tq = bt % T
+    x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
+    xmask = x < W
+    cc = tl.arange(0, CP)
+    cmask = cc < C
+    acc = tl.zeros((BLOCK_X, CP), dtype=ACC)
+    cnt = tl.zeros((BLOCK_X,), dtype=ACC)
+    lo = (PS // 2) * DIL
+    hi = (PS - 1 - PS // 2) * DIL
+    # Reflected sources exist only near the borders.
+    if REFLECT:
+        ny = tl.where((yq <= lo) | (yq >= H - 1 - hi), 3, 1)
+        nx = tl.where((xb * BLOCK_X <= lo) | (xb * BLOCK_X + BLOCK_X - 1 >= W - 1 - hi), 3, 1)
+        nt = 2 if PT > 1 else 1
+    else:
+        ny = 1
+        nx = 1
+        nt = 1
+    pbase = patches + b.to(tl.int64) * Qn * (PT * C * PS * PS)
+    for dt in tl.static_range(PT):
+        for ct in range(nt):
+            tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
+            t0 = tf - dt
+            tok = (t0 >= rt0) & (t0 < rt1) & ((ct == 0) | (tf >= T))
+            for i in range(PS):
+                oy = (i - PS // 2) * DIL
+                for cy in range(ny):
+                    yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
+                    y0 = yf - oy
+                    yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % stride == 0)
+                    yok = yok & ((cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1)))
+                    if yok:
+                        qrow = ((t0 - rt0) * nh + (y0 - rh0) // stride) * nw - start
+                        for j in range(PS):
+                            ox = (j - PS // 2) * DIL
+                            for cx in range(nx):
+                                xf = tl.where(cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x))
+                                x0 = xf - ox
+                                ok = xmask & (x0 >= rw0) & (x0 < rw1)
+                                ok = ok & ((x0 - rw0) % stride == 0)
+                                ok = ok & ((cx == 0) | ((cx == 1) & (x > 0)))
+                                ok = ok & ((cx != 2) | (x < W - 1))
+                                q = qrow + (x0 - rw0) // stride
+                                ok = ok & (q >= 0) & (q < Qn)
+                                e = ((dt * C + cc) * PS + i) * PS + j
+                                ptr = pbase + q.to(tl.int64)[:, None] * (PT * C * PS * PS)
+                                v = tl.load(
+                                    ptr + e[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+                                )
+                                acc += v.to(ACC)
+                                cnt += ok.to(ACC)
+    hw = H.to(tl.int64) * W
+    pix = (b * T + tq).to(tl.int64) * (C * hw) + yq * W + x
+    optr = out + pix[:, None] + (cc * hw)[None, :]
+    tl.store(optr, acc.to(out.dtype.element_ty), mask=xmask[:, None] & cmask[None, :])
+    cptr = counts + (b * T + tq).to(tl.int64) * hw + yq * W + x
+    tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=xmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Shapes as in ops/patches.py; every launcher returns what the reference returns.
+# ---------------------------------------------------------------------------------------------
+
+BLOCK = 1024  # elements per program of the flat kernels
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inds(inds: torch.Tensor) -> torch.Tensor:
+    """Positions as a contiguous tensor of int32 (whole) or of their floating dtype."""
+    return (inds if inds.is_floating_point() else inds.to(torch.int32)).contiguous()
+
+
+def _block_e(e: int) -> int:
+    return min(128, next_power_of_2(e))
+
+
+def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
+    b, hd, t, c, h, w = vid.shape
+    q, k = inds.shape[2:4]
+    out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
+    n_elem = out.numel()
+    if n_elem:
+        _gather_kernel[(triton.cdiv(n_elem, BLOCK),)](
+            vid, _inds(inds), out, n_elem, q * k, hd, t, h, w, *vid.stride(),
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
+        )  # fmt: skip
+    return out
+
+
+def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
+    if not inds.is_floating_point():
+        return torch.zeros_like(inds, memory_format=torch.contiguous_format)
+    b, hd, t, c, h, w = vid.shape
+    q, k = inds.shape[2:4]
+    n = b * hd * q * k
+    gpos = torch.empty(inds.shape, dtype=inds.dtype, device=vid.device)
+    e = geom.pt * c * geom.ps * geom.ps
+    if n:
+        block_n = 32
+        _gather_dpos_kernel[(triton.cdiv(n, block_n),)](
+            vid, _inds(inds), grad.contiguous(), gpos, n, q * k, hd, t, h, w, *vid.stride(),
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK_N=block_n, BLOCK_E=_block_e(e),
+        )  # fmt: skip
+    return gpos
+
+
+def scatter(patches, inds, shape6, geom) -> torch.Tensor:
+    b, hd, t, _, h, w = shape6
+    c = patches.shape[5]
+    q, k = inds.shape[2:4]
+    buf = torch.zeros(b, hd, t, c, h, w, dtype=_acc(patches.dtype), device=patches.device)
+    n_elem = patches.numel()
+    if n_elem:
+        _scatter_kernel[(triton.cdiv(n_elem, BLOCK),)](
+            patches.contiguous(), _inds(inds), buf, n_elem, q * k, t, h, w,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
+        )  # fmt: skip
+    return buf.to(patches.dtype)
+
+
+def wpsum(vid, weights, inds, geom) -> torch.Tensor:
+    b, hd, t, c, h, w = vid.shape
+    q, k = inds.shape[2:4]
+    dtype = torch.promote_types(vid.dtype, weights.dtype)
+    out = torch.empty(b, hd, q, geom.pt, c, geom.ps, geom.ps, dtype=dtype, device=vid.device)
+    r = b * hd * q
+    e = geom.pt * c * geom.ps * geom.ps
+    if k == 0:
+        return out.zero_()
+    if r:
+        block_e = _block_e(e)
+        block_q = max(1, 4096 // block_e) if vid.device.type == "cuda" else 16
+        grid = (triton.cdiv(r, block_q), triton.cdiv(e, block_e))
+        _wpsum_kernel[grid](
+            vid, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *vid.stride(),
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[_acc(dtype)],
+            BLOCK_Q=block_q, BLOCK_E=block_e,
+        )  # fmt: skip
+    return out
+
+
+def wpsum_backward(grad, vid, weights, inds, geom):
+    b, hd, t, c, h, w = vid.shape
+    q, k = inds.shape[2:4]
+    acc = _acc(vid.dtype)
+    gvid = torch.zeros(vid.shape, dtype=acc, device=vid.device)
+    gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
+    whole = not inds.is_floating_point()
+    gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
+    r = b * hd * q
+    e = geom.pt * c * geom.ps * geom.ps
+    if r and k:
+        block_e = _block_e(e)
+        block_q = max(1, 2048 // block_e) if vid.device.type == "cuda" else 16
+        _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
+            vid, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
+            gvid if whole else gpos,
+            r, q, k, hd, t, h, w, *vid.stride(),
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
+        )  # fmt: skip
+    return gvid.to(vid.dtype), gw, gpos
+
+
+def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool:
+    """Whether :func:`fold` covers this geometry: with reflection, one bounce must be enough."""
+    _, t, _, h, w = shape5
+    if border != "reflect":
+        return True
+    reach = (ps - 1 - ps // 2) * dilation
+    return min(h, w) >= 2 and (ps // 2) * dilation <= min(h, w) - 1 and reach <= min(h, w) - 1 and (
+        pt == 1 or (t >= 2 and pt - 1 <= t - 1)
+    )
+
+
+def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str):
+    """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid."""
+    b, t, c, h, w = shape5
+    qn, pt, _, ps = patches.shape[1:5]
+    acc = _acc(patches.dtype)
+    out = torch.empty(b, t, c, h, w, dtype=patches.dtype, device=patches.device)
+    counts = torch.empty(b, t, 1, h, w, dtype=acc, device=patches.device)
+    t0, t1, h0, h1, w0, w1 = region
+    nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
+    if out.numel():
+        block_x = min(64, next_power_of_2(w))
+        _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
+            patches.contiguous(), out, counts, qn, t, h, w,
+            start, t0, t1, h0, h1, w0, w1, nh, nw, stride,
+            C=c, CP=next_power_of_2(c), PS=ps, PT=pt, DIL=dilation,
+            REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
+        )  # fmt: skip
+    return out, counts

@@ -1,0 +1,187 @@
+"""The Triton patch kernels (gather, scatter, wpsum, ifold) against the reference layer,
+forward and every gradient, per dtype.
+
+Without a GPU they run on CPU tensors under Triton's interpreter, at tiny sizes; on a GPU the
+same tests run on CUDA tensors, larger and with more examples."""
+
+import pytest
+import torch
+from helpers import assert_close, rand_video, regions
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dnls
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+EXAMPLES = 40 if CUDA else 8
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def run_both(monkeypatch, fn, inputs):
+    """``fn`` on the reference and on the Triton backend: outputs and input gradients (fp64
+    loss weights, the same for both)."""
+    results = []
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", name)
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        outs = fn(*xs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = torch.Generator().manual_seed(99)
+        loss = sum(
+            (o.double() * torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+            for o in outs
+            if o.requires_grad
+        )
+        grads = torch.autograd.grad(loss, [x for x in xs if x.requires_grad], allow_unused=True)
+        results.append((outs, grads))
+    return results
+
+
+def check(results, dtype, what, scale=1.0):
+    (o0, g0), (o1, g1) = results
+    for i, (a, b) in enumerate(zip(o0, o1, strict=True)):
+        assert b.dtype == a.dtype, f"{what} output {i}: dtype {b.dtype} != {a.dtype}"
+        assert_close(b, a, dtype=dtype, what=f"{what} output {i}", scale=scale)
+    for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
+        assert (a is None) == (b is None), f"{what} grad {i}: one is None"
+        if a is not None:
+            assert_close(b, a, dtype=dtype, what=f"{what} grad {i}", scale=scale)
+
+
+@st.composite
+def patch_cases(draw):
+    t = draw(st.integers(1, 3))
+    h, w = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    nheads = draw(st.sampled_from([1, 2]))
+    c = nheads * draw(st.integers(1, 2))
+    b = draw(st.integers(1, 2))
+    ps = draw(st.integers(1, 4))
+    pt = draw(st.integers(1, t))
+    return dict(
+        shape=(b, t, c, h, w), nheads=nheads, q=draw(st.integers(1, 6)), k=draw(st.integers(1, 4)),
+        geom=dict(ps=ps, pt=pt, dilation=draw(st.integers(1, 2)),
+                  border=draw(st.sampled_from(["reflect", "zero"]))),
+        fractional=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+    )  # fmt: skip
+
+
+def make_inds(case):
+    b, t, _, h, w = case["shape"]
+    hd = case["nheads"]
+    g = torch.Generator().manual_seed(case["seed"])
+    size = (b, hd, case["q"], case["k"])
+    tt = torch.randint(0, t, size, generator=g)
+    if case["fractional"]:
+        hh = torch.rand(size, generator=g, dtype=torch.float64) * (h - 1)
+        ww = torch.rand(size, generator=g, dtype=torch.float64) * (w - 1)
+        return torch.stack([tt.double(), hh, ww], -1).float()
+    hh, ww = torch.randint(0, h, size, generator=g), torch.randint(0, w, size, generator=g)
+    return torch.stack([tt, hh, ww], -1).int()
+
+
+@settings(max_examples=EXAMPLES)
+@given(patch_cases())
+def test_gather_scatter_wpsum(case):
+    vid = rand_video(case["shape"], seed=case["seed"]).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    geom, hd = case["geom"], case["nheads"]
+    patches = rand_video((*inds.shape[:4], geom["pt"], case["shape"][2] // hd, geom["ps"],
+                          geom["ps"]), seed=case["seed"] + 1).to(DEVICE)  # fmt: skip
+    weights = rand_video(inds.shape[:4], seed=case["seed"] + 2).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        check(
+            run_both(mp, lambda v, i: dnls.gather(v, i, nheads=hd, **geom), [vid, inds]),
+            torch.float64, "gather",
+        )  # fmt: skip
+        sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
+        check(
+            run_both(mp, lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc), [patches]),
+            torch.float64, "scatter",
+        )  # fmt: skip
+        check(
+            run_both(
+                mp, lambda v, w, i: dnls.wpsum(v, w, i, nheads=hd, **geom), [vid, weights, inds]
+            ),
+            torch.float64, "wpsum",
+        )  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES)
+@given(st.data())
+def test_iunfold_ifold(data):
+    t = data.draw(st.integers(1, 3))
+    h, w = data.draw(st.integers(2, 7)), data.draw(st.integers(2, 7))
+    shape = (data.draw(st.integers(1, 2)), t, data.draw(st.integers(1, 3)), h, w)
+    ps = data.draw(st.integers(1, 4))
+    kw = dict(
+        stride=data.draw(st.integers(1, 3)), dilation=data.draw(st.integers(1, 2)),
+        region=data.draw(regions(t, h, w)), border=data.draw(st.sampled_from(["reflect", "zero"])),
+    )  # fmt: skip
+    pt = data.draw(st.integers(1, t))
+    total = dnls.query_grid(shape, kw["stride"], kw["region"]).count
+    start = data.draw(st.integers(0, total - 1))
+    count = data.draw(st.integers(1, total - start))
+    vid = rand_video(shape, seed=1).to(DEVICE)
+    patches = rand_video((shape[0], count, pt, shape[2], ps, ps), seed=2).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        check(
+            run_both(
+                mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]
+            ),
+            torch.float64, "iunfold",
+        )  # fmt: skip
+        check(
+            run_both(mp, lambda p: dnls.ifold(p, shape=shape, start=start, **kw), [patches]),
+            torch.float64, "ifold",
+        )  # fmt: skip
+
+
+def test_ifold_large_reach_falls_back(monkeypatch):
+    """Patches wider than the frame (more than one reflection) take the reference path."""
+    patches = rand_video((1, 6, 1, 2, 5, 5), seed=4).to(DEVICE)
+    kw = dict(shape=(1, 1, 2, 2, 3), dilation=2)
+    results = run_both(monkeypatch, lambda p: dnls.ifold(p, **kw), [patches])
+    check(results, torch.float64, "ifold")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fractional", [False, True])
+def test_dtypes(monkeypatch, dtype, fractional):
+    shape = (2, 3, 8, 24, 20) if CUDA else (1, 2, 4, 5, 6)
+    case = dict(shape=shape, nheads=2, q=7, k=3, fractional=fractional, seed=5)
+    vid = rand_video(shape, dtype, seed=6).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    weights = rand_video(inds.shape[:4], dtype, seed=7).to(DEVICE)
+    geom = dict(ps=3, pt=2, dilation=1, border="reflect")
+    fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=2, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights, inds]), dtype, f"wpsum {dtype}", scale=10)
+    fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, inds]), dtype, f"gather {dtype}", scale=10)
+    patches = rand_video((shape[0], 9, 2, shape[2], 3, 3), dtype, seed=8).to(DEVICE)
+    fn = lambda p: dnls.ifold(p, shape=shape, stride=2, start=1)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), dtype, f"ifold {dtype}", scale=10)
+
+
+def test_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms the atomic kernels give way to the reference,
+    and repeated runs give the same bits."""
+    shape = (1, 2, 3, 16, 16) if CUDA else (1, 1, 2, 5, 5)
+    vid = rand_video(shape, torch.float32, seed=9).to(DEVICE)
+    case = dict(shape=shape, nheads=1, q=30, k=4, fractional=True, seed=10)
+    inds = make_inds(case).to(DEVICE)
+    weights = rand_video(inds.shape[:4], torch.float32, seed=11).to(DEVICE)
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            v = vid.clone().requires_grad_()
+            out = dnls.wpsum(v, weights, inds, ps=3)
+            runs.append(torch.autograd.grad(out.square().sum(), v)[0])
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert torch.equal(runs[0], runs[1])
