@@ -83,3 +83,12 @@ def test_refine_ops(fractional):
     gi = torch.rand(out.shape, dtype=torch.float32) if fractional else None
     args = (torch.rand_like(dists), gi, q.detach(), k.detach(), inds.detach(), widx)
     _opcheck(torch.ops.dnls.refine_backward.default, args, kw)
+
+
+def test_iunfold_op():
+    vid = rand_video((2, 3, 3, 5, 5), seed=4).requires_grad_()
+    kw = dict(
+        ps=3, pt=2, stride=2, dilation=1, region=[0, 3, 1, 5, 0, 4], start=2, count=4,
+        border="reflect",
+    )  # fmt: skip
+    _opcheck(torch.ops.dnls.iunfold.default, (vid,), kw)

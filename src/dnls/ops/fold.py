@@ -1,11 +1,10 @@
 """iunfold and ifold: unfold / fold on any rectangular region of a video, in query batches.
 
-``iunfold`` is :func:`dnls.gather` at the positions of a query grid (its kernels, registration
-and gradients). ``ifold`` is its adjoint, registered as its own op ``dnls::ifold`` so that the
-Triton path can compute it per output pixel (each pixel sums the patch elements that land on
-it: no atomics, the same bits on every run); its reference is :func:`dnls.scatter`'s at the
-grid positions, and its backward is ``iunfold``.
-"""
+Both are registered ops of their own (``dnls::iunfold``, ``dnls::ifold``), each the other's
+backward. ``iunfold`` reads with :func:`dnls.gather`'s kernels at the grid positions. ``ifold``
+has a Triton kernel that works per output pixel (each pixel sums the patch elements that land
+on it: no atomics, the same bits on every run); its reference is :func:`dnls.scatter`'s at
+the grid positions."""
 
 from __future__ import annotations
 
@@ -14,19 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks
-from .._common import backend, fused_cpu
+from .._common import backend
 from .._grid import query_grid
 from .._ref import PatchGeom, acc_dtype
-from . import _cpu
-from .patches import _add_into, _gather_op, _scatter_ref
-
-
-def _grid_inds(shape5, stride, region, start, count, device) -> torch.Tensor:
-    """Positions ``(B, 1, count, 1, 3)`` of queries ``[start, start + count)`` of the grid."""
-    grid = query_grid(shape5, stride, region)
-    start, count = _checks.check_start_count(start, count, grid.count)
-    pos = grid.positions(start, count, device=device)
-    return pos.view(1, 1, count, 1, 3).expand(shape5[0], 1, count, 1, 3)
+from .patches import _add_into, _gather_ref, _run, _scatter_ref
 
 
 def iunfold(
@@ -62,9 +52,12 @@ def iunfold(
     if vid.ndim != 5:
         _checks.fail("vid", vid, "5-D (B, T, C, H, W)")
     _checks.check_patch_geometry(ps, pt, dilation, border)
-    inds = _grid_inds(tuple(vid.shape), stride, region, start, count, vid.device)
-    out = _gather_op(vid.unsqueeze(1), inds, ps=ps, pt=pt, dilation=dilation, border=border)
-    return out[:, 0, :, 0]
+    grid = query_grid(tuple(vid.shape), stride, region)
+    start, count = _checks.check_start_count(start, count, grid.count)
+    return torch.ops.dnls.iunfold(
+        vid, ps=ps, pt=pt, stride=stride, dilation=dilation, region=grid.region, start=start,
+        count=count, border=border,
+    )  # fmt: skip
 
 
 def ifold(
@@ -102,24 +95,68 @@ def ifold(
         _checks.fail("shape", shape, f"5 ints (B={b}, T, C={c}, H, W) to match patches")
     _checks.check_patch_geometry(ps, pt, dilation, border)
     start = _checks.check_int("start", start, min_value=0)
-    total = query_grid(shape, stride, region).count
+    grid = query_grid(shape, stride, region)
+    total = grid.count
     if start + q > total:
         _checks.fail(
             "patches",
             patches,
             f"at most Q - start = {total - start} queries (the grid has Q={total}, start={start})",
         )
-    region = query_grid(shape, stride, region).region
     vid, cnt = torch.ops.dnls.ifold(
-        patches, shape=shape, stride=stride, dilation=dilation, region=region, start=start,
+        patches, shape=shape, stride=stride, dilation=dilation, region=grid.region, start=start,
         border=border,
     )  # fmt: skip
     return _add_into(vid, out, "out"), _add_into(cnt, counts, "counts")
 
 
+def _grid_pos(shape, stride, region, start, count, device) -> torch.Tensor:
+    """``(B, 1, count, 1, 3)`` positions of grid queries ``[start, start + count)``, unchecked
+    (the public functions checked them; here they may be symbolic)."""
+    grid = query_grid(tuple(shape), stride, region)
+    pos = grid.positions_unchecked(start, count, device=device)
+    return pos.view(1, 1, count, 1, 3).expand(shape[0], 1, count, 1, 3)
+
+
+@torch.library.custom_op("dnls::iunfold", mutates_args=())
+def _iunfold_op(
+    vid: torch.Tensor,
+    *,
+    ps: int,
+    pt: int,
+    stride: int,
+    dilation: int,
+    region: list[int],
+    start: int,
+    count: int,
+    border: str,
+) -> torch.Tensor:
+    inds = _grid_pos(vid.shape, stride, region, start, count, vid.device)
+    geom = PatchGeom(ps, pt, dilation, border)
+    return _run(vid.device, "gather", _gather_ref, vid.unsqueeze(1), inds, geom)[:, 0, :, 0]
+
+
+@_iunfold_op.register_fake
+def _(vid, *, ps, pt, stride, dilation, region, start, count, border):
+    return vid.new_empty(vid.shape[0], count, pt, vid.shape[2], ps, ps)
+
+
+def _iunfold_setup(ctx, inputs, keyword_only_inputs, output):
+    ctx.kw = dict(keyword_only_inputs)
+    ctx.shape = list(inputs[0].shape)
+
+
+def _iunfold_backward(ctx, grad):
+    kw = {k: v for k, v in ctx.kw.items() if k not in ("ps", "pt", "count")}
+    return torch.ops.dnls.ifold(grad.contiguous(), shape=ctx.shape, **kw)[0]
+
+
+_iunfold_op.register_autograd(_iunfold_backward, setup_context=_iunfold_setup)
+
+
 def _ifold_ref(patches, shape, stride, dilation, region, start, border):
     b, q, pt, c, ps, _ = patches.shape
-    inds = _grid_inds(shape, stride, region, start, q, patches.device)
+    inds = _grid_pos(shape, stride, region, start, q, patches.device)
     geom = PatchGeom(ps, pt, dilation, border)
     shape6 = (b, 1, shape[1], c, shape[3], shape[4])
     vid = _scatter_ref(patches[:, None, :, None], inds, shape6, geom)[:, 0]
@@ -146,9 +183,6 @@ def _ifold_op(
 
         if kernels.fold_supported(shape, ps, pt, dilation, border):
             return kernels.fold(patches, shape, stride, region, start, dilation, border)
-    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation):
-        pos = query_grid(shape, stride, region).positions(start, patches.shape[1])
-        return _cpu.fold(patches, pos, shape, border)
     return _ifold_ref(patches, shape, stride, dilation, region, start, border)
 
 
@@ -165,15 +199,9 @@ def _ifold_setup(ctx, inputs, keyword_only_inputs, output):
 
 
 def _ifold_backward(ctx, gvid, _gcounts):
-    kw = ctx.kw
-    b, q, pt, c, ps, _ = ctx.geom
-    grid = query_grid(tuple(kw["shape"]), kw["stride"], kw["region"])
-    pos = grid.positions_unchecked(kw["start"], q, device=gvid.device)
-    inds = pos.view(1, 1, q, 1, 3).expand(b, 1, q, 1, 3)
-    gp = _gather_op(
-        gvid.unsqueeze(1), inds, ps=ps, pt=pt, dilation=kw["dilation"], border=kw["border"]
-    )
-    return gp[:, 0, :, 0]
+    _, q, pt, _, ps, _ = ctx.geom
+    kw = {k: v for k, v in ctx.kw.items() if k != "shape"}
+    return torch.ops.dnls.iunfold(gvid, ps=ps, pt=pt, count=q, **kw)
 
 
 _ifold_op.register_autograd(_ifold_backward, setup_context=_ifold_setup)
