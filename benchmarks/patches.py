@@ -1,0 +1,225 @@
+"""Benchmark and real-size check of the patch ops on a GPU: iunfold / ifold against
+``torch.nn.functional.unfold`` / ``fold`` where they compute the same thing, and gather / wpsum /
+scatter against the reference path, forward and backward.
+
+Each row reports the median CUDA-event time, the peak memory above the inputs, the bytes the op
+must move (inputs read once, outputs written once) and the bandwidth that makes, as a fraction
+of the device's measured copy bandwidth (``--copy-bw``, 2.9 TB/s on the H100). Every result is
+first checked against its baseline at the real size.
+
+    python benchmarks/patches.py [--rows unfold,fold,gather,wpsum,scatter] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import dnls
+
+
+def bench(fn, rep_ms=200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def with_backend(name, fn):
+    def run():
+        old = os.environ.get("DNLS_BACKEND")
+        os.environ["DNLS_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            os.environ["DNLS_BACKEND"] = old or "auto"
+
+    return run
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def record(results, name, case, provider, ms, mb, nbytes, copy_bw, extra=""):
+    gbs = nbytes / ms / 1e6
+    row = dict(
+        op=name, case=case, provider=provider, ms=round(ms, 4), peak_mb=round(mb, 1),
+        bytes_mb=round(nbytes / 2**20, 1), gb_s=round(gbs, 1),
+        frac_copy=round(gbs * 1e9 / copy_bw, 3), note=extra,
+    )  # fmt: skip
+    results.append(row)
+    print(  # noqa: T201
+        f"{name:14s} {case:28s} {provider:10s} {ms:9.3f} ms {mb:9.1f} MB  "
+        f"{nbytes / 2**20:8.1f} MB moved {gbs:8.1f} GB/s ({row['frac_copy']:.0%} of copy) {extra}"
+    )
+
+
+def fold_rows(results, args):
+    """iunfold/ifold vs F.unfold/F.fold: border zero, one frame, odd ps, whole frame."""
+    for b, c, hw, ps in ((4, 64, 256, 3), (1, 3, 1024, 7)):
+        fold_case(results, args, b, c, hw, ps)
+        torch.cuda.empty_cache()
+
+
+def fold_case(results, args, b, c, hw, ps):
+    case = f"B{b} C{c} {hw}x{hw} ps{ps}"
+    x = torch.rand(b, c, hw, hw, device="cuda")
+    vid = x[:, None]
+    pad = ps // 2
+    kw = dict(ps=ps, border="zero")
+    q = hw * hw
+    e = c * ps * ps
+    # --- unfold (forward), and its backward (a fold)
+    ours = dnls.iunfold(vid, **kw)
+    theirs = F.unfold(x, ps, padding=pad)
+    err = max_rel(ours.reshape(b, q, e).transpose(1, 2), theirs)
+    nbytes = 4 * (x.numel() + b * q * e)
+    for prov, fn in (("dnls", lambda: dnls.iunfold(vid, **kw)),
+                     ("torch", lambda: F.unfold(x, ps, padding=pad))):  # fmt: skip
+        record(results, "iunfold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
+               f"rel err {err:.1e}" if prov == "dnls" else "")  # fmt: skip
+    # --- fold (forward); also iunfold's backward
+    patches = torch.rand(b, q, 1, c, ps, ps, device="cuda")
+    cols = patches.reshape(b, q, e).transpose(1, 2).contiguous()
+    ours, _ = dnls.ifold(patches, shape=vid.shape, border="zero")
+    theirs = F.fold(cols, (hw, hw), ps, padding=pad)
+    err = max_rel(ours[:, 0], theirs)
+    for prov, fn in (("dnls", lambda: dnls.ifold(patches, shape=vid.shape, border="zero")),
+                     ("torch", lambda: F.fold(cols, (hw, hw), ps, padding=pad))):  # fmt: skip
+        record(results, "ifold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
+               f"rel err {err:.1e}" if prov == "dnls" else "")  # fmt: skip
+    # --- forward + backward of unfold
+    xg = x.detach().requires_grad_()
+    vg = xg[:, None]
+    g = torch.rand(b, q, 1, c, ps, ps, device="cuda")
+    gcols = g.reshape(b, q, e).transpose(1, 2).contiguous()
+
+    def ours_fb():
+        torch.autograd.grad(dnls.iunfold(vg, **kw), xg, g)
+
+    def theirs_fb():
+        torch.autograd.grad(F.unfold(xg, ps, padding=pad), xg, gcols)
+
+    for prov, fn in (("dnls", ours_fb), ("torch", theirs_fb)):
+        record(results, "iunfold f+b", case, prov, bench(fn), peak_mb(fn), 2 * nbytes,
+               args.copy_bw)  # fmt: skip
+
+
+def knn_rows(results, args):
+    """gather / wpsum / scatter at the positions of a real search, against the reference."""
+    configs = (
+        ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14), 7, args.queries),
+        ("K16 ps1 C128 5x128x128", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16), 1, None),
+    )
+    for case, shape, skw, ps, count in configs:
+        knn_case(results, args, case, shape, skw, ps, count)
+        torch.cuda.empty_cache()
+
+
+def knn_case(results, args, case, shape, skw, ps, count):
+    torch.manual_seed(0)
+    vid = torch.rand(shape, device="cuda")
+    dists, inds = dnls.search(vid, count=count, **skw)
+    b, hd, q, k = dists.shape
+    c = shape[2]
+    e = c * ps * ps
+    weights = torch.softmax(-dists, -1)
+    vbytes = 4 * vid.numel()
+    ibytes = 16 * b * q * k  # int32 positions + float32 weight
+    case = f"{case} Q{q}"
+    nref = min(q, 4096)  # the reference is checked and timed on a slice, and scaled
+    sl = slice(0, nref)
+
+    def ref_ms(fn):
+        return bench(with_backend("torch", fn), 100) * q / nref
+
+    # gather
+    ours = dnls.gather(vid, inds, ps=ps)
+    ref = with_backend("torch", lambda: dnls.gather(vid, inds[:, :, sl], ps=ps))()
+    err = max_rel(ours[:, :, sl], ref)
+    nbytes = vbytes + ibytes + 4 * b * q * k * e
+    fn = lambda: dnls.gather(vid, inds, ps=ps)  # noqa: E731
+    record(results, "gather", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
+           f"rel err {err:.1e}")  # fmt: skip
+    record(results, "gather", case, "reference",
+           ref_ms(lambda: dnls.gather(vid, inds[:, :, sl], ps=ps)), float("nan"), nbytes,
+           args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
+    # scatter (gather's backward)
+    patches = ours
+    del ours
+    vs, _ = dnls.scatter(patches, inds, shape=vid.shape)
+    fn = lambda: dnls.scatter(patches, inds, shape=vid.shape)  # noqa: E731
+    record(results, "scatter", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw)
+    record(results, "scatter", case, "reference",
+           ref_ms(lambda: dnls.scatter(patches[:, :, sl], inds[:, :, sl], shape=vid.shape)),
+           float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
+    ref = with_backend("torch", lambda: dnls.scatter(patches, inds, shape=vid.shape))()[0]
+    record(results, "scatter check", case, "dnls", 0.0 + 1e-9, 0.0, 0, args.copy_bw,
+           f"rel err {max_rel(vs, ref):.1e}")  # fmt: skip
+    # wpsum forward and forward+backward
+    ours = dnls.wpsum(vid, weights, inds, ps=ps)
+    ref = with_backend("torch", lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl],
+                                                   ps=ps))()  # fmt: skip
+    err = max_rel(ours[:, :, sl], ref)
+    nbytes = vbytes + ibytes + 4 * b * q * e
+    fn = lambda: dnls.wpsum(vid, weights, inds, ps=ps)  # noqa: E731
+    record(results, "wpsum", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
+           f"rel err {err:.1e}")  # fmt: skip
+    record(results, "wpsum", case, "reference",
+           ref_ms(lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl], ps=ps)),
+           float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
+    vg = vid.detach().requires_grad_()
+    wg = weights.detach().requires_grad_()
+    g = torch.rand_like(ours)
+
+    def fb():
+        torch.autograd.grad(dnls.wpsum(vg, wg, inds, ps=ps), (vg, wg), g)
+
+    # backward moves: grad read, vid read, gvid written, weights/inds read, gw written
+    fb_bytes = nbytes + (4 * b * q * e + 2 * vbytes + ibytes + 4 * b * q * k)
+    grads = torch.autograd.grad(dnls.wpsum(vg, wg, inds, ps=ps), (vg, wg), g)
+    refg = with_backend("torch", lambda: torch.autograd.grad(
+        dnls.wpsum(vg, wg, inds, ps=ps), (vg, wg), g))()  # fmt: skip
+    errs = f"grad rel err vid {max_rel(grads[0], refg[0]):.1e}"
+    errs += f" w {max_rel(grads[1], refg[1]):.1e}"
+    record(results, "wpsum f+b", case, "dnls", bench(fb), peak_mb(fb), fb_bytes,
+           args.copy_bw, errs)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="fold,knn")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
+    parser.add_argument("--copy-bw", type=float, default=2.9e12, help="measured copy B/s")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("COMMIT", "?")  # fmt: skip
+    gpu = torch.cuda.get_device_name()
+    print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}")  # noqa: T201
+    results: list[dict] = []
+    rows = args.rows.split(",")
+    if "fold" in rows:
+        fold_rows(results, args)
+    if "knn" in rows:
+        knn_rows(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=gpu, commit=commit, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
