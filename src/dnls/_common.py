@@ -36,6 +36,15 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def fused_cpu(device: torch.device) -> bool:
+    """Whether CPU tensors may run the fused CPU kernels (numba): ``DNLS_BACKEND`` is ``auto``
+    (``torch`` forces the reference path) and numba is installed. Each op also checks that
+    its arguments are in the kernels' scope (see :mod:`dnls.ops._cpu`)."""
+    choice = os.environ.get("DNLS_BACKEND", "auto").strip().lower() or "auto"
+    has_numba = importlib.util.find_spec("numba") is not None
+    return device.type == "cpu" and choice == "auto" and has_numba
+
+
 def backend(device: torch.device, op: str) -> str:
     """The backend that runs ``op`` on ``device``: ``"torch"`` or ``"triton"``.
 

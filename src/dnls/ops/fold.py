@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from .. import _checks
-from .._common import backend
+from .._common import backend, fused_cpu
 from .._grid import query_grid
 from .._ref import PatchGeom, acc_dtype
+from . import _cpu
 from .patches import _add_into, _gather_ref, _run, _scatter_ref
 
 
@@ -183,6 +184,9 @@ def _ifold_op(
 
         if kernels.fold_supported(shape, ps, pt, dilation, border):
             return kernels.fold(patches, shape, stride, region, start, dilation, border)
+    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation):
+        pos = query_grid(shape, stride, region).positions(start, patches.shape[1])
+        return _cpu.fold(patches, pos, shape, border)
     return _ifold_ref(patches, shape, stride, dilation, region, start, border)
 
 

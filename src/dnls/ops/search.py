@@ -28,9 +28,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from .. import _checks
-from .._common import backend, split_heads
+from .._common import backend, fused_cpu, split_heads
 from .._grid import QueryGrid
 from .._ref import PatchGeom, flat_video, read, read_dpos, write
+from . import _cpu
 from .flows import accumulate_flows
 
 DISTS = ("l2", "dot")
@@ -379,7 +380,20 @@ def _search_impl(qvid, kvid, flows, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     if backend(qvid.device, "search") == "triton":
         return _search_triton(qvid, kvid, flows, p)
+    if _fused_cpu_applies(qvid, flows, p):
+        thw = tuple(qvid.shape[i] for i in (2, 4, 5))
+        return _cpu.search(qvid, kvid, flows, p, p.grid(thw))
     return _search_ref(qvid, kvid, flows, p)
+
+
+def _fused_cpu_applies(qvid, flows, p: SearchParams) -> bool:
+    """The fused CPU kernel's scope: whole positions, pt == 1, dilation == 1, ``k`` given."""
+    return (
+        fused_cpu(qvid.device)
+        and _cpu.applies(qvid.device, p.pt, p.dilation, flows)
+        and _whole(flows, p.stride1)
+        and p.k >= 0
+    )
 
 
 @torch.library.register_fake("dnls::search")
