@@ -1,5 +1,5 @@
 """Applications built only on the public dnls ops."""
 
-from .nlm import nlm
+from .nlm import batch_for_memory, nlm
 
-__all__ = ["nlm"]
+__all__ = ["batch_for_memory", "nlm"]

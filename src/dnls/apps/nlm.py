@@ -2,12 +2,13 @@
 
 Each query patch is replaced by a weighted mean of its ``k`` nearest patches in the
 space-time window, and the overlapping estimates are averaged back into the video. Queries
-are processed in batches of ``batch`` so memory is bounded by the batch, not the video.
+are processed in batches so memory is bounded by the batch, not the video: give ``batch``
+(queries) or ``max_memory`` (bytes) and the other is derived.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,18 +18,51 @@ from ..ops.fold import ifold
 from ..ops.patches import wpsum
 from ..ops.search import search
 
+# Defaults measured on astronaut 512x512, sigma 20/255, 2 CPU cores (see BENCHMARKS.md).
+PS, WS, K, H = 5, 9, 14, 0.8
+
+
+def memory_per_query(channels: int, *, ps: int = PS, k: int = K) -> int:
+    """Bytes one query of a batch holds at the peak of :func:`nlm` (dists, positions, window
+    indices and weights for ``k`` neighbours, and the weighted patch, with temporaries)."""
+    return k * (4 + 12 + 4 + 4 + 4) + 3 * 4 * channels * ps * ps
+
+
+def memory_fixed(shape: Sequence[int], *, ps: int = PS) -> int:
+    """Bytes :func:`nlm` holds whatever the batch: the output, counts and padded copies."""
+    b, t, c, h, w = shape
+    frames = b * t * (h + ps) * (w + ps)
+    return 4 * frames * (c + 1) + 3 * 4 * frames * c
+
+
+def batch_for_memory(shape: Sequence[int], max_memory: int, *, ps: int = PS, k: int = K) -> int:
+    """Queries per batch that keep :func:`nlm` within ``max_memory`` bytes.
+
+    Raises:
+        ValueError: when the budget does not hold one batch of a row of queries.
+    """
+    fixed = memory_fixed(shape, ps=ps)
+    per_query = memory_per_query(shape[2], ps=ps, k=k)
+    row = shape[-1]
+    need = fixed + row * per_query
+    if max_memory < need:
+        fail("max_memory", max_memory, f"at least {need} bytes for this video (one row a batch)")
+    return int((max_memory - fixed) // per_query)
+
 
 def nlm(
     noisy: torch.Tensor,
     sigma: float,
     *,
-    ps: int = 5,
-    ws: int = 11,
+    ps: int = PS,
+    ws: int = WS,
     wt: int = 0,
-    k: int = 14,
-    h: float = 0.6,
-    batch: int = 8192,
+    k: int = K,
+    h: float = H,
+    batch: int | None = None,
+    max_memory: int | None = None,
     flows: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise a video ``(B, T, C, H, W)`` with k-nearest-patch non-local means.
 
@@ -38,22 +72,36 @@ def nlm(
         ps, ws, wt, k: patch size, window, temporal half-window and neighbours per patch.
         h: filtering strength relative to ``sigma``; the weight of a neighbour at mean squared
             patch distance ``d`` is ``exp(-max(d - 2 sigma^2, 0) / (h sigma)^2)``.
-        batch: queries per batch (memory grows with it, not with the video).
-        flows: optional flows for the space-time search (see :func:`dnls.search`).
+        batch: queries per batch (memory grows with it, not with the video); default 65536,
+            or what ``max_memory`` allows.
+        max_memory: a budget in bytes for the whole call (see :func:`batch_for_memory`).
+        flows: optional flows for the space-time search (see :func:`dnls.search`); integer
+            flows keep whole-pixel positions and the fused CPU kernels.
+        progress: called as ``progress(done, total)`` (queries) after every batch.
 
     Returns:
         The denoised video, same shape and dtype as ``noisy``.
+
+    Example:
+        >>> noisy = torch.rand(1, 1, 3, 32, 32)
+        >>> nlm(noisy, 0.1).shape
+        torch.Size([1, 1, 3, 32, 32])
     """
     noisy = check_video("noisy", noisy)
     if noisy.ndim != 5:
         fail("noisy", noisy, "5-D (B, T, C, H, W)")
     sigma = check_positive_number("sigma", sigma)
     h = check_positive_number("h", h)
-    batch = check_int("batch", batch, min_value=1)
+    if max_memory is not None:
+        max_memory = check_int("max_memory", max_memory, min_value=1)
+        limit = batch_for_memory(noisy.shape, max_memory, ps=ps, k=k)
+        batch = limit if batch is None else min(batch, limit)
+    batch = check_int("batch", 65536 if batch is None else batch, min_value=1)
     npix = ps * ps * noisy.shape[2]
+    grid = query_grid(noisy.shape)
     out = counts = None
     with torch.no_grad():
-        for start, count in query_grid(noisy.shape).batches(batch):
+        for start, count in grid.batches(batch):
             dists, inds = search(
                 noisy, ws=ws, wt=wt, ps=ps, k=k, flows=flows, start=start, count=count
             )
@@ -61,4 +109,6 @@ def nlm(
             weights = torch.softmax(-excess / (h * sigma) ** 2, dim=-1)
             patches = wpsum(noisy, weights, inds, ps=ps)[:, 0]
             out, counts = ifold(patches, shape=noisy.shape, start=start, out=out, counts=counts)
+            if progress is not None:
+                progress(start + count, grid.count)
     return (out / counts).to(noisy.dtype)
