@@ -194,6 +194,22 @@ def peak_mb(fn: Callable, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def profile(name: str, fn: Callable, device: torch.device, rows: int = 12) -> None:
+    """The kernels of one call of ``fn`` that took the most device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {name}, forward+backward:", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def forward_backward(fn: Callable, inputs: tuple, grad: torch.Tensor) -> Callable:
     def run():
         out = fn(*inputs)
@@ -244,11 +260,13 @@ def check(
             "max_abs_err_flex_vs_fp32": (f[i] - f32[i]).abs().max().item(),
             "max_abs_fp32": scale,
         }
-    # dnls must be as close to the float32 result as Flex in the same dtype, within 4x or
-    # 1% of the largest value (bf16 rounds to 2^-8 relative)
+    # A wrong window or weight shows as errors of the order of the values themselves. dnls
+    # rounds the scores to the input dtype before the softmax (search returns its distances
+    # in that dtype; Flex keeps them in float32), so in bf16 it lands a few times farther from
+    # float32 than Flex: allow 3% of the largest value (bf16 spacing is 2^-8 relative).
     res["ok"] = all(
         r["max_abs_err_dnls_vs_fp32"]
-        <= max(4 * r["max_abs_err_flex_vs_fp32"], 1e-2 * r["max_abs_fp32"], 1e-5)
+        <= max(4 * r["max_abs_err_flex_vs_fp32"], 3e-2 * r["max_abs_fp32"])
         for r in res.values()
     )
     return res
@@ -288,8 +306,8 @@ def environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()}"
-    # without a git checkout (a copied tree), DNLS_COMMIT may name the commit
-    commit = git("rev-parse", "HEAD") or os.environ.get("DNLS_COMMIT", "unknown")
+    # DNLS_COMMIT names the commit where the tree was copied without its git history
+    commit = os.environ.get("DNLS_COMMIT") or git("rev-parse", "HEAD") or "unknown"
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "device": name,
@@ -310,6 +328,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--topk", type=int, default=16, help="the k of the top-k rows")
     parser.add_argument("--no-module", action="store_true", help="time the attention core only")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the top kernels of each core's forward+backward",
+    )
     args = parser.parse_args()
 
     wl = TINY if args.tiny else FULL
@@ -398,6 +421,10 @@ def main() -> None:
         f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['commit'][:10]}{dirty}"
     )
+    if args.profile:
+        for name, (fn, inputs, g) in providers.items():
+            if "core" in name and not (name.startswith("flex") and device.type == "cpu"):
+                profile(name, forward_backward(fn, inputs, g), device)
     print(f"{'provider':22} {'fwd ms':>9} {'fwd MB':>9} {'f+b ms':>9} {'f+b MB':>9}")
     for r in results["rows"]:
         if "error" in r:
