@@ -26,6 +26,8 @@ elements that land on it, so it is deterministic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -33,14 +35,33 @@ import triton.language as tl
 from .._common import next_power_of_2
 from ._search_triton import _TL_DTYPES, _border
 
+# Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
+# which is exact when no read reaches past a mirror image of the frame (the launcher checks).
+ZERO, REFLECT, BOUNCE = 0, 1, 2
+
 
 @triton.jit
-def _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT: tl.constexpr):
-    """In-video offset of whole pixels (t, y, x) through the border rule, and their validity."""
-    ti, tv = _border(t, T, REFLECT)
-    yi, yv = _border(y, H, REFLECT)
-    xi, xv = _border(x, W, REFLECT)
-    off = ti.to(tl.int64) * s_t + yi.to(tl.int64) * s_y + xi.to(tl.int64) * s_x
+def _bound(i, n, BORDER: tl.constexpr):
+    """Index into [0, n) by the border rule, and its validity."""
+    if BORDER == 2:
+        i = tl.where(i < 0, -i, i)
+        i = tl.where(i >= n, 2 * n - 2 - i, i)
+        return i, i >= 0
+    else:
+        return _border(i, n, BORDER == 1)
+
+
+@triton.jit
+def _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER: tl.constexpr, I64: tl.constexpr):
+    """In-video offset of whole pixels (t, y, x) through the border rule, and their validity.
+    I64: offsets in int64 (videos of 2^31 elements or more), else int32."""
+    ti, tv = _bound(t, T, BORDER)
+    yi, yv = _bound(y, H, BORDER)
+    xi, xv = _bound(x, W, BORDER)
+    if I64:
+        off = ti.to(tl.int64) * s_t + yi.to(tl.int64) * s_y + xi.to(tl.int64) * s_x
+    else:
+        off = ti * s_t + yi * s_y + xi * s_x
     return off, tv & yv & xv
 
 
@@ -72,11 +93,11 @@ def _load_pos(inds, n, mask, WHOLE: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def _read(
     base, t, y, x, T, H, W, s_t, s_y, s_x, mask,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Value at (t, y, x) (bilinear when not WHOLE) and, when not WHOLE, d value / d (y, x)."""
     if WHOLE:
-        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT)
+        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64)
         v = tl.load(base + off, mask=mask & ok, other=0.0).to(ACC)
         dy = v
         dx = v
@@ -87,10 +108,10 @@ def _read(
         fx = (x - x0f).to(ACC)
         y0 = y0f.to(tl.int32)
         x0 = x0f.to(tl.int32)
-        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, REFLECT)
-        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
-        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, REFLECT)
-        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
         v00 = tl.load(base + o00, mask=mask & k00, other=0.0).to(ACC)
         v01 = tl.load(base + o01, mask=mask & k01, other=0.0).to(ACC)
         v10 = tl.load(base + o10, mask=mask & k10, other=0.0).to(ACC)
@@ -106,12 +127,12 @@ def _read(
 @triton.jit
 def _add(
     base, t, y, x, T, H, W, s_t, s_y, s_x, val, mask,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Atomically add ``val`` at (t, y, x) (split over the bilinear corners when not WHOLE):
     the adjoint of :func:`_read`."""
     if WHOLE:
-        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, REFLECT)
+        off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64)
         tl.atomic_add(base + off, val, mask=mask & ok)
     else:
         y0f = tl.floor(y)
@@ -120,10 +141,10 @@ def _add(
         fx = (x - x0f).to(ACC)
         y0 = y0f.to(tl.int32)
         x0 = x0f.to(tl.int32)
-        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, REFLECT)
-        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
-        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, REFLECT)
-        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, REFLECT)
+        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
         tl.atomic_add(base + o00, val * ((1 - fy) * (1 - fx)), mask=mask & k00)
         tl.atomic_add(base + o01, val * ((1 - fy) * fx), mask=mask & k01)
         tl.atomic_add(base + o10, val * (fy * (1 - fx)), mask=mask & k10)
@@ -131,52 +152,66 @@ def _add(
 
 
 @triton.jit
+def _flat_index(QK, BLOCK: tl.constexpr, E: tl.constexpr, I64: tl.constexpr):
+    """Program (i, bh) of the flat kernels: the (b, h) slice ``bh`` and, inside it, the patch
+    elements [i * BLOCK, (i + 1) * BLOCK): their index, mask, patch and element number."""
+    bh = tl.program_id(1).to(tl.int64)
+    if I64:
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        total = QK.to(tl.int64) * E
+    else:
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        total = QK * E
+    mask = idx < total
+    n = idx // E
+    e = (idx % E).to(tl.int32)
+    return bh, idx, mask, n, e
+
+
+@triton.jit
 def _gather_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
-    inds,  # (N, 3) positions, N = B * HD * Q * K
-    out,  # (N, E) patches, contiguous
-    n_elem, QK, HD, T, H, W,
+    inds,  # (B * HD, QK, 3) positions
+    out,  # (B * HD, QK, E) patches, contiguous
+    QK, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One output element per lane over the flat (N, E) patches."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n_elem
-    n = idx // (PT * C * PS * PS)
-    e = (idx % (PT * C * PS * PS)).to(tl.int32)
+    """One output element per lane; grid (elements of a slice / BLOCK, B * HD)."""
+    bh, idx, mask, n, e = _flat_index(QK, BLOCK, PT * C * PS * PS, I64)
     dt, c, oy, ox = _element(e, C, PS, DIL)
-    bh = n // QK
     base = vid + (bh // HD) * s_b + (bh % HD) * s_h + c.to(tl.int64) * s_c
-    t, y, x = _load_pos(inds, n, mask, WHOLE, ACC)
+    t, y, x = _load_pos(inds + bh * QK * 3, n, mask, WHOLE, ACC)
     v, _, _ = _read(
-        base, t + dt, y + oy, x + ox, T, H, W, s_t, s_y, s_x, mask, REFLECT, WHOLE, ACC
+        base, t + dt, y + oy, x + ox, T, H, W, s_t, s_y, s_x, mask, BORDER, I64, WHOLE, ACC
     )
-    tl.store(out + idx, v.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + bh * QK * (PT * C * PS * PS) + idx, v.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scatter_kernel(
-    patches,  # (N, E) contiguous
-    inds,  # (N, 3)
-    out,  # (B, HD, T, C, H, W) contiguous accumulation buffer
-    n_elem, QK, T, H, W,
+    patches,  # (B * HD, QK, E) contiguous
+    inds,  # (B * HD, QK, 3)
+    out,  # (B * HD, T, C, H, W) contiguous accumulation buffer
+    QK, T, H, W,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One patch element per lane, added into the video with atomics."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n_elem
-    n = idx // (PT * C * PS * PS)
-    e = (idx % (PT * C * PS * PS)).to(tl.int32)
+    bh, idx, mask, n, e = _flat_index(QK, BLOCK, PT * C * PS * PS, I64)
     dt, c, oy, ox = _element(e, C, PS, DIL)
-    s_y = W
-    s_c = H.to(tl.int64) * W
+    if I64:
+        s_c = H.to(tl.int64) * W
+    else:
+        s_c = H * W
     s_t = C * s_c
-    base = out + (n // QK) * (T * s_t) + c.to(tl.int64) * s_c
-    t, y, x = _load_pos(inds, n, mask, WHOLE, ACC)
-    val = tl.load(patches + idx, mask=mask, other=0.0).to(ACC)
-    _add(base, t + dt, y + oy, x + ox, T, H, W, s_t, s_y, 1, val, mask, REFLECT, WHOLE, ACC)
+    base = out + bh * (T * s_t.to(tl.int64)) + c.to(tl.int64) * s_c
+    t, y, x = _load_pos(inds + bh * QK * 3, n, mask, WHOLE, ACC)
+    val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0).to(ACC)
+    _add(base, t + dt, y + oy, x + ox, T, H, W, s_t, W, 1, val, mask, BORDER, I64, WHOLE, ACC)
 
 
 @triton.jit
@@ -188,7 +223,8 @@ def _gather_dpos_kernel(
     N, QK, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_N patches per program; reduces <grad, dP/dy> and <grad, dP/dx> over E."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,7 +242,7 @@ def _gather_dpos_kernel(
         g = tl.load(grad + n[:, None] * (PT * C * PS * PS) + e[None, :], mask=m, other=0.0)
         _, dy, dx = _read(
             base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
-            T, H, W, s_t, s_y, s_x, m, REFLECT, False, ACC,
+            T, H, W, s_t, s_y, s_x, m, BORDER, I64, False, ACC,
         )  # fmt: skip
         g = g.to(ACC)
         gy += tl.sum(g * dy, axis=1)
@@ -226,7 +262,7 @@ def _wpsum_kernel(
     R, Q, K, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """A (BLOCK_Q queries) x (BLOCK_E patch elements) tile, summed over the K neighbours."""
@@ -244,7 +280,7 @@ def _wpsum_kernel(
         t, y, x = _load_pos(inds, n, rmask, WHOLE, ACC)
         v, _, _ = _read(
             base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
-            T, H, W, s_t, s_y, s_x, m, REFLECT, WHOLE, ACC,
+            T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
         )  # fmt: skip
         acc += w[:, None] * v
     optr = out + r[:, None] * (PT * C * PS * PS) + e[None, :]
@@ -263,7 +299,7 @@ def _wpsum_bwd_kernel(
     R, Q, K, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
@@ -294,7 +330,7 @@ def _wpsum_bwd_kernel(
             xx = x[:, None] + ox[None, :]
             v, dy, dx = _read(
                 vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
-                T, H, W, s_t, s_y, s_x, m, REFLECT, WHOLE, ACC,
+                T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
             )  # fmt: skip
             acc_w += tl.sum(g * v, axis=1)
             wg = g * w[:, None]
@@ -303,7 +339,7 @@ def _wpsum_bwd_kernel(
                 acc_x += tl.sum(wg * dx, axis=1)
             _add(
                 gbase[:, None] + (c64 * g_sc)[None, :], tt, yy, xx,
-                T, H, W, g_st, W, 1, wg, m, REFLECT, WHOLE, ACC,
+                T, H, W, g_st, W, 1, wg, m, BORDER, I64, WHOLE, ACC,
             )  # fmt: skip
         tl.store(gw + n, acc_w.to(gw.dtype.element_ty), mask=rmask)
         if not WHOLE:
@@ -411,16 +447,35 @@ def _block_e(e: int) -> int:
     return min(128, next_power_of_2(e))
 
 
+def _bounce_ok(shape6, geom, extra: int) -> bool:
+    """Whether every read (patch offsets, plus ``extra`` for bilinear corners) stays within one
+    mirror image of the frame, so the BOUNCE border rule is exact."""
+    t, h, w = shape6[2], shape6[4], shape6[5]
+    reach = max(geom.ps // 2, geom.ps - 1 - geom.ps // 2) * geom.dilation + extra
+    return reach <= min(h, w) - 1 and (geom.pt == 1 or geom.pt <= t)
+
+
+def _modes(shape6, geom, inds, *big) -> dict:
+    """The constexpr border mode and index width of a launch."""
+    whole = not inds.is_floating_point()
+    if geom.border == "zero":
+        border = ZERO
+    else:
+        border = BOUNCE if _bounce_ok(shape6, geom, 0 if whole else 1) else REFLECT
+    n = max([math.prod(shape6)] + [x.numel() for x in big])
+    return dict(BORDER=border, I64=n >= 2**31, WHOLE=whole)
+
+
 def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4]
     out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
-    n_elem = out.numel()
-    if n_elem:
-        _gather_kernel[(triton.cdiv(n_elem, BLOCK),)](
-            vid, _inds(inds), out, n_elem, q * k, hd, t, h, w, *vid.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
-            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
+    if out.numel():
+        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
+        _gather_kernel[grid](
+            vid, _inds(inds), out, q * k, hd, t, h, w, *vid.stride(),
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds, out),
+            ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
         )  # fmt: skip
     return out
 
@@ -437,7 +492,8 @@ def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
         block_n = 32
         _gather_dpos_kernel[(triton.cdiv(n, block_n),)](
             vid, _inds(inds), grad.contiguous(), gpos, n, q * k, hd, t, h, w, *vid.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+            **{k: v for k, v in _modes(vid.shape, geom, inds, grad).items() if k != "WHOLE"},
             ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK_N=block_n, BLOCK_E=_block_e(e),
         )  # fmt: skip
     return gpos
@@ -448,12 +504,12 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     c = patches.shape[5]
     q, k = inds.shape[2:4]
     buf = torch.zeros(b, hd, t, c, h, w, dtype=_acc(patches.dtype), device=patches.device)
-    n_elem = patches.numel()
-    if n_elem:
-        _scatter_kernel[(triton.cdiv(n_elem, BLOCK),)](
-            patches.contiguous(), _inds(inds), buf, n_elem, q * k, t, h, w,
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
-            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
+    if patches.numel():
+        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
+        _scatter_kernel[grid](
+            patches.contiguous(), _inds(inds), buf, q * k, t, h, w,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+            **_modes(buf.shape, geom, inds, patches), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
         )  # fmt: skip
     return buf.to(patches.dtype)
 
@@ -473,8 +529,8 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
         grid = (triton.cdiv(r, block_q), triton.cdiv(e, block_e))
         _wpsum_kernel[grid](
             vid, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *vid.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
-            WHOLE=not inds.is_floating_point(), ACC=_TL_DTYPES[_acc(dtype)],
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
+            ACC=_TL_DTYPES[_acc(dtype)],
             BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
     return out
@@ -497,8 +553,8 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             vid, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
             gvid if whole else gpos,
             r, q, k, hd, t, h, w, *vid.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, REFLECT=geom.border == "reflect",
-            WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
+            ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
     return gvid.to(vid.dtype), gw, gpos
 

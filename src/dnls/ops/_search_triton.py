@@ -222,8 +222,8 @@ def _search_fwd_kernel(
     k_ptr,
     flow_ptr,  # videos (B, HD, T, C, H, W); flows (B, T, S, 2, H, W) or unused
     dist_ptr,  # out: (B*HD, count, KOUT) distances, nearest first; (B*HD, count, NWIN) when ALL
-    inds_ptr,  # out: (B*HD, count, KOUT, 3) positions (unused when ALL)
-    widx_ptr,  # out: (B*HD, count, KOUT) window indices, -1 for the anchored query (not ALL)
+    inds_ptr,  # out: (B*HD, count, KOUT, 3) positions (when ALL: NWIN, written if ALL_INDS)
+    widx_ptr,  # out: (B*HD, count, KOUT) window indices, -1 for the anchored query
     sq_b,
     sq_h,
     sq_t,
@@ -271,6 +271,7 @@ def _search_fwd_kernel(
     DIL: tl.constexpr,
     KP: tl.constexpr,
     ALL: tl.constexpr,
+    ALL_INDS: tl.constexpr,
     DOT: tl.constexpr,
     REFLECT: tl.constexpr,
     SKIP_OWN: tl.constexpr,
@@ -371,6 +372,13 @@ def _search_fwd_kernel(
                 j = (s * WS + a) * WS + bb
                 if ALL:
                     tl.store(dist_ptr + row * NWIN + j, d.to(dist_ptr.dtype.element_ty), mask=qmask)
+                    if ALL_INDS:
+                        ity = inds_ptr.dtype.element_ty
+                        at = row * NWIN + j
+                        tl.store(widx_ptr + at, tl.zeros_like(qi) + j, mask=qmask)
+                        tl.store(inds_ptr + at * 3, tf.to(ity), mask=qmask)
+                        tl.store(inds_ptr + at * 3 + 1, ky.to(ity), mask=qmask)
+                        tl.store(inds_ptr + at * 3 + 2, kx.to(ity), mask=qmask)
                 else:
                     cand = qmask
                     if SKIP_OWN:
@@ -849,7 +857,8 @@ CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     """Run the kernel. With ``k`` given, returns the final ``(dists, inds, widx)`` of shapes
     ``(B, HD, count, K)``, ``(B, HD, count, K, 3)`` and ``(B, HD, count, K)``; with ``k=None``,
-    ``(dists, None, None)`` with every candidate's distance in window order."""
+    every candidate in window order: the same with ``K = W`` for ``self_match="keep"``, else
+    ``(dists, None, None)`` (the caller reorders)."""
     b, hd, nframes, c, height, width = qvid.shape
     acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
     select_all = p.k < 0
@@ -859,7 +868,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     dev = qvid.device
     kout = p.nwin if select_all else p.nk
     dists = torch.empty(b, hd, p.count, kout, dtype=qvid.dtype, device=dev)
-    if select_all:
+    all_inds = select_all and p.self_match == "keep"
+    if select_all and not all_inds:
         inds = widx = dists
     else:
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
@@ -867,7 +877,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
     block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
     if p.count == 0 or b * hd == 0:
-        return (dists, None, None) if select_all else (dists, inds, widx)
+        return (dists, None, None) if select_all and not all_inds else (dists, inds, widx)
     row0 = p.start // nw
     nrows = (p.start + p.count - 1) // nw - row0 + 1
     # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
@@ -887,7 +897,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             p.start, p.count, t0, h0, w0, nh, nw, p.stride0, row0, jl, jr - jl,
             float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
             p.nwin, keep, kout,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp, ALL=select_all,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp, ALL=select_all, ALL_INDS=all_inds,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
@@ -917,7 +927,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
             BX=bx, BOUT=bout, PSP=psp, num_warps=CONFIG["rows_warps"],
         )  # fmt: skip
-    if select_all:
+    if select_all and not all_inds:
         return dists, None, None
     return dists, inds, widx
 
