@@ -22,7 +22,7 @@ and ``g_j = dL/d dist_j``, the patch gradients are those of ``search``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -477,7 +477,8 @@ def refine(
         self_match,
         border,
     )
-    kw = dict(p.__dict__)
+    # by fields, not p.__dict__: Dynamo (torch 2.11) cannot trace a dataclass's __dict__
+    kw = {f.name: getattr(p, f.name) for f in fields(p)}
     kw["region"] = list(p.region)
     dists, out, _ = _refine_op(q6, k6, inds, **kw)
     return dists, out

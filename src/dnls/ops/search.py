@@ -83,7 +83,8 @@ class SearchParams:
         return QueryGrid(thw, self.stride0, self.region)
 
     def op_kwargs(self) -> dict:
-        kw = dict(self.__dict__)
+        # by fields, not self.__dict__: Dynamo (torch 2.11) cannot trace a dataclass's __dict__
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
         kw["region"] = list(self.region)
         return kw
 
