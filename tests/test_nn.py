@@ -379,6 +379,10 @@ def test_bad_inputs_name_the_argument():
         dnn.non_local_attention(q, k, v.float(), ws=3)
     with pytest.raises(ValueError, match="^kvid must be of the same shape as qvid"):
         dnn.non_local_attention(q, k[..., :4], v, ws=3)
+    with pytest.raises(TypeError, match="^ps must be an int"):
+        dnn.non_local_attention(q, k, v, ws=3, ps="3")
+    with pytest.raises(ValueError, match="^scale must be a positive finite number"):
+        dnn.non_local_attention(q, k, v, ws=3, scale=float("inf"))
     with pytest.raises(ValueError, match="^self_match must be one of"):
         dnn.NonLocalSearch(ws=3, self_match="drop")
     with pytest.raises(ValueError, match="^stride0 must be an int >= 1"):

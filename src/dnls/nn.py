@@ -24,7 +24,6 @@ from . import _checks
 from ._common import merge_heads, split_heads
 from ._ref import acc_dtype
 from .ops.fold import ifold
-from .ops.patches import wpsum
 from .ops.search import DISTS, SELF_MATCH, search
 
 __all__ = ["NonLocalAttention", "NonLocalSearch", "non_local_attention"]
@@ -100,6 +99,7 @@ def non_local_attention(
     _checks.check_same("kvid", kvid, "qvid", qvid)
     _checks.check_same("vvid", vvid, "qvid", qvid)
     dist = _checks.check_choice("dist", dist, DISTS)
+    _checks.check_patch_geometry(ps, pt, dilation, border)
     hd = _checks.check_nheads(nheads, qvid, "qvid")
     q6, k6, v6 = (split_heads(x, hd) for x in (qvid, kvid, vvid))
     b, _, nframes, cph, height, width = q6.shape
@@ -114,7 +114,11 @@ def non_local_attention(
     )  # fmt: skip
     logits = dists.to(acc_dtype(dists.dtype)) * (scale if dist == "dot" else -scale)
     weights = torch.softmax(logits, dim=-1)
-    patches = wpsum(v6, weights, inds, ps=ps, pt=pt, dilation=dilation, border=border)
+    # the registered op of :func:`dnls.wpsum`: ``inds`` come from search, so they need not be
+    # checked again (on a (B, HD, Q, W, 3) index tensor that is a pass and a host sync)
+    patches = torch.ops.dnls.wpsum(
+        v6, weights, inds, ps=ps, pt=pt, dilation=dilation, border=border
+    )
     if ps == 1 and pt == 1:  # one pixel per query, queries in raster order (t, h, w)
         out6 = patches.view(b, hd, nframes, height, width, cph).permute(0, 1, 2, 5, 3, 4)
     else:  # fold the patches of all heads at once: channels are head-major as in merge_heads
