@@ -329,6 +329,9 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=16, help="the k of the top-k rows")
     parser.add_argument("--no-module", action="store_true", help="time the attention core only")
     parser.add_argument(
+        "--compile-dnls", action="store_true", help="also time the dnls layers under torch.compile"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print the top kernels of each core's forward+backward",
@@ -379,6 +382,9 @@ def main() -> None:
                 wl.dim, wl.heads, ws=wl.ws, wt=wl.wt, k=k, device=device, dtype=dtype
             )
             providers[f"dnls module k={k}"] = (layer, (x,), gx)
+            if args.compile_dnls:
+                compiled = torch.compile(layer, fullgraph=True)
+                providers[f"dnls module k={k} compiled"] = (compiled, (x,), gx)
         if flex is not None:
             providers["flex module"] = (FlexLayer(layer, flex, wl), (x,), gx)
 
@@ -425,14 +431,14 @@ def main() -> None:
         for name, (fn, inputs, g) in providers.items():
             if "core" in name and not (name.startswith("flex") and device.type == "cpu"):
                 profile(name, forward_backward(fn, inputs, g), device)
-    print(f"{'provider':22} {'fwd ms':>9} {'fwd MB':>9} {'f+b ms':>9} {'f+b MB':>9}")
+    print(f"{'provider':30} {'fwd ms':>9} {'fwd MB':>9} {'f+b ms':>9} {'f+b MB':>9}")
     for r in results["rows"]:
         if "error" in r:
-            print(f"{r['provider']:22} {r['error']}")
+            print(f"{r['provider']:30} {r['error']}")
             continue
         nan = float("nan")
         print(
-            f"{r['provider']:22} {r['fwd_ms']:9.3f} {r['fwd_mb']:9.1f} "
+            f"{r['provider']:30} {r['fwd_ms']:9.3f} {r['fwd_mb']:9.1f} "
             f"{r.get('fwdbwd_ms', nan):9.3f} {r.get('fwdbwd_mb', nan):9.1f}"
         )
     if args.json:
