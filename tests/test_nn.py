@@ -15,10 +15,11 @@ import dnls
 import dnls.nn as dnn
 
 # ---------------------------------------------------------------------------------------------
-# Oracle: plain float64 PyTorch, one query at a time. The window rule is restated from the
-# contract: 2*wt+1 frames slid inward at the ends; in each a ws x ws grid centred on the query
-# (moved by the flow in the other frames), slid inward to stay inside the frame. Patches are
-# read with the reflect border and folded back with the same rule, then averaged.
+# Oracle: plain float64 PyTorch, each query's candidates listed by a Python loop, the rule
+# restated from the contract: 2*wt+1 frames slid inward at the ends; in each a ws x ws grid
+# centred on the query (moved by the flow in the other frames), slid inward to stay inside the
+# frame. Patches are read with the reflect border and folded back with the same rule, then
+# averaged.
 # ---------------------------------------------------------------------------------------------
 
 
