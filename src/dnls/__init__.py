@@ -10,6 +10,7 @@ Note: the original dnls project used the names ``scatter`` and ``gather`` the ot
 Here they follow PyTorch: ``gather`` reads patches, ``scatter`` writes them.
 """
 
+from . import distributed as distributed
 from . import nn as nn
 from ._grid import QueryGrid, query_grid
 from .ops.flows import accumulate_flows
