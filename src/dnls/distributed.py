@@ -176,7 +176,7 @@ class Halo:
     """A rank's frames plus the halo frames its queries read.
 
     Attributes:
-        qvid, kvid: ``(B, hi - lo, C, H, W)`` (or head-split) global frames ``[lo, hi)``;
+        qvid, kvid: global frames ``[lo, hi)``, head-split ``(B, HD, hi - lo, C', H, W)``;
             ``kvid`` is ``qvid`` itself for a self-search.
         flows: the flows of those frames for :func:`dnls.search` (``None`` without flows).
         region: the rank's own frames as a :func:`dnls.search` region of the local frames.
