@@ -185,3 +185,21 @@ def test_deterministic_mode(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(old)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_channels_last_layout(monkeypatch):
+    """Videos with many channels are read and accumulated channels-last; force that layout at
+    a tiny size and compare every op and gradient with the reference."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
+    shape = (1, 2, 3, 5, 6)
+    case = dict(shape=shape, nheads=1, q=5, k=3, fractional=True, seed=12)
+    vid = rand_video(shape, seed=13).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    weights = rand_video(inds.shape[:4], seed=14).to(DEVICE)
+    geom = dict(ps=3, pt=2, dilation=1, border="reflect")
+    fn = lambda v, w, i: dnls.wpsum(v, w, i, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
+    fn = lambda v, i: dnls.gather(v, i, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")

@@ -194,8 +194,9 @@ def _gather_kernel(
 def _scatter_kernel(
     patches,  # (B * HD, QK, E) contiguous
     inds,  # (B * HD, QK, 3)
-    out,  # (B * HD, T, C, H, W) contiguous accumulation buffer
+    out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
     QK, T, H, W,
+    o_bh, o_t, o_c, o_y, o_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -203,15 +204,10 @@ def _scatter_kernel(
     """One patch element per lane, added into the video with atomics."""
     bh, idx, mask, n, e = _flat_index(QK, BLOCK, PT * C * PS * PS, I64)
     dt, c, oy, ox = _element(e, C, PS, DIL)
-    if I64:
-        s_c = H.to(tl.int64) * W
-    else:
-        s_c = H * W
-    s_t = C * s_c
-    base = out + bh * (T * s_t.to(tl.int64)) + c.to(tl.int64) * s_c
+    base = out + bh * o_bh + c.to(tl.int64) * o_c
     t, y, x = _load_pos(inds + bh * QK * 3, n, mask, WHOLE, ACC)
     val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0).to(ACC)
-    _add(base, t + dt, y + oy, x + ox, T, H, W, s_t, W, 1, val, mask, BORDER, I64, WHOLE, ACC)
+    _add(base, t + dt, y + oy, x + ox, T, H, W, o_t, o_y, o_x, val, mask, BORDER, I64, WHOLE, ACC)
 
 
 @triton.jit
@@ -293,11 +289,12 @@ def _wpsum_bwd_kernel(
     weights,  # (R, K) contiguous
     inds,  # (R * K, 3)
     grad,  # (R, E) contiguous
-    gvid,  # (B, HD, T, C, H, W) contiguous accumulation buffer
+    gvid,  # (B * HD, T, C, H, W) accumulation buffer, strides o_* below
     gw,  # (R, K) output
     gpos,  # (R * K, 3) output (written when not WHOLE)
     R, Q, K, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
+    o_bh, o_t, o_c, o_y, o_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -308,9 +305,7 @@ def _wpsum_bwd_kernel(
     rmask = r < R
     bh = r // Q
     vbase = vid + (bh // HD) * s_b + (bh % HD) * s_h
-    g_sc = H.to(tl.int64) * W
-    g_st = C * g_sc
-    gbase = gvid + bh * (T * g_st)
+    gbase = gvid + bh * o_bh
     for kk in range(K):
         n = r * K + kk
         w = tl.load(weights + n, mask=rmask, other=0.0).to(ACC)
@@ -338,8 +333,8 @@ def _wpsum_bwd_kernel(
                 acc_y += tl.sum(wg * dy, axis=1)
                 acc_x += tl.sum(wg * dx, axis=1)
             _add(
-                gbase[:, None] + (c64 * g_sc)[None, :], tt, yy, xx,
-                T, H, W, g_st, W, 1, wg, m, BORDER, I64, WHOLE, ACC,
+                gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
+                T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
             )  # fmt: skip
         tl.store(gw + n, acc_w.to(gw.dtype.element_ty), mask=rmask)
         if not WHOLE:
@@ -355,9 +350,10 @@ def _fold_kernel(
     out,  # (B, T, C, H, W) contiguous
     counts,  # (B, T, 1, H, W) contiguous
     Qn, T, H, W,
-    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw, stride,
-    C: tl.constexpr, CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
-    DIL: tl.constexpr, REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr,
+    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
+    STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+    PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, REFLECT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     """Each program sums, for BLOCK_X pixels of one row of one frame and all channels, every
     patch element that lands there. A pixel at coordinate ``p`` is written by the patch pixel
@@ -397,23 +393,25 @@ def _fold_kernel(
                 for cy in range(ny):
                     yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
                     y0 = yf - oy
-                    yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % stride == 0)
+                    yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
                     yok = yok & ((cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1)))
                     if yok:
-                        qrow = ((t0 - rt0) * nh + (y0 - rh0) // stride) * nw - start
+                        qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
                         for j in range(PS):
                             ox = (j - PS // 2) * DIL
                             for cx in range(nx):
                                 xf = tl.where(cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x))
                                 x0 = xf - ox
                                 ok = xmask & (x0 >= rw0) & (x0 < rw1)
-                                ok = ok & ((x0 - rw0) % stride == 0)
+                                ok = ok & ((x0 - rw0) % STRIDE == 0)
                                 ok = ok & ((cx == 0) | ((cx == 1) & (x > 0)))
                                 ok = ok & ((cx != 2) | (x < W - 1))
-                                q = qrow + (x0 - rw0) // stride
+                                q = qrow + (x0 - rw0) // STRIDE
                                 ok = ok & (q >= 0) & (q < Qn)
                                 e = ((dt * C + cc) * PS + i) * PS + j
-                                ptr = pbase + q.to(tl.int64)[:, None] * (PT * C * PS * PS)
+                                if I64:
+                                    q = q.to(tl.int64)
+                                ptr = pbase + q[:, None] * (PT * C * PS * PS)
                                 v = tl.load(
                                     ptr + e[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
                                 )
@@ -447,6 +445,31 @@ def _block_e(e: int) -> int:
     return min(128, next_power_of_2(e))
 
 
+# Videos with at least this many channels are read and accumulated channels-last, so that the
+# channels of one pixel share memory sectors (a patch element walks the channels).
+CHANNELS_LAST_MIN = 8
+
+
+def _reads(vid: torch.Tensor) -> torch.Tensor:
+    """The video the read kernels take: a channels-last copy for many channels (as a view
+    with the logical shape (B, HD, T, C, H, W)), else the video itself."""
+    if vid.shape[3] < CHANNELS_LAST_MIN:
+        return vid
+    return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+
+
+def _buffer(shape6, dtype, device) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A zero accumulation buffer of logical shape ``shape6`` and its strides (b*h, t, c, y,
+    x): channels-last for many channels."""
+    b, hd, t, c, h, w = shape6
+    if c < CHANNELS_LAST_MIN:
+        buf = torch.zeros(shape6, dtype=dtype, device=device)
+    else:
+        buf = torch.zeros(b, hd, t, h, w, c, dtype=dtype, device=device).permute(0, 1, 2, 5, 3, 4)
+    st = buf.stride()
+    return buf, (st[1], st[2], st[3], st[4], st[5])
+
+
 def _bounce_ok(shape6, geom, extra: int) -> bool:
     """Whether every read (patch offsets, plus ``extra`` for bilinear corners) stays within one
     mirror image of the frame, so the BOUNCE border rule is exact."""
@@ -472,8 +495,9 @@ def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
     out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
     if out.numel():
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
+        src = _reads(vid)
         _gather_kernel[grid](
-            vid, _inds(inds), out, q * k, hd, t, h, w, *vid.stride(),
+            src, _inds(inds), out, q * k, hd, t, h, w, *src.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds, out),
             ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
         )  # fmt: skip
@@ -503,15 +527,15 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
     q, k = inds.shape[2:4]
-    buf = torch.zeros(b, hd, t, c, h, w, dtype=_acc(patches.dtype), device=patches.device)
+    buf, strides = _buffer((b, hd, t, c, h, w), _acc(patches.dtype), patches.device)
     if patches.numel():
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
         _scatter_kernel[grid](
-            patches.contiguous(), _inds(inds), buf, q * k, t, h, w,
+            patches.contiguous(), _inds(inds), buf, q * k, t, h, w, *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
             **_modes(buf.shape, geom, inds, patches), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
         )  # fmt: skip
-    return buf.to(patches.dtype)
+    return buf.to(patches.dtype, memory_format=torch.contiguous_format)
 
 
 def wpsum(vid, weights, inds, geom) -> torch.Tensor:
@@ -527,8 +551,9 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
         block_e = _block_e(e)
         block_q = max(1, 4096 // block_e) if vid.device.type == "cuda" else 16
         grid = (triton.cdiv(r, block_q), triton.cdiv(e, block_e))
+        src = _reads(vid)
         _wpsum_kernel[grid](
-            vid, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *vid.stride(),
+            src, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *src.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
             ACC=_TL_DTYPES[_acc(dtype)],
             BLOCK_Q=block_q, BLOCK_E=block_e,
@@ -540,7 +565,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4]
     acc = _acc(vid.dtype)
-    gvid = torch.zeros(vid.shape, dtype=acc, device=vid.device)
+    gvid, strides = _buffer(tuple(vid.shape), acc, vid.device)
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     whole = not inds.is_floating_point()
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
@@ -549,14 +574,15 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     if r and k:
         block_e = _block_e(e)
         block_q = max(1, 2048 // block_e) if vid.device.type == "cuda" else 16
+        src = _reads(vid)
         _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
-            vid, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
+            src, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
             gvid if whole else gpos,
-            r, q, k, hd, t, h, w, *vid.stride(),
+            r, q, k, hd, t, h, w, *src.stride(), *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
             ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
-    return gvid.to(vid.dtype), gw, gpos
+    return gvid.to(vid.dtype, memory_format=torch.contiguous_format), gw, gpos
 
 
 def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool:
@@ -583,8 +609,9 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
         block_x = min(64, next_power_of_2(w))
         _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
             patches.contiguous(), out, counts, qn, t, h, w,
-            start, t0, t1, h0, h1, w0, w1, nh, nw, stride,
-            C=c, CP=next_power_of_2(c), PS=ps, PT=pt, DIL=dilation,
+            start, t0, t1, h0, h1, w0, w1, nh, nw,
+            STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CP=next_power_of_2(c), PS=ps, PT=pt,
+            DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
         )  # fmt: skip
     return out, counts
