@@ -156,6 +156,23 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
         once = time.perf_counter() - t0
         res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
         res["fwdbwd_mb"] = peak_mb(fwd_bwd)
+    if "det" in parts:  # the deterministic backward (fixed-point accumulation)
+        torch.use_deterministic_algorithms(True)
+        try:
+            fwd_bwd()
+            res["fwdbwd_det_ms"] = bench(fwd_bwd, 300)
+            vg.grad = None
+            fwd_bwd()
+            first = vg.grad.clone()
+            vg.grad = None
+            fwd_bwd()
+            res["det_same_bits"] = bool(torch.equal(first, vg.grad))
+            vg.grad = None
+        finally:
+            torch.use_deterministic_algorithms(False)
+        fwd_bwd()
+        res["det_rel_err"] = float((first - vg.grad).abs().max() / vg.grad.abs().max())
+        vg.grad = None
     if "base" in parts:
         base_kw = {
             k: v for k, v in row.kw.items() if k in ("ws", "ps", "k", "wt", "dist", "nheads")

@@ -93,3 +93,30 @@ def test_row_kernel_equals_reference(monkeypatch, kw):
     (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize("dist", ["l2", "dot"])
+def test_deterministic_backward(monkeypatch, dist):
+    """Under torch.use_deterministic_algorithms the backward accumulates in fixed point: the
+    same bits on every run, and the reference's gradients within float32 tolerance."""
+    shape = (1, 3, 2, 16, 14) if CUDA else (1, 3, 1, 5, 5)
+    q = rand_video(shape, torch.float32, seed=21).to(DEVICE).requires_grad_()
+    g = torch.Generator().manual_seed(22)
+    flows = ((torch.rand(shape[0], shape[1], 3, 2, *shape[3:], generator=g) - 0.5) * 3).float()
+    flows = flows.to(DEVICE).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=3, k=4, dist=dist)
+    old = torch.are_deterministic_algorithms_enabled()
+    grads = []
+    for backend, deterministic in (("torch", False), ("triton", True), ("triton", True)):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            dists, inds = dnls.search(q, flows=flows, **kw)
+            loss = (dists * torch.linspace(0, 1, dists.shape[-1], device=DEVICE)).sum()
+            grads.append(torch.autograd.grad(loss + inds.sum(), (q, flows)))
+        finally:
+            torch.use_deterministic_algorithms(old)
+    for a, b in zip(grads[1], grads[2], strict=True):
+        assert torch.equal(a, b), "deterministic runs differ"
+    for name, a, b in zip(("qvid", "flows"), grads[0], grads[1], strict=True):
+        assert_close(b, a, dtype=torch.float32, what=f"grad {name}", scale=10)

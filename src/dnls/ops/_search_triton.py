@@ -20,6 +20,7 @@ survivors by ``(key, index)`` and turns window indices into positions.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -615,6 +616,18 @@ def _search_rows_kernel(
 
 
 @triton.jit
+def _accumulate(ptr, val, mask, scale, FIXED: tl.constexpr):
+    """Atomic add of ``val``; with FIXED, of ``round(val * scale)`` into an int64 accumulator.
+    Integer addition is associative, so the fixed-point sums have the same bits on every run."""
+    if FIXED:
+        v = val.to(tl.float64) * scale
+        v = tl.where(v >= 0, v + 0.5, v - 0.5)
+        tl.atomic_add(ptr, v.to(tl.int64), mask=mask)
+    else:
+        tl.atomic_add(ptr, val, mask=mask)
+
+
+@triton.jit
 def _search_bwd_kernel(
     q_ptr,
     k_ptr,
@@ -661,6 +674,7 @@ def _search_bwd_kernel(
     hi_steps,
     S,  # window
     K,
+    scale,  # fixed-point scale of the accumulators (FIXED only)
     WS: tl.constexpr,
     PS: tl.constexpr,
     PT: tl.constexpr,
@@ -671,6 +685,7 @@ def _search_bwd_kernel(
     HAS_FLOW: tl.constexpr,
     FLOW_GRAD: tl.constexpr,
     HAS_GI: tl.constexpr,
+    FIXED: tl.constexpr,
     POS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -682,7 +697,8 @@ def _search_bwd_kernel(
     dL/dk is added to the key video through the same taps that read k (bilinear weights and
     border rule: the adjoint of the read); dL/dpos = <dL/dk, dk/dpos> (+ the gradient of the
     returned position) goes to the flow of the candidate's frame where the window was not slid.
-    Accumulation is by atomic adds."""
+    Accumulation is by atomic adds: float ones, or int64 fixed-point ones (FIXED) for the
+    deterministic mode."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HD
@@ -797,14 +813,15 @@ def _search_bwd_kernel(
                 else:
                     gqp = 2 * g4 * (qv - kv)
                     gkp = -gqp
-                tl.atomic_add(gq_fr + gc + gq_sp, gqp, mask=qm)
+                _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
                 if WHOLE:
-                    tl.atomic_add(gk_fr + gc + gk_sp, gkp, mask=km)
+                    _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
                 else:
-                    tl.atomic_add(gk_fr + gc + gp00, gkp * (1 - fy) * (1 - fx), mask=m00 & km)
-                    tl.atomic_add(gk_fr + gc + gp01, gkp * (1 - fy) * fx, mask=m01 & km)
-                    tl.atomic_add(gk_fr + gc + gp10, gkp * fy * (1 - fx), mask=m10 & km)
-                    tl.atomic_add(gk_fr + gc + gp11, gkp * fy * fx, mask=m11 & km)
+                    gk_at = gk_fr + gc
+                    _accumulate(gk_at + gp00, gkp * (1 - fy) * (1 - fx), m00 & km, scale, FIXED)
+                    _accumulate(gk_at + gp01, gkp * (1 - fy) * fx, m01 & km, scale, FIXED)
+                    _accumulate(gk_at + gp10, gkp * fy * (1 - fx), m10 & km, scale, FIXED)
+                    _accumulate(gk_at + gp11, gkp * fy * fx, m11 & km, scale, FIXED)
                     if FLOW_GRAD:
                         dky = bot - top
                         dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
@@ -817,8 +834,8 @@ def _search_bwd_kernel(
                 gpos_x += tl.load(gi_ptr + gi_off + 2, mask=qmask, other=0).to(ACC)
             # the flow accumulator is laid out contiguously as the flows
             gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
-            tl.atomic_add(gf_ptr + gf_off, gpos_y, mask=moves & free_y)
-            tl.atomic_add(gf_ptr + gf_off + H * W, gpos_x, mask=moves & free_x)
+            _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
+            _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -938,12 +955,14 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     b, hd, nframes, c, height, width = qvid.shape
     acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
     dev = qvid.device
-    gq = torch.zeros(qvid.shape, dtype=acc, device=dev)
-    gk = torch.zeros(kvid.shape, dtype=acc, device=dev)
     flow_grad = flows is not None and flows.is_floating_point() and not whole
-    gf = torch.zeros(flows.shape, dtype=acc, device=dev) if flow_grad else gq
     gd = gdists.contiguous()
     gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
+    scale = _fixed_point_scale(gd, gi if flow_grad and ginds is not None else None, qvid, kvid, p)
+    buf = acc if scale is None else torch.int64
+    gq = torch.zeros(qvid.shape, dtype=buf, device=dev)
+    gk = torch.zeros(kvid.shape, dtype=buf, device=dev)
+    gf = torch.zeros(flows.shape, dtype=buf, device=dev) if flow_grad else gq
     widx = widx.contiguous()
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
     block_q = 32
@@ -955,13 +974,36 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
             hd, nframes, c, height, width,
             p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
             float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
-            p.nk,
+            p.nk, 1.0 if scale is None else scale,
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
-            HAS_GI=flow_grad and ginds is not None,
+            HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
             BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
         )  # fmt: skip
+    if scale is not None:
+        gq, gk = gq.double() / scale, gk.double() / scale
+        gf = gf.double() / scale if flow_grad else gf
     gflows = gf.to(flows.dtype) if flow_grad else qvid.new_empty(0)
     return gq.to(qvid.dtype), gk.to(kvid.dtype), gflows
+
+
+def _fixed_point_scale(gd, gi, qvid, kvid, p) -> float | None:
+    """The fixed-point scale of the deterministic backward, or None for the default (float
+    atomics). Under ``torch.use_deterministic_algorithms(True)`` the accumulators are int64
+    and every contribution is rounded to ``1 / scale``: ``scale`` is the largest power of two
+    for which no sum can leave int64, bounding each contribution by
+    ``max|g| * 2 (max|q| + max|k|)`` (times the patch size for a flow) and the number of
+    contributions to one accumulator by ``count * K * patch size``."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return None
+    patch = p.pt * qvid.shape[3] * p.ps * p.ps
+    big = 2 * (qvid.detach().abs().amax() + kvid.detach().abs().amax()).double()
+    bound = gd.detach().abs().amax().double() * big * 2 * patch
+    if gi is not None:
+        bound = bound + gi.detach().abs().amax().double()
+    bound = float(bound) * max(1, p.count * p.nk * patch)
+    if not math.isfinite(bound):
+        raise ValueError("gdists must be finite for the deterministic backward of search")
+    return 2.0 ** (62 - math.ceil(math.log2(bound))) if bound > 0 else 1.0

@@ -412,7 +412,10 @@ def _(qvid, kvid, flows, *, k, count, self_match, ws, wt, stride1, **_):
 @torch.library.impl("dnls::search_backward", ("cpu", "cuda"))
 def _search_backward_impl(gdists, ginds, qvid, kvid, flows, widx, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
-    if backend(qvid.device, "search") == "triton":
+    # The deterministic mode (torch.use_deterministic_algorithms) of the Triton backward is a
+    # fixed-point one; float64 keeps its precision on the (deterministic) reference path.
+    exact = qvid.dtype == torch.float64 and torch.are_deterministic_algorithms_enabled()
+    if backend(qvid.device, "search") == "triton" and not exact:
         from . import _search_triton as kernels
 
         pdtype = _pos_dtype(qvid, flows, p)
