@@ -118,6 +118,25 @@ def fold_case(results, args, b, c, hw, ps):
                args.copy_bw)  # fmt: skip
 
 
+def fold_sweep(results, args):
+    """Launch configurations of the per-pixel fold kernel on the ifold rows."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.FOLD_CONFIG)
+    for b, c, hw, ps in ((4, 64, 256, 3), (1, 3, 1024, 7)):
+        patches = torch.rand(b, hw * hw, 1, c, ps, ps, device="cuda")
+        shape = (b, 1, c, hw, hw)
+        for block_x in (32, 64, 128, 256):
+            for warps in (1, 2, 4, 8):
+                kernels.FOLD_CONFIG.update(block_x=block_x, num_warps=warps)
+                ms = bench(lambda: dnls.ifold(patches, shape=shape, border="zero"), 100)  # noqa: B023
+                print(f"fold sweep B{b} C{c} {hw}x{hw} ps{ps} block_x={block_x} "  # noqa: T201
+                      f"warps={warps}: {ms:.3f} ms", flush=True)  # fmt: skip
+                results.append(dict(op="fold sweep", case=f"B{b} C{c} ps{ps}",
+                                    block_x=block_x, warps=warps, ms=ms))  # fmt: skip
+    kernels.FOLD_CONFIG.update(default)
+
+
 def knn_rows(results, args):
     """gather / wpsum / scatter at the positions of a real search, against the reference."""
     configs = (
@@ -216,6 +235,8 @@ def main() -> None:
         fold_rows(results, args)
     if "knn" in rows:
         knn_rows(results, args)
+    if "sweep" in rows:
+        fold_sweep(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=gpu, commit=commit, results=results), f, indent=1)

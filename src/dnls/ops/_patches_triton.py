@@ -535,7 +535,8 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
             **_modes(buf.shape, geom, inds, patches), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
         )  # fmt: skip
-    return buf.to(patches.dtype, memory_format=torch.contiguous_format)
+    # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
+    return buf.to(patches.dtype).contiguous()
 
 
 def wpsum(vid, weights, inds, geom) -> torch.Tensor:
@@ -582,7 +583,8 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
             ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
-    return gvid.to(vid.dtype, memory_format=torch.contiguous_format), gw, gpos
+    # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
+    return gvid.to(vid.dtype).contiguous(), gw, gpos
 
 
 def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool:
@@ -596,6 +598,10 @@ def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool
     )
 
 
+# Launch configuration of the fold kernel (pixels of a row per program, warps).
+FOLD_CONFIG = {"block_x": 64, "num_warps": 4}
+
+
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str):
     """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid."""
     b, t, c, h, w = shape5
@@ -606,12 +612,13 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     t0, t1, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     if out.numel():
-        block_x = min(64, next_power_of_2(w))
+        block_x = min(FOLD_CONFIG["block_x"], next_power_of_2(w))
         _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
             patches.contiguous(), out, counts, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CP=next_power_of_2(c), PS=ps, PT=pt,
             DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
+            num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
