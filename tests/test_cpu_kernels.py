@@ -8,6 +8,8 @@ from helpers import assert_close, rand_video
 
 import dnls
 from dnls.apps import nlm
+from dnls.apps.nlm import _weights
+from dnls.ops import _cpu
 
 pytest.importorskip("numba")
 
@@ -18,6 +20,9 @@ SEARCH_CASES = [
     dict(ws=5, ps=3, k=5, self_match="anchor", dist="dot", wt=1, stride1=2),
     dict(ws=5, ps=3, k=6, border="zero", nheads=2, start=37, count=300),
     dict(ws=5, ps=3, k=6, region=(1, 3, 2, 15, 3, 20), stride0=3),
+    # nlm's defaults: bands of many rows, and a batch that starts and ends inside rows
+    dict(ws=7, ps=5, k=14, start=50, count=700),
+    dict(ws=7, ps=5, k=14, stride0=2, self_match="exclude"),
 ]
 
 
@@ -69,7 +74,8 @@ def test_wpsum_scatter_ifold_match_reference(monkeypatch, border):
         n = dnls.query_grid(x.shape, kw.get("stride", 1), kw.get("region")).count
         patches = rand_video((2, n - kw.get("start", 0), 1, 4, 5, 5), torch.float32, seed=6)
         out, ref = _both(
-            monkeypatch, lambda: dnls.ifold(patches, shape=x.shape, border=border, **kw)  # noqa: B023
+            monkeypatch,
+            lambda: dnls.ifold(patches, shape=x.shape, border=border, **kw),  # noqa: B023
         )
         assert_close(out[0], ref[0], torch.float32, "ifold", scale=10)
         assert_close(out[1], ref[1], torch.float32, "ifold counts")
@@ -81,3 +87,53 @@ def test_nlm_denoises_with_fused_kernels(monkeypatch):
     noisy = clean + 0.1 * rand_video(clean.shape, torch.float32, seed=7).sub(0.5)
     out, ref = _both(monkeypatch, lambda: nlm(noisy, 0.05, ws=7))
     assert_close(out, ref, torch.float32, "nlm", scale=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nlm_weights_are_the_softmax_of_the_formula(dtype):
+    g = torch.Generator().manual_seed(0)
+    dists = torch.rand(2, 1, 50, 14, generator=g, dtype=torch.float64).to(dtype) * 3
+    sigma, h, npix = 0.08, 0.9, 75
+    excess = (dists.double() / npix - 2 * sigma**2).clamp(min=0)
+    expected = torch.softmax(-excess / (h * sigma) ** 2, dim=-1)
+    got = _weights(dists, npix, sigma, h)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, expected, dtype, "weights")
+    # Far-away patches only: the largest weight is still 1 / (number of equal distances).
+    far = torch.full((1, 1, 1, 4), 1e6, dtype=dtype)
+    assert_close(_weights(far, npix, sigma, h), torch.full_like(far, 0.25), dtype, "far")
+
+
+def test_torch_threads_quiet_restores_and_nests(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _cpu.torch_threads_quiet(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            with _cpu.torch_threads_quiet(torch.device("cpu")):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        # The reference path keeps torch's threads: it is where the work is.
+        monkeypatch.setenv("DNLS_BACKEND", "torch")
+        with _cpu.torch_threads_quiet(torch.device("cpu")):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fold_segments_of_one_parity_never_touch_the_same_pixel():
+    grid = dnls.query_grid((1, 3, 1, 17, 9), 2, (0, 3, 1, 16, 0, 9))
+    pos = grid.positions(3, grid.count - 5).numpy()
+    ps = 4
+    segs = _cpu.fold_segments(pos, ps)
+    assert segs[0, 0] == 0 and segs[-1, 1] == len(pos)
+    assert (segs[1:, 0] == segs[:-1, 1]).all()
+    for parity in (0, 1):
+        seen = set()
+        for first, end, par in segs.tolist():
+            if par != parity:
+                continue
+            pixels = {(t, y + i) for t, y, _ in pos[first:end].tolist() for i in range(ps)}
+            assert not pixels & seen
+            seen |= pixels
