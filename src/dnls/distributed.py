@@ -225,6 +225,10 @@ def _check_local(qvid, kvid, flows, nheads, wt, pt, border):
                 _checks.fail(name, f, f"of shape {shape}: this rank's frames (T_r = {t})")
             if f.device != qvid.device:
                 _checks.fail(name, f, f"on the video's device ({qvid.device})")
+            if f.dtype not in _checks.FLOAT_DTYPES + _checks.INDEX_INT_DTYPES:
+                _checks.fail(name, f, "a floating or int32/int64 tensor", TypeError)
+            if f.is_floating_point() and not torch.isfinite(f).all():
+                _checks.fail(name, f, "finite (it holds inf or nan)")
     meta = [1, b, hd, t, q6.shape[3], h, w, int(kvid is not None), int(flows is not None)]
     return qvid, kvid, hd, meta
 
