@@ -524,20 +524,29 @@ def fold(patches, pos, shape, border: str):
     return vid, counts.expand(b, t, 1, h, w).contiguous()
 
 
+@_jit
+def _frame_row_bounds(pos):
+    """``(first frame, last frame + 1, first row, last row + 1)`` of positions ``(N, 3)``."""
+    t_lo, t_hi, h_lo, h_hi = pos[0, 0], pos[0, 0], pos[0, 1], pos[0, 1]
+    for n in range(pos.shape[0]):
+        t_lo, t_hi = min(t_lo, pos[n, 0]), max(t_hi, pos[n, 0])
+        h_lo, h_hi = min(h_lo, pos[n, 1]), max(h_hi, pos[n, 1])
+    return int(t_lo), int(t_hi) + 1, int(h_lo), int(h_hi) + 1
+
+
 def wpsum(vid6, weights, inds, ps: int, border: str) -> torch.Tensor:
     """``(B, HD, Q, 1, C, ps, ps)`` weighted patch sums (pt == 1, dilation == 1, int inds)."""
     b, hd, _, c, _, _ = vid6.shape
     q, nk = inds.shape[2], inds.shape[3]
     t_lo = h_lo = 0
     t_hi, h_hi = vid6.shape[2], vid6.shape[4]
+    i = inds.reshape(b * hd, q, nk, 3).to(torch.int32).contiguous().numpy()
     if inds.numel() > 0:
-        t_lo, t_hi = int(inds[..., 0].min()), int(inds[..., 0].max()) + 1
-        h_lo, h_hi = int(inds[..., 1].min()), int(inds[..., 1].max()) + 1
+        t_lo, t_hi, h_lo, h_hi = _frame_row_bounds(i.reshape(-1, 3))
     out_dtype = torch.promote_types(vid6.dtype, weights.dtype)
     dtype = kernel_dtype(out_dtype)
     v = pad(vid6, ps, border, (t_lo, t_hi), (h_lo, h_hi), dtype, channels_last=True)
     w = weights.detach().reshape(b * hd, q, nk).to(dtype).contiguous().numpy()
-    i = inds.reshape(b * hd, q, nk, 3).to(torch.int32).contiguous().numpy()
     out = torch.empty((b * hd, q, c, ps, ps), dtype=dtype)
     if q > 0:
         org = np.array([t_lo, h_lo], dtype=np.int64)
