@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-EXAMPLES = 40 if CUDA else 8
+EXAMPLES = 20 if CUDA else 8
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 

@@ -598,8 +598,9 @@ def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool
     )
 
 
-# Launch configuration of the fold kernel (pixels of a row per program, warps).
-FOLD_CONFIG = {"block_x": 64, "num_warps": 4}
+# Launch configuration of the fold kernel (pixels of a row per program, warps); block_x=None
+# picks 64 for up to 4 channels and 32 above (the best of a sweep on the H100, BENCHMARKS.md).
+FOLD_CONFIG = {"block_x": None, "num_warps": 8}
 
 
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str):
@@ -612,7 +613,8 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     t0, t1, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     if out.numel():
-        block_x = min(FOLD_CONFIG["block_x"], next_power_of_2(w))
+        block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 32)
+        block_x = min(block_x, next_power_of_2(w))
         _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
             patches.contiguous(), out, counts, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
