@@ -151,5 +151,23 @@ def test_demo(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_demo_clip", lambda clean: clip(clean, frames=5, size=32))
     code, out, _ = _run(capsys, "demo", "--out", tmp_path / "d.png")
     assert code == 0, out
-    assert "PSNR" in out and "SSIM" in out and "space-time" in out
+    assert "PSNR" in out and "SSIM" in out and "space-time gain" in out
     assert iio.imread(tmp_path / "d.png").shape == (64, 192, 3)
+
+
+def test_demo_flows_point_to_the_moving_content():
+    """Frame t's pixel is found in frame t' at the position the demo's flows give."""
+    import dnls.cli as cli
+
+    rng = np.random.default_rng(0)
+    clean = rng.random((64, 64, 3)).astype(np.float32)
+    step = (1.0, 2.0)  # whole pixels, so the spline shift is exact away from the borders
+    clip = cli._demo_clip(clean, frames=5, size=24, step=step)
+    flows = cli._demo_flows(5, 24, wt=2, step=step)
+    assert flows.shape == (1, 5, 5, 2, 24, 24) and flows.dtype.is_floating_point is False
+    y, x = 12, 11
+    for t in range(5):  # T = 2 * wt + 1: every window holds the whole clip
+        for slot in range(5):
+            dh, dw = flows[0, t, slot, :, y, x].tolist()
+            np.testing.assert_allclose(clip[slot, y + dh, x + dw], clip[t, y, x],
+                                       atol=1e-5)  # fmt: skip
