@@ -191,6 +191,43 @@ def _gather_kernel(
 
 
 @triton.jit
+def _unfold_kernel(
+    vid,  # (B, T, C, H, W), any strides
+    out,  # (B, Qn, E) contiguous: patches of queries [start, start + Qn) of the grid
+    Qn, T, H, W,
+    s_b, s_t, s_c, s_y, s_x,
+    start, rt0, rh0, rw0, nh, nw,
+    STRIDE: tl.constexpr, C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
+    DIL: tl.constexpr, BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """A (BLOCK_Q queries) x (BLOCK_E patch elements) tile of iunfold: positions come from the
+    grid (no index tensor), reads coalesce along the queries of a row, writes along e."""
+    qq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    b = tl.program_id(2).to(tl.int64)
+    qmask = qq < Qn
+    m = qmask[:, None] & (e < PT * C * PS * PS)[None, :]
+    qi = start + tl.where(qmask, qq, 0)
+    t = rt0 + qi // (nh * nw)
+    rem = qi % (nh * nw)
+    y = rh0 + (rem // nw) * STRIDE
+    x = rw0 + (rem % nw) * STRIDE
+    dt, c, oy, ox = _element(e, C, PS, DIL)
+    base = vid + b * s_b + (c.to(tl.int64) * s_c)[None, :]
+    v, _, _ = _read(
+        base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
+        T, H, W, s_t, s_y, s_x, m, BORDER, I64, True, ACC,
+    )  # fmt: skip
+    if I64:
+        row = qq.to(tl.int64)
+    else:
+        row = qq
+    optr = out + b * Qn * (PT * C * PS * PS) + row[:, None] * (PT * C * PS * PS) + e[None, :]
+    tl.store(optr, v.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _scatter_kernel(
     patches,  # (B * HD, QK, E) contiguous
     inds,  # (B * HD, QK, 3)
@@ -500,6 +537,28 @@ def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
             src, _inds(inds), out, q * k, hd, t, h, w, *src.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds, out),
             ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
+        )  # fmt: skip
+    return out
+
+
+def unfold(vid, geom, stride: int, region, start: int, count: int) -> torch.Tensor:
+    """iunfold of ``vid (B, T, C, H, W)``: ``(B, count, pt, C, ps, ps)``."""
+    b, t, c, h, w = vid.shape
+    out = vid.new_empty(b, count, geom.pt, c, geom.ps, geom.ps)
+    t0, _, h0, h1, w0, w1 = region
+    nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
+    e = geom.pt * c * geom.ps * geom.ps
+    if out.numel():
+        modes = _modes((b, 1, t, c, h, w), geom, vid.new_empty(0, dtype=torch.int32), out, vid)
+        block_e = min(64, next_power_of_2(e))
+        block_q = 64 if vid.device.type == "cuda" else 16
+        grid = (triton.cdiv(count, block_q), triton.cdiv(e, block_e), b)
+        _unfold_kernel[grid](
+            vid, out, count, t, h, w, vid.stride(0), *vid.stride()[1:],
+            start, t0, h0, w0, nh, nw,
+            STRIDE=stride, C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+            BORDER=modes["BORDER"], I64=modes["I64"], ACC=_TL_DTYPES[_acc(vid.dtype)],
+            BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
     return out
 

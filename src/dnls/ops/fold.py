@@ -132,8 +132,12 @@ def _iunfold_op(
     count: int,
     border: str,
 ) -> torch.Tensor:
-    inds = _grid_pos(vid.shape, stride, region, start, count, vid.device)
     geom = PatchGeom(ps, pt, dilation, border)
+    if backend(vid.device, "gather") == "triton":
+        from . import _patches_triton as kernels
+
+        return kernels.unfold(vid, geom, stride, tuple(region), start, count)
+    inds = _grid_pos(vid.shape, stride, region, start, count, vid.device)
     return _run(vid.device, "gather", _gather_ref, vid.unsqueeze(1), inds, geom)[:, 0, :, 0]
 
 
