@@ -308,3 +308,21 @@ def test_search_memory_does_not_grow_with_queries():
     small, large = peak_kib(128), peak_kib(384)
     outputs = 384 * 384 * 4 * (4 + 12 + 4)  # dists, inds and window indices, in bytes
     assert large - small < (outputs + 24 * 2**20) / 1024, (small, large)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(monkeypatch, backend):
+    """B = 0: every op returns empty results of the right shapes, and gradients flow."""
+    monkeypatch.setenv("DNLS_BACKEND", backend)
+    v = torch.rand(0, 1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    dists, inds = dnls.search(v, ws=3, k=2, nheads=2)
+    assert dists.shape == (0, 2, 64, 2) and inds.shape == (0, 2, 64, 2, 3)
+    assert dnls.search(v, ws=3)[0].shape == (0, 1, 64, 9)
+    patches = dnls.iunfold(v, ps=3)
+    assert patches.shape == (0, 64, 1, 4, 3, 3)
+    out, counts = dnls.ifold(patches, shape=v.shape)
+    assert out.shape == v.shape and counts.shape == (0, 1, 1, 8, 8)
+    w = dnls.wpsum(v, torch.softmax(-dists, -1), inds, ps=3, nheads=2)
+    assert w.shape == (0, 2, 64, 1, 2, 3, 3)
+    (dists.sum() + out.sum() + w.sum()).backward()
+    assert v.grad.shape == v.shape

@@ -188,6 +188,6 @@ def check_shape(shape: object) -> tuple[int, ...]:
         isinstance(s, bool) or not isinstance(s, int) for s in shape
     ):
         fail("shape", shape, "5 ints (B, T, C, H, W) or 6 ints (B, HD, T, C, H, W)")
-    if any(s < 1 for s in shape):
-        fail("shape", tuple(shape), "all sizes >= 1")
+    if shape[0] < 0 or any(s < 1 for s in shape[1:]):
+        fail("shape", tuple(shape), "a batch size >= 0 and all other sizes >= 1")
     return tuple(int(s) for s in shape)

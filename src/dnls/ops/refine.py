@@ -162,7 +162,7 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
     dists = qflat.new_empty(b, hd, p.count, nk)
     out = torch.empty(b, hd, p.count, nk, 3, dtype=_inds_dtype(inds, p.stride1), device=qvid.device)
     widx = torch.empty(b, hd, p.count, nk, dtype=torch.int32, device=qvid.device)
-    wchunk = max(1, min(nwin, WORKSPACE // (b * hd * patch)))
+    wchunk = max(1, min(nwin, WORKSPACE // max(1, b * hd * patch)))
     for c0, n in _chunks(p.count, b * hd * nwin * patch):
         chunk = slice(c0, c0 + n)
         qpos = p.grid(thw).positions(p.start + c0, n, device=qvid.device)

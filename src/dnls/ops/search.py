@@ -236,7 +236,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
         b, hd, p.count, nk, 3, dtype=_inds_dtype(flows, p.stride1), device=qvid.device
     )
     widx = torch.empty(b, hd, p.count, nk, dtype=torch.int32, device=qvid.device)
-    wchunk = max(1, min(nwin, WORKSPACE // (b * hd * patch)))
+    wchunk = max(1, min(nwin, WORKSPACE // max(1, b * hd * patch)))
     for c0, n in _chunks(p.count, b * hd * nwin * patch):
         qpos = p.grid(thw).positions(p.start + c0, n, device=qvid.device)
         win = _window(qpos, flows, thw, p, pdtype)
@@ -379,6 +379,13 @@ torch.library.define(
 @torch.library.impl("dnls::search", ("cpu", "cuda"))
 def _search_impl(qvid, kvid, flows, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
+    if qvid.shape[0] == 0:  # an empty batch
+        b, hd = qvid.shape[:2]
+        return (
+            qvid.new_empty(b, hd, p.count, p.nk),
+            qvid.new_empty(b, hd, p.count, p.nk, 3, dtype=_inds_dtype(flows, p.stride1)),
+            qvid.new_empty(b, hd, p.count, p.nk, dtype=torch.int32),
+        )
     if backend(qvid.device, "search") == "triton":
         return _search_triton(qvid, kvid, flows, p)
     if _fused_cpu_applies(qvid, flows, p):
@@ -414,6 +421,10 @@ def _search_backward_impl(gdists, ginds, qvid, kvid, flows, widx, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     # The deterministic mode (torch.use_deterministic_algorithms) of the Triton backward is a
     # fixed-point one; float64 keeps its precision on the (deterministic) reference path.
+    if qvid.shape[0] == 0:  # an empty batch
+        gf = torch.zeros_like(flows) if flows is not None and flows.is_floating_point() else None
+        gf = qvid.new_empty(0) if gf is None else gf
+        return torch.zeros_like(qvid), torch.zeros_like(kvid), gf
     exact = qvid.dtype == torch.float64 and torch.are_deterministic_algorithms_enabled()
     if backend(qvid.device, "search") == "triton" and not exact:
         from . import _search_triton as kernels
