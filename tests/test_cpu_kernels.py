@@ -122,6 +122,20 @@ def test_torch_threads_quiet_restores_and_nests(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_nlm_leaves_torch_threads_as_it_found_them():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        noisy = rand_video((1, 1, 3, 12, 12), torch.float32, seed=8)
+        nlm(noisy, 0.1, ws=5, k=4)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="sigma"):
+            nlm(noisy, -1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fold_segments_of_one_parity_never_touch_the_same_pixel():
     grid = dnls.query_grid((1, 3, 1, 17, 9), 2, (0, 3, 1, 16, 0, 9))
     pos = grid.positions(3, grid.count - 5).numpy()

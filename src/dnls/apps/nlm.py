@@ -8,6 +8,7 @@ are processed in batches so memory is bounded by the batch, not the video: give 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -110,7 +111,12 @@ def nlm(
     npix = ps * ps * noisy.shape[2]
     grid = query_grid(noisy.shape)
     out = counts = None
-    with torch.no_grad(), torch_threads_quiet(noisy.device):
+    # Whole-pixel flows keep every op on the fused CPU kernels; fractional ones send the search
+    # to the reference path, which needs torch's threads.
+    fractional = [f for f in ([flows] if torch.is_tensor(flows) else flows or []) if
+                  torch.is_tensor(f) and f.is_floating_point()]  # fmt: skip
+    quiet = torch_threads_quiet(noisy.device) if not fractional else contextlib.nullcontext()
+    with torch.no_grad(), quiet:
         for start, count in grid.batches(batch):
             dists, inds = search(
                 noisy, ws=ws, wt=wt, ps=ps, k=k, flows=flows, start=start, count=count
