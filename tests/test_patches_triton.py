@@ -188,8 +188,8 @@ def test_deterministic_mode(monkeypatch):
 
 
 def test_channels_last_layout(monkeypatch):
-    """Videos with many channels are read and accumulated channels-last; force that layout at
-    a tiny size and compare every op and gradient with the reference."""
+    """Videos with many channels are read and accumulated channels-last (and iunfold takes its
+    tile kernel); force that at a tiny size and compare with the reference."""
     from dnls.ops import _patches_triton
 
     monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
@@ -203,3 +203,5 @@ def test_channels_last_layout(monkeypatch):
     check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
     fn = lambda v, i: dnls.gather(v, i, **geom)  # noqa: E731
     check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
+    fn = lambda v: dnls.iunfold(v, stride=2, region=(0, 2, 1, 5, 0, 6), start=1, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold (tile kernel)")
