@@ -13,6 +13,7 @@ Here they follow PyTorch: ``gather`` reads patches, ``scatter`` writes them.
 from . import distributed as distributed
 from . import nn as nn
 from ._grid import QueryGrid, query_grid
+from ._plan import plan_batches
 from .ops.flows import accumulate_flows
 from .ops.fold import ifold, iunfold
 from .ops.patches import gather, scatter, wpsum
@@ -27,6 +28,7 @@ __all__ = [
     "gather",
     "ifold",
     "iunfold",
+    "plan_batches",
     "query_grid",
     "refine",
     "scatter",

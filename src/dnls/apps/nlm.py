@@ -15,6 +15,7 @@ import torch
 
 from .._checks import check_int, check_positive_number, check_video, fail
 from .._grid import query_grid
+from .._plan import plan_batches
 from ..ops._cpu import torch_threads_quiet
 from ..ops.fold import ifold
 from ..ops.patches import wpsum
@@ -33,32 +34,27 @@ def _weights(dists: torch.Tensor, npix: int, sigma: float, h: float) -> torch.Te
     return e.div_(e.sum(-1, keepdim=True))
 
 
-def memory_per_query(channels: int, *, ps: int = PS, k: int = K) -> int:
-    """Bytes one query of a batch holds at the peak of :func:`nlm` (dists, positions, window
-    indices and weights for ``k`` neighbours, and the weighted patch, with temporaries)."""
-    return k * (4 + 12 + 4 + 4 + 4) + 3 * 4 * channels * ps * ps
-
-
-def memory_fixed(shape: Sequence[int], *, ps: int = PS) -> int:
-    """Bytes :func:`nlm` holds whatever the batch: the output, counts and padded copies."""
-    b, t, c, h, w = shape
-    frames = b * t * (h + ps) * (w + ps)
-    return 4 * frames * (c + 1) + 3 * 4 * frames * c
-
-
-def batch_for_memory(shape: Sequence[int], max_memory: int, *, ps: int = PS, k: int = K) -> int:
-    """Queries per batch that keep :func:`nlm` within ``max_memory`` bytes.
+def batch_for_memory(
+    shape: Sequence[int],
+    max_memory: int,
+    *,
+    ps: int = PS,
+    k: int = K,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Queries per batch that keep :func:`nlm` within ``max_memory`` bytes: the plan of
+    :func:`dnls.plan_batches` for its steps (search, weights, wpsum, ifold).
 
     Raises:
         ValueError: when the budget does not hold one batch of a row of queries.
     """
-    fixed = memory_fixed(shape, ps=ps)
-    per_query = memory_per_query(shape[2], ps=ps, k=k)
-    row = shape[-1]
-    need = fixed + row * per_query
-    if max_memory < need:
-        fail("max_memory", max_memory, f"at least {need} bytes for this video (one row a batch)")
-    return int((max_memory - fixed) // per_query)
+    batch = plan_batches(
+        shape, max_memory, k=k, ps=ps, steps=("search", "weights", "wpsum", "ifold"),
+        device=device,
+    )  # fmt: skip
+    if batch < shape[-1]:
+        fail("max_memory", max_memory, "a budget that holds one row of queries a batch")
+    return batch
 
 
 def nlm(
@@ -105,7 +101,7 @@ def nlm(
     h = check_positive_number("h", h)
     if max_memory is not None:
         max_memory = check_int("max_memory", max_memory, min_value=1)
-        limit = batch_for_memory(noisy.shape, max_memory, ps=ps, k=k)
+        limit = batch_for_memory(noisy.shape, max_memory, ps=ps, k=k, device=noisy.device)
         batch = limit if batch is None else min(batch, limit)
     batch = check_int("batch", 65536 if batch is None else batch, min_value=1)
     npix = ps * ps * noisy.shape[2]
