@@ -29,8 +29,8 @@ import torch
 from .. import _checks
 from .._common import backend, split_heads
 from .._grid import QueryGrid
-from .._ref import PatchGeom, flat_video, read, read_dpos, write
-from .search import DISTS, SELF_MATCH, WORKSPACE, _chunks, _distance, _select
+from .._ref import PatchGeom, flat_video, read, read_dpos
+from .search import DISTS, SELF_MATCH, WORKSPACE, _chunks, _distance, _distance_backward, _select
 
 
 @dataclass(frozen=True)
@@ -209,18 +209,10 @@ def _refine_backward_ref(gdists, ginds, qvid, kvid, inds, widx, p: RefineParams)
         pos, r, free = _positions(win, widx[:, :, chunk], qpos, p)
         pos_flat = pos.reshape(b, hd, n * nk, 3)
         qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
-        qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
-        kp = read(kflat, shape6, pos_flat, geom).view(b, hd, n, nk, *qp.shape[4:])
-        g = gdists[:, :, chunk].to(acc)[..., None, None, None, None]
-        if p.dist == "l2":
-            gkp = -2 * g * (qp - kp)
-            gqp = -gkp.sum(3)
-        else:
-            gkp = g * qp
-            gqp = (g * kp).sum(3)
-        gq += write(gqp, qpos6, shape6, geom)
-        gkp = gkp.reshape(b, hd, n * nk, *gkp.shape[4:])
-        gk += write(gkp, pos_flat, shape6, geom)
+        g = gdists[:, :, chunk].to(acc)
+        dq, dk, gkp = _distance_backward(qflat, kflat, shape6, geom, qpos6, pos_flat, g, p.dist)
+        gq += dq
+        gk += dk
         if not pos_grad:
             continue
         gpos = read_dpos(kflat, shape6, pos_flat, geom, gkp).view(b, hd, n, nk, 3)

@@ -297,6 +297,25 @@ def _search_triton(qvid, kvid, flows, p: SearchParams):
     return dists.contiguous(), inds.contiguous(), widx.to(torch.int32).contiguous()
 
 
+def _distance_backward(qflat, kflat, shape6, geom, qpos6, pos_flat, g, dist: str):
+    """Backward of the patch distances between the query patches at ``qpos6`` ``(B, HD, n, 3)``
+    and the key patches at ``pos_flat`` ``(B, HD, n * K, 3)``, for their gradient ``g``
+    ``(B, HD, n, K)``: the gradients of the query and key videos, and that of the key patches
+    (for the position gradient)."""
+    b, hd, n, nk = g.shape
+    qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
+    kp = read(kflat, shape6, pos_flat, geom).view(b, hd, n, nk, *qp.shape[4:])
+    g = g[..., None, None, None, None]
+    if dist == "l2":
+        gkp = -2 * g * (qp - kp)
+        gqp = -gkp.sum(3)
+    else:
+        gkp = g * qp
+        gqp = (g * kp).sum(3)
+    gkp = gkp.reshape(b, hd, n * nk, *gkp.shape[4:])
+    return write(gqp, qpos6, shape6, geom), write(gkp, pos_flat, shape6, geom), gkp
+
+
 def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams):
     b, hd, nframes, c, height, width = qvid.shape
     thw = (nframes, height, width)
@@ -319,18 +338,10 @@ def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams
         qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
         pos = _positions(win, wi, qpos, p)
         pos_flat = pos.reshape(b, hd, n * nk, 3)
-        qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
-        kp = read(kflat, shape6, pos_flat, geom).view(b, hd, n, nk, *qp.shape[4:])
-        g = gdists[:, :, chunk].to(acc)[..., None, None, None, None]
-        if p.dist == "l2":
-            gkp = -2 * g * (qp - kp)
-            gqp = -gkp.sum(3)
-        else:
-            gkp = g * qp
-            gqp = (g * kp).sum(3)
-        gq += write(gqp, qpos6, shape6, geom)
-        gkp = gkp.reshape(b, hd, n * nk, *gkp.shape[4:])
-        gk += write(gkp, pos_flat, shape6, geom)
+        g = gdists[:, :, chunk].to(acc)
+        dq, dk, gkp = _distance_backward(qflat, kflat, shape6, geom, qpos6, pos_flat, g, p.dist)
+        gq += dq
+        gk += dk
         if not flow_grad:
             continue
         gpos = read_dpos(kflat, shape6, pos_flat, geom, gkp).view(b, hd, n, nk, 3)
