@@ -134,7 +134,8 @@ def unpad_add(padded: np.ndarray, shape6, ps: int, border: str) -> torch.Tensor:
 
 @_jit
 def _insert(td, ti, m, kk, d, j):
-    """Insert distance ``d`` of window index ``j`` into query ``m``'s ascending top-``kk``."""
+    """Insert distance ``d`` of window index ``j`` into query ``m``'s ascending top-``kk``
+    (the caller has checked that ``d`` beats the current ``kk``-th; ties stay behind)."""
     pos = kk - 1
     while pos > 0 and td[m, pos - 1] > d:
         td[m, pos] = td[m, pos - 1]
