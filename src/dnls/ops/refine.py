@@ -27,10 +27,19 @@ from dataclasses import dataclass, fields
 import torch
 
 from .. import _checks
-from .._common import backend, split_heads
+from .._common import backend
 from .._grid import QueryGrid
 from .._ref import PatchGeom, flat_video, read, read_dpos
-from .search import DISTS, SELF_MATCH, WORKSPACE, _chunks, _distance, _distance_backward, _select
+from .search import (
+    DISTS,
+    SELF_MATCH,
+    WORKSPACE,
+    _check_videos,
+    _chunks,
+    _distance,
+    _distance_backward,
+    _select,
+)
 
 
 @dataclass(frozen=True)
@@ -388,15 +397,8 @@ def refine(
         >>> dists.shape, inds.shape
         (torch.Size([1, 1, 4096, 8]), torch.Size([1, 1, 4096, 8, 3]))
     """
-    qvid = _checks.check_video("qvid", qvid)
-    hd = _checks.check_nheads(nheads, qvid, "qvid")
-    if kvid is None:
-        kvid = qvid
-    else:
-        kvid = _checks.check_video("kvid", kvid)
-        _checks.check_same("kvid", kvid, "qvid", qvid)
-    q6, k6 = split_heads(qvid, hd), split_heads(kvid, hd)
-    b, _, nframes, _, height, width = q6.shape
+    q6, k6 = _check_videos(qvid, kvid, nheads)
+    b, hd, nframes, _, height, width = q6.shape
     thw = (nframes, height, width)
 
     wr = _checks.check_int("wr", wr, min_value=1)

@@ -516,6 +516,18 @@ def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor |
     return tensors[0]
 
 
+def _check_videos(qvid, kvid, nheads) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key videos (``kvid=None``: the query video), checked and head-split."""
+    qvid = _checks.check_video("qvid", qvid)
+    hd = _checks.check_nheads(nheads, qvid, "qvid")
+    if kvid is None:
+        kvid = qvid
+    else:
+        kvid = _checks.check_video("kvid", kvid)
+        _checks.check_same("kvid", kvid, "qvid", qvid)
+    return split_heads(qvid, hd), split_heads(kvid, hd)
+
+
 def search(
     qvid: torch.Tensor,
     kvid: torch.Tensor | None = None,
@@ -565,14 +577,7 @@ def search(
         >>> dists.shape, inds.shape
         (torch.Size([1, 1, 3072, 8]), torch.Size([1, 1, 3072, 8, 3]))
     """
-    qvid = _checks.check_video("qvid", qvid)
-    hd = _checks.check_nheads(nheads, qvid, "qvid")
-    if kvid is None:
-        kvid = qvid
-    else:
-        kvid = _checks.check_video("kvid", kvid)
-        _checks.check_same("kvid", kvid, "qvid", qvid)
-    q6, k6 = split_heads(qvid, hd), split_heads(kvid, hd)
+    q6, k6 = _check_videos(qvid, kvid, nheads)
     b, _, nframes, _, height, width = q6.shape
 
     ws = _checks.check_int("ws", ws, min_value=1)
