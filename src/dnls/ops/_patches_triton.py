@@ -91,6 +91,26 @@ def _load_pos(inds, n, mask, WHOLE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _corners(
+    t, y, x, T, H, W, s_t, s_y, s_x,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The bilinear fractions (fy, fx) at fractional (y, x) and the offset and validity of the
+    four corners (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)."""
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    fy = (y - y0f).to(ACC)
+    fx = (x - x0f).to(ACC)
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+    o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+    o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
+    o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+    return fy, fx, o00, k00, o01, k01, o10, k10, o11, k11
+
+
+@triton.jit
 def _read(
     base, t, y, x, T, H, W, s_t, s_y, s_x, mask,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
@@ -102,16 +122,9 @@ def _read(
         dy = v
         dx = v
     else:
-        y0f = tl.floor(y)
-        x0f = tl.floor(x)
-        fy = (y - y0f).to(ACC)
-        fx = (x - x0f).to(ACC)
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        fy, fx, o00, k00, o01, k01, o10, k10, o11, k11 = _corners(
+            t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64, ACC
+        )
         v00 = tl.load(base + o00, mask=mask & k00, other=0.0).to(ACC)
         v01 = tl.load(base + o01, mask=mask & k01, other=0.0).to(ACC)
         v10 = tl.load(base + o10, mask=mask & k10, other=0.0).to(ACC)
@@ -135,16 +148,9 @@ def _add(
         off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64)
         tl.atomic_add(base + off, val, mask=mask & ok)
     else:
-        y0f = tl.floor(y)
-        x0f = tl.floor(x)
-        fy = (y - y0f).to(ACC)
-        fx = (x - x0f).to(ACC)
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        o00, k00 = _offset(t, y0, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o01, k01 = _offset(t, y0, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o10, k10 = _offset(t, y0 + 1, x0, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        o11, k11 = _offset(t, y0 + 1, x0 + 1, T, H, W, s_t, s_y, s_x, BORDER, I64)
+        fy, fx, o00, k00, o01, k01, o10, k10, o11, k11 = _corners(
+            t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64, ACC
+        )
         tl.atomic_add(base + o00, val * ((1 - fy) * (1 - fx)), mask=mask & k00)
         tl.atomic_add(base + o01, val * ((1 - fy) * fx), mask=mask & k01)
         tl.atomic_add(base + o10, val * (fy * (1 - fx)), mask=mask & k10)
