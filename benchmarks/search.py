@@ -156,16 +156,6 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
         once = time.perf_counter() - t0
         res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
         res["fwdbwd_mb"] = peak_mb(fwd_bwd)
-    if "nocl" in parts:  # the same without channels-last copies of the videos
-        from dnls.ops import _search_triton
-
-        old = _search_triton.CONFIG["channels_last"]
-        _search_triton.CONFIG["channels_last"] = 0
-        try:
-            res["fwd_nocl_ms"] = bench(lambda: dnls.search(vid, **row.kw))
-            res["fwdbwd_nocl_ms"] = bench(fwd_bwd, 300) if "bwd" in parts else nan
-        finally:
-            _search_triton.CONFIG["channels_last"] = old
     if "det" in parts:  # the deterministic backward (fixed-point accumulation)
         torch.use_deterministic_algorithms(True)
         try:

@@ -120,26 +120,3 @@ def test_deterministic_backward(monkeypatch, dist):
         assert torch.equal(a, b), "deterministic runs differ"
     for name, a, b in zip(("qvid", "flows"), grads[0], grads[1], strict=True):
         assert_close(b, a, dtype=torch.float32, what=f"grad {name}", scale=10)
-
-
-@pytest.mark.parametrize("kw", [dict(ws=3, wt=1, ps=1, k=4, dist="dot"), dict(ws=3, ps=3, k=None)])
-def test_channels_last_reads(monkeypatch, kw):
-    """Videos with many channels are read from channels-last copies; force that at a tiny size
-    and compare the forward and the gradients with the reference."""
-    from dnls.ops import _search_triton
-
-    monkeypatch.setitem(_search_triton.CONFIG, "channels_last", 1)
-    shape = (1, 3, 4, 5, 6) if not CUDA else (1, 3, 16, 12, 14)
-    q = rand_video(shape, seed=31).to(DEVICE).requires_grad_()
-    k = rand_video(shape, seed=32).to(DEVICE).requires_grad_()
-    results = []
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("DNLS_BACKEND", backend)
-        dists, inds = dnls.search(q, k, nheads=2, **kw)
-        grads = torch.autograd.grad((dists * dists.detach()).sum(), (q, k))
-        results.append((dists, inds, *grads))
-    (d0, i0, gq0, gk0), (d1, i1, gq1, gk1) = results
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
-    assert_close(gq1, gq0, what="grad qvid")
-    assert_close(gk1, gk0, what="grad kvid")

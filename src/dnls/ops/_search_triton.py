@@ -867,21 +867,8 @@ class _Layout(NamedTuple):
         )  # fmt: skip
 
 
-# Launch configuration; ``block_q=None`` picks by the size of the kept top-k. Videos with at
-# least ``channels_last`` channels are read from channels-last copies, so that the channels of
-# one pixel share memory sectors (0 turns it off).
-CONFIG = {
-    "block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None,
-    "channels_last": 8,
-}  # fmt: skip
-
-
-def _reads(vid: torch.Tensor) -> torch.Tensor:
-    """A channels-last copy of a head-split video (viewed with its logical shape) when it has
-    many channels, else the video."""
-    if not CONFIG["channels_last"] or vid.shape[3] < CONFIG["channels_last"]:
-        return vid
-    return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+# Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
+CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None}
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -891,9 +878,6 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     ``(dists, None, None)`` (the caller reorders)."""
     b, hd, nframes, c, height, width = qvid.shape
     acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
-    same = kvid.data_ptr() == qvid.data_ptr() and kvid.stride() == qvid.stride()
-    qvid = _reads(qvid)
-    kvid = qvid if same else _reads(kvid)
     select_all = p.k < 0
     anchor = p.self_match == "anchor" and not select_all
     keep = 0 if select_all else p.nk - anchor
@@ -971,9 +955,6 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     b, hd, nframes, c, height, width = qvid.shape
     acc = torch.float64 if qvid.dtype == torch.float64 else torch.float32
     dev = qvid.device
-    same = kvid.data_ptr() == qvid.data_ptr() and kvid.stride() == qvid.stride()
-    qvid = _reads(qvid)
-    kvid = qvid if same else _reads(kvid)
     flow_grad = flows is not None and flows.is_floating_point() and not whole
     gd = gdists.contiguous()
     gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
