@@ -198,14 +198,26 @@ def _offset(cy, cx, sid, lo_steps, s1, WS: tl.constexpr, POS: tl.constexpr):
 
 
 @triton.jit
-def _insert(keys, ids, key, j, cand):
-    """Keep the KP smallest (key, window index) pairs per query: candidate j replaces the
-    current worst (largest key, then largest index) when its key is strictly smaller."""
+def _worst(keys, ids):
+    """The current worst kept pair of each query: largest key, then largest index."""
     worst = tl.max(keys, axis=1)
     worst_id = tl.max(tl.where(keys == worst[:, None], ids, -1), axis=1)
+    return worst, worst_id
+
+
+@triton.jit
+def _insert(keys, ids, worst, worst_id, key, j, cand):
+    """Keep the KP smallest (key, window index) pairs per query: candidate j replaces the
+    current worst (largest key, then largest index) when its key is strictly smaller. The
+    worst pair is carried and recomputed only when some query of the block took a candidate
+    (after the first few candidates, most take none)."""
     take = cand & (key < worst)
-    hit = (ids == worst_id[:, None]) & take[:, None]
-    return tl.where(hit, key[:, None], keys), tl.where(hit, j, ids)
+    if tl.max(take.to(tl.int32), axis=0) > 0:
+        hit = (ids == worst_id[:, None]) & take[:, None]
+        keys = tl.where(hit, key[:, None], keys)
+        ids = tl.where(hit, j, ids)
+        worst, worst_id = _worst(keys, ids)
+    return keys, ids, worst, worst_id
 
 
 @triton.jit
@@ -316,6 +328,7 @@ def _search_fwd_kernel(
     keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
     keys = tl.zeros((BLOCK_Q, KP), dtype=ACC) + keys[None, :]
     ids = tl.zeros((BLOCK_Q, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
+    worst, worst_id = _worst(keys, ids)
 
     for s in range(S):
         tf = tstart + s
@@ -385,7 +398,7 @@ def _search_fwd_kernel(
                     if SKIP_OWN:
                         own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
                         cand = cand & (own == 0)
-                    keys, ids = _insert(keys, ids, key, j, cand)
+                    keys, ids, worst, worst_id = _insert(keys, ids, worst, worst_id, key, j, cand)
     if not ALL:
         # Rank of each kept (key, index) pair; the KP - KEEP padding slots (-inf) rank first.
         rank = _rank(keys, ids)
@@ -549,6 +562,7 @@ def _search_rows_kernel(
         keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
         keys = tl.zeros((BX, KP), dtype=ACC) + keys[None, :]
         ids = tl.zeros((BX, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
+        worst, worst_id = _worst(keys, ids)
         for s in range(S):
             tf = tstart + s
             for a in range(WS):
@@ -588,7 +602,9 @@ def _search_rows_kernel(
                     if SKIP_OWN:
                         own = (zero + tf == qt) & (zero + ky == qy) & (zero + dx == 0)
                         cand = cand & (own == 0)
-                    keys, ids = _insert(keys, ids, key, (s * WS + a) * WS + bb, cand)
+                    keys, ids, worst, worst_id = _insert(
+                        keys, ids, worst, worst_id, key, (s * WS + a) * WS + bb, cand
+                    )
         rank = _rank(keys, ids)
         kept = qmask[:, None] & (rank >= KP - KEEP)
         out = row[:, None] * KOUT + rank - (KP - KEEP) + (1 if ANCHOR else 0)
