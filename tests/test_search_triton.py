@@ -120,3 +120,14 @@ def test_deterministic_backward(monkeypatch, dist):
         assert torch.equal(a, b), "deterministic runs differ"
     for name, a, b in zip(("qvid", "flows"), grads[0], grads[1], strict=True):
         assert_close(b, a, dtype=torch.float32, what=f"grad {name}", scale=10)
+
+
+def test_frames_past_int32_take_the_reference():
+    """A frame whose offsets would pass int32 inside the kernels takes the reference path
+    (the predicate, on a small video and on a meta tensor of 2^32 elements)."""
+    from dnls.ops.search import _int32_frames
+
+    small = torch.empty(1, 1, 1, 3, 8, 8)
+    assert _int32_frames(small)
+    huge = torch.empty(1, 1, 1, 64, 8192, 8192, device="meta")  # shape and strides only
+    assert not _int32_frames(small, huge)

@@ -387,6 +387,17 @@ torch.library.define(
 )
 
 
+def _int32_frames(*vids: torch.Tensor) -> bool:
+    """Whether every offset inside one frame of these videos fits int32, as the Triton search
+    kernels assume (frame, head and batch offsets are int64 there); larger frames (2^31
+    elements or more) take the reference path."""
+    for v in vids:
+        inside = sum((n - 1) * abs(s) for n, s in zip(v.shape[3:], v.stride()[3:], strict=True))
+        if max(inside + 1, v.shape[3] * v.shape[4] * v.shape[5]) >= 2**31:
+            return False
+    return True
+
+
 @torch.library.impl("dnls::search", ("cpu", "cuda"))
 def _search_impl(qvid, kvid, flows, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
@@ -397,7 +408,7 @@ def _search_impl(qvid, kvid, flows, **kw):
             qvid.new_empty(b, hd, p.count, p.nk, 3, dtype=_inds_dtype(flows, p.stride1)),
             qvid.new_empty(b, hd, p.count, p.nk, dtype=torch.int32),
         )
-    if backend(qvid.device, "search") == "triton":
+    if backend(qvid.device, "search") == "triton" and _int32_frames(qvid, kvid):
         return _search_triton(qvid, kvid, flows, p)
     if _fused_cpu_applies(qvid, flows, p):
         thw = tuple(qvid.shape[i] for i in (2, 4, 5))
@@ -437,7 +448,7 @@ def _search_backward_impl(gdists, ginds, qvid, kvid, flows, widx, **kw):
         gf = qvid.new_empty(0) if gf is None else gf
         return torch.zeros_like(qvid), torch.zeros_like(kvid), gf
     exact = qvid.dtype == torch.float64 and torch.are_deterministic_algorithms_enabled()
-    if backend(qvid.device, "search") == "triton" and not exact:
+    if backend(qvid.device, "search") == "triton" and not exact and _int32_frames(qvid, kvid):
         from . import _search_triton as kernels
 
         pdtype = _pos_dtype(qvid, flows, p)
