@@ -38,6 +38,7 @@ from .search import (
     _chunks,
     _distance,
     _distance_backward,
+    _schema_params,
     _select,
 )
 
@@ -242,38 +243,25 @@ def _params(kw: dict) -> RefineParams:
     return RefineParams(**{**kw, "region": tuple(kw["region"])})
 
 
-@torch.library.custom_op("dnls::refine", mutates_args=())
-def _refine_op(
-    qvid: torch.Tensor,
-    kvid: torch.Tensor,
-    inds: torch.Tensor,
-    *,
-    wr: int,
-    kr: int,
-    k: int,
-    ps: int,
-    pt: int,
-    dist: str,
-    stride0: int,
-    stride1: float,
-    dilation: int,
-    region: list[int],
-    start: int,
-    count: int,
-    self_match: str,
-    border: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(_kwargs(locals()))
+torch.library.define(
+    "dnls::refine",
+    "(Tensor qvid, Tensor kvid, Tensor inds, *, "
+    f"{_schema_params(RefineParams)}) -> (Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "dnls::refine_backward",
+    "(Tensor gdists, Tensor? ginds, Tensor qvid, Tensor kvid, Tensor inds, Tensor widx, *, "
+    f"{_schema_params(RefineParams)}) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl("dnls::refine", ("cpu", "cuda"))
+def _refine_impl(qvid, kvid, inds, **kw):
     backend(qvid.device, "refine")  # raises where an explicitly requested backend cannot run
-    return _refine_ref(qvid, kvid, inds, p)
+    return _refine_ref(qvid, kvid, inds, _params(kw))
 
 
-def _kwargs(scope: dict) -> dict:
-    """The keyword arguments of the op, from its local scope."""
-    return {f: scope[f] for f in RefineParams.__dataclass_fields__}
-
-
-@_refine_op.register_fake
+@torch.library.register_fake("dnls::refine")
 def _(qvid, kvid, inds, *, kr, wr, k, count, stride1, **_):
     b, hd = qvid.shape[:2]
     nk = k if k >= 0 else kr * wr * wr
@@ -284,36 +272,13 @@ def _(qvid, kvid, inds, *, kr, wr, k, count, stride1, **_):
     )
 
 
-@torch.library.custom_op("dnls::refine_backward", mutates_args=())
-def _refine_backward_op(
-    gdists: torch.Tensor,
-    ginds: torch.Tensor | None,
-    qvid: torch.Tensor,
-    kvid: torch.Tensor,
-    inds: torch.Tensor,
-    widx: torch.Tensor,
-    *,
-    wr: int,
-    kr: int,
-    k: int,
-    ps: int,
-    pt: int,
-    dist: str,
-    stride0: int,
-    stride1: float,
-    dilation: int,
-    region: list[int],
-    start: int,
-    count: int,
-    self_match: str,
-    border: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(_kwargs(locals()))
+@torch.library.impl("dnls::refine_backward", ("cpu", "cuda"))
+def _refine_backward_impl(gdists, ginds, qvid, kvid, inds, widx, **kw):
     backend(qvid.device, "refine")
-    return _refine_backward_ref(gdists, ginds, qvid, kvid, inds, widx, p)
+    return _refine_backward_ref(gdists, ginds, qvid, kvid, inds, widx, _params(kw))
 
 
-@_refine_backward_op.register_fake
+@torch.library.register_fake("dnls::refine_backward")
 def _(gdists, ginds, qvid, kvid, inds, widx, **_):
     gi = inds.new_empty(inds.shape) if inds.is_floating_point() else qvid.new_empty(0)
     return qvid.new_empty(qvid.shape), kvid.new_empty(kvid.shape), gi
@@ -329,11 +294,11 @@ def _refine_backward(ctx, gdists, ginds, _gwidx):
     qvid, kvid, inds, widx = ctx.saved_tensors
     float_pos = inds.is_floating_point()
     ginds = ginds if (float_pos and ginds is not None and ginds.is_floating_point()) else None
-    gq, gk, gi = _refine_backward_op(gdists, ginds, qvid, kvid, inds, widx, **ctx.kw)
+    gq, gk, gi = torch.ops.dnls.refine_backward(gdists, ginds, qvid, kvid, inds, widx, **ctx.kw)
     return gq, gk, (gi if float_pos else None)
 
 
-_refine_op.register_autograd(_refine_backward, setup_context=_refine_setup)
+torch.library.register_autograd("dnls::refine", _refine_backward, setup_context=_refine_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,5 +439,5 @@ def refine(
     # by fields, not p.__dict__: Dynamo (torch 2.11) cannot trace a dataclass's __dict__
     kw = {f.name: getattr(p, f.name) for f in fields(p)}
     kw["region"] = list(p.region)
-    dists, out, _ = _refine_op(q6, k6, inds, **kw)
+    dists, out, _ = torch.ops.dnls.refine(q6, k6, inds, **kw)
     return dists, out

@@ -370,10 +370,12 @@ def _search_backward_ref(gdists, ginds, qvid, kvid, flows, widx, p: SearchParams
 # ---------------------------------------------------------------------------------------------
 
 
-def _schema_params() -> str:
-    """The keyword part of both ops' schemas, from the fields of :class:`SearchParams`."""
+def _schema_params(params: type | None = None) -> str:
+    """The keyword part of an op's schema, from the fields of a parameter dataclass
+    (:class:`SearchParams` by default)."""
     types = {"int": "int", "float": "float", "str": "str"}
-    return ", ".join(f"{types.get(f.type, 'int[]')} {f.name}" for f in fields(SearchParams))
+    fs = fields(params or SearchParams)
+    return ", ".join(f"{types.get(f.type, 'int[]')} {f.name}" for f in fs)
 
 
 torch.library.define(
