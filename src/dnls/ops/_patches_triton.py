@@ -521,28 +521,29 @@ def _bounce_ok(shape6, geom, extra: int) -> bool:
     return reach <= min(h, w) - 1 and (geom.pt == 1 or geom.pt <= t)
 
 
-def _modes(shape6, geom, inds, *big) -> dict:
-    """The constexpr border mode and index width of a launch."""
-    whole = not inds.is_floating_point()
+def _modes(shape6, geom, whole: bool, *big) -> dict:
+    """The constexpr border mode and index width of a launch reading a video of ``shape6`` at
+    whole (or fractional) positions, with ``big`` the other tensors it indexes."""
     if geom.border == "zero":
         border = ZERO
     else:
         border = BOUNCE if _bounce_ok(shape6, geom, 0 if whole else 1) else REFLECT
     n = max([math.prod(shape6)] + [x.numel() for x in big])
-    return dict(BORDER=border, I64=n >= 2**31, WHOLE=whole)
+    return dict(BORDER=border, I64=n >= 2**31)
 
 
 def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4]
     out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
+    whole = not inds.is_floating_point()
     if out.numel():
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
         src = _reads(vid)
         _gather_kernel[grid](
             src, _inds(inds), out, q * k, hd, t, h, w, *src.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds, out),
-            ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole, out),
+            WHOLE=whole, ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
         )  # fmt: skip
     return out
 
@@ -555,7 +556,7 @@ def unfold(vid, geom, stride: int, region, start: int, count: int) -> torch.Tens
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     e = geom.pt * c * geom.ps * geom.ps
     if out.numel():
-        modes = _modes((b, 1, t, c, h, w), geom, vid.new_empty(0, dtype=torch.int32), out, vid)
+        modes = _modes((b, 1, t, c, h, w), geom, True, out, vid)
         block_e = min(64, next_power_of_2(e))
         block_q = 64 if vid.device.type == "cuda" else 16
         grid = (triton.cdiv(count, block_q), triton.cdiv(e, block_e), b)
@@ -582,7 +583,7 @@ def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
         _gather_dpos_kernel[(triton.cdiv(n, block_n),)](
             vid, _inds(inds), grad.contiguous(), gpos, n, q * k, hd, t, h, w, *vid.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-            **{k: v for k, v in _modes(vid.shape, geom, inds, grad).items() if k != "WHOLE"},
+            **_modes(vid.shape, geom, False, grad),
             ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK_N=block_n, BLOCK_E=_block_e(e),
         )  # fmt: skip
     return gpos
@@ -593,12 +594,14 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     c = patches.shape[5]
     q, k = inds.shape[2:4]
     buf, strides = _buffer((b, hd, t, c, h, w), _acc(patches.dtype), patches.device)
+    whole = not inds.is_floating_point()
     if patches.numel():
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
         _scatter_kernel[grid](
             patches.contiguous(), _inds(inds), buf, q * k, t, h, w, *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-            **_modes(buf.shape, geom, inds, patches), ACC=_TL_DTYPES[buf.dtype], BLOCK=BLOCK,
+            **_modes(buf.shape, geom, whole, patches), WHOLE=whole, ACC=_TL_DTYPES[buf.dtype],
+            BLOCK=BLOCK,
         )  # fmt: skip
     # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
     return buf.to(patches.dtype).contiguous()
@@ -613,6 +616,7 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
     e = geom.pt * c * geom.ps * geom.ps
     if k == 0:
         return out.zero_()
+    whole = not inds.is_floating_point()
     if r:
         block_e = _block_e(e)
         block_q = max(1, 4096 // block_e) if vid.device.type == "cuda" else 16
@@ -620,9 +624,8 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
         src = _reads(vid)
         _wpsum_kernel[grid](
             src, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *src.stride(),
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
-            ACC=_TL_DTYPES[_acc(dtype)],
-            BLOCK_Q=block_q, BLOCK_E=block_e,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
+            WHOLE=whole, ACC=_TL_DTYPES[_acc(dtype)], BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
     return out
 
@@ -645,22 +648,17 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             src, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
             gvid if whole else gpos,
             r, q, k, hd, t, h, w, *src.stride(), *strides,
-            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, inds),
-            ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
+            WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
         )  # fmt: skip
     # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
     return gvid.to(vid.dtype).contiguous(), gw, gpos
 
 
-def fold_supported(shape5, ps: int, pt: int, dilation: int, border: str) -> bool:
+def fold_supported(shape5, geom) -> bool:
     """Whether :func:`fold` covers this geometry: with reflection, one bounce must be enough."""
-    _, t, _, h, w = shape5
-    if border != "reflect":
-        return True
-    reach = (ps - 1 - ps // 2) * dilation
-    return min(h, w) >= 2 and (ps // 2) * dilation <= min(h, w) - 1 and reach <= min(h, w) - 1 and (
-        pt == 1 or (t >= 2 and pt - 1 <= t - 1)
-    )
+    b, t, c, h, w = shape5
+    return geom.border != "reflect" or (min(h, w) >= 2 and _bounce_ok((b, 1, t, c, h, w), geom, 0))
 
 
 # Launch configuration of the fold kernel (pixels of a row per program, warps); block_x=None

@@ -190,7 +190,7 @@ def _ifold_op(
     if backend(patches.device, "ifold") == "triton":
         from . import _patches_triton as kernels
 
-        if kernels.fold_supported(shape, ps, pt, dilation, border):
+        if kernels.fold_supported(shape, PatchGeom(ps, pt, dilation, border)):
             return kernels.fold(patches, shape, stride, region, start, dilation, border)
     if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation):
         pos = query_grid(shape, stride, region).positions(start, patches.shape[1])
