@@ -17,24 +17,17 @@ import json
 import os
 import subprocess
 
+import _timing
 import torch
 import torch.nn.functional as F
 import triton.testing
+from _timing import peak_mb
 
 import dnls
 
 
 def bench(fn, rep_ms=200) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
-def peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _timing.bench(fn, rep_ms, warmup_ms=25)
 
 
 def with_backend(name, fn):

@@ -17,9 +17,11 @@ import os
 import time
 from dataclasses import dataclass
 
+import _timing
 import torch
 import torch.nn.functional as F
 import triton.testing
+from _timing import peak_mb
 
 import dnls
 
@@ -84,16 +86,7 @@ def baseline(
 
 
 def bench(fn, reps_ms=300) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=reps_ms, return_mode="median")
-
-
-def peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _timing.bench(fn, reps_ms, warmup_ms=50)
 
 
 def check(row: Row, vid: torch.Tensor, count: int) -> str:
