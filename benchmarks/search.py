@@ -181,24 +181,34 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
-def sweeps(gpu: str, sweep_rows: list[str]) -> None:
+def sweeps(gpu: str) -> None:
     """Launch configurations of the forward kernel, and peak memory against the window size
     and the number of queries (it must follow count x K, not the window)."""
     from dnls.ops import _search_triton as kernels
 
     os.environ["DNLS_BACKEND"] = "triton"
-    configs = [(32, 32, 8, True), (32, 32, 8, False), (32, 32, 4, True), (32, 32, 16, True)]
-    for name in sweep_rows:
+    for name in ("W1s", "W3"):
         row = ROWS[name]
         vid = torch.rand(row.shape, device="cuda")
-        for ty, tx, warps, tc in configs:
-            kernels.CONFIG.update(tile=(ty, tx), tile_warps=warps, tile_tc=tc)
-            ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
-            print(f"tile {name} {ty}x{tx} warps={warps} tc={tc}: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(tile=(32, 32), tile_warps=8, tile_tc=True, tiles=False)
+        for block_q in (16, 32, 64):
+            for warps in (2, 4, 8):
+                kernels.CONFIG.update(block_q=block_q, num_warps=warps)
+                ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
+                print(f"config {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms", flush=True)
+    kernels.CONFIG.update(block_q=None, num_warps=4)
+    for name in ("W1s", "W3", "W4"):
+        row = ROWS[name]
+        vid = torch.rand(row.shape, device="cuda")
+        kernels.CONFIG.update(rows=False)
         ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
-        print(f"tile {name} off (direct kernel): {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(tiles=True)
+        print(f"rows {name} off: {ms:.2f} ms", flush=True)
+        kernels.CONFIG.update(rows=True)
+        for bx in (64, 128, 256):
+            for warps in (1, 2, 4):
+                kernels.CONFIG.update(rows_bx=bx, rows_warps=warps)
+                ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
+                print(f"rows {name} bx={bx} warps={warps}: {ms:.2f} ms", flush=True)
+    kernels.CONFIG.update(rows=True, rows_bx=None, rows_warps=2)
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512
     for ws in (7, 15, 31):
@@ -216,11 +226,11 @@ def main() -> None:
     parser.add_argument("--check-queries", type=int, default=2048)
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
-    parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
+    parser.add_argument("--sweep", action="store_true", help="launch configs and memory sweeps")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     if args.sweep:
-        sweeps(gpu, args.sweep.split(","))
+        sweeps(gpu)
     results = []
     for name in args.rows.split(","):
         res = measure(name, args, gpu)

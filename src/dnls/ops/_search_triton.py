@@ -268,6 +268,9 @@ def _search_fwd_kernel(
     nh,
     nw,
     stride0,  # query grid
+    row0,
+    jl,
+    jskip,  # first grid row of the batch; grid columns [jl, jl + jskip) are skipped
     s1,
     lo_steps,
     hi_steps,
@@ -301,9 +304,13 @@ def _search_fwd_kernel(
     q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
     k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
 
+    # Lanes walk grid rows row0.. and, in each, the columns outside [jl, jl + jskip) (those are
+    # left to the row kernel); a lane is live when its query is in [start, start + count).
     lane = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qi = start + lane
-    qmask = lane < count
+    ncol = nw - jskip
+    ce = lane % ncol
+    qi = (row0 + lane // ncol) * nw + tl.where(ce < jl, ce, ce + jskip)
+    qmask = (qi >= start) & (qi < start + count)
     qi = tl.where(qmask, qi, start)
     qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
     row = pid_bh.to(tl.int64) * count + (qi - start).to(tl.int64)
@@ -457,74 +464,13 @@ def _search_fwd_kernel(
 
 
 @triton.jit
-def _tf32_parts(x):
-    """``x`` as the sum of three float32 values whose products with 0/1 are exact in tf32."""
-    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    rest = x - hi
-    mid = (rest.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    return hi, mid, rest - mid
-
-
-@triton.jit
-def _box(e, by, bx, TC: tl.constexpr):
-    """Box sums of ``e``: ``by @ e @ bx.T`` for 0/1 band matrices whose rows are outputs, with
-    exact products and float32 sums. The first product runs on tensor cores (``e`` in three
-    tf32 parts), the second in float32 FMA: a tensor-core result would be laid out with 16
-    values per thread, and the kept top-k with it."""
-    if TC:
-        e1, e2, e3 = _tf32_parts(e)
-        r = tl.dot(by, e1, input_precision="tf32")
-        r = tl.dot(by, e2, r, input_precision="tf32")
-        r = tl.dot(by, e3, r, input_precision="tf32")
-    else:
-        r = tl.dot(by, e, input_precision="ieee")
-    return tl.dot(r, tl.trans(bx), input_precision="ieee")
-
-
-@triton.jit
-def _band(n: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
-    """(n, n) 0/1 matrix with 1 at (output o, input e) when e is tap i of o: e - o = i DIL, i < PS."""
-    i = tl.arange(0, n)
-    gap = i[None, :] - i[:, None]
-    return ((gap >= 0) & (gap % DIL == 0) & (gap < (PS - 1) * DIL + 1)).to(tl.float32)
-
-
-@triton.jit
-def _insert_sorted(keys, ids, key, j, KEEP: tl.constexpr):
-    """Insert (key, j) into the ascending tuples ``keys``/``ids``, dropping the last. Strictly
-    smaller keys move ahead, so an equal key stays behind the earlier candidate."""
-    c = key < keys[0]
-    new_keys = (tl.where(c, key, keys[0]),)
-    new_ids = (tl.where(c, j, ids[0]),)
-    for s in tl.static_range(1, KEEP):
-        cs = key < keys[s]
-        new_keys = new_keys + (tl.where(c, keys[s - 1], tl.where(cs, key, keys[s])),)
-        new_ids = new_ids + (tl.where(c, ids[s - 1], tl.where(cs, j, ids[s])),)
-        c = cs
-    return new_keys, new_ids
-
-
-@triton.jit
-def _window_steps(d, off, s1, lo_steps, WS: tl.constexpr, UNIT: tl.constexpr):
-    """Window step index of displacement ``d`` for queries whose centre the slide moved by
-    ``off``, and whether it is on their window's grid."""
-    a = d - off
-    if UNIT:
-        step = a + lo_steps
-        on = (step >= 0) & (step < WS)
-    else:
-        step = a // s1 + lo_steps
-        on = (a % s1 == 0) & (step >= 0) & (step < WS)
-    return step, on
-
-
-@triton.jit
-def _search_tile_kernel(
+def _search_rows_kernel(
     q_ptr,
     k_ptr,  # videos (B, HD, T, C, H, W)
     dist_ptr,
     inds_ptr,
     widx_ptr,  # outputs, as in _search_fwd_kernel (never ALL here)
+    scratch_ptr,  # (programs, BX) workspace for the column sums
     sq_b,
     sq_h,
     sq_t,
@@ -549,163 +495,140 @@ def _search_tile_kernel(
     w0,
     nh,
     nw,  # query grid (stride0 = 1)
-    tile0,
-    nty,
-    ntx,  # first tile of the batch; tiles per frame in y and x
+    row0,
+    nrows,
+    jl,
+    jr,
+    nxb,
+    nblocks,  # batch rows; interior grid columns [jl, jr) in blocks
     s1,
     lo_steps,
     hi_steps,
     S,
     NWIN,
+    KEEP,
     KOUT,
     WS: tl.constexpr,
     PS: tl.constexpr,
     PT: tl.constexpr,
     DIL: tl.constexpr,
-    KEEP: tl.constexpr,
+    KP: tl.constexpr,
     DOT: tl.constexpr,
     REFLECT: tl.constexpr,
     SKIP_OWN: tl.constexpr,
     ANCHOR: tl.constexpr,
-    UNIT: tl.constexpr,
-    TY: tl.constexpr,
-    TX: tl.constexpr,
-    TC: tl.constexpr,
+    ACC: tl.constexpr,
+    BX: tl.constexpr,
+    BOUT: tl.constexpr,
+    PSP: tl.constexpr,
 ):
-    """Reuse across queries by displacement, for whole positions without flows, stride0 = 1.
+    """Reuse across queries, for whole positions without flows and stride0 = 1.
 
-    A program owns a tile of (TY - span + 1) x (TX - span + 1) queries of one frame and walks
-    every displacement (dt, dy, dx) that is a candidate of some query of the tile, in window
-    order. For each it forms the (TY, TX) image of per-pixel terms
-        e(y, x) = sum over channels and patch frames of (q(y, x) - k(y + dy, x + dx))^2  (or q k)
-    and box-sums it to every query's patch distance with two matrix products by 0/1 band
-    matrices (tensor cores, exact products): O(C) work per pixel instead of O(C ps^2) per
-    query. Where the slide moved a query's window (tiles at the frame's edges) the range of
-    displacements widens and each query keeps only those on its own window's grid. Each query
-    keeps its KEEP best in ascending tuples (insertion, ties to the earlier candidate)."""
-    SPAN: tl.constexpr = (PS - 1) * DIL + 1
-    OH: tl.constexpr = TY - SPAN + 1
-    OW: tl.constexpr = TX - SPAN + 1
-    HALF: tl.constexpr = (PS // 2) * DIL
-    tile = tl.program_id(0) + tile0
-    bh = tl.program_id(1)
-    b = bh // HD
-    hd = bh % HD
-    q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
-    f = tile // (nty * ntx)
-    gy0 = (tile // ntx) % nty * OH
-    gx0 = tile % ntx * OW
-    ey = tl.arange(0, TY)
-    ex = tl.arange(0, TX)
-    gy = gy0 + ey
-    gx = gx0 + ex
-    qi = (f * nh + gy)[:, None] * nw + gx[None, :]
-    live = ((ey < OH) & (gy < nh))[:, None] & ((ex < OW) & (gx < nw))[None, :]
-    live = live & (qi >= start) & (qi < start + count)
-    qt = t0 + f
-    qy = h0 + gy
-    qx = w0 + gx
-    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
-    lo = lo_steps * s1
-    hi_y = H - 1 - hi_steps * s1
-    hi_x = W - 1 - hi_steps * s1
-    cy = tl.maximum(tl.minimum(qy, hi_y), lo)
-    cx = tl.maximum(tl.minimum(qx, hi_x), lo)
-    off_y = cy - qy
-    off_x = cx - qx
-    # the slide's offsets at the tile's first and last live row/column bound the displacements
-    y_first = h0 + gy0
-    y_last = h0 + tl.minimum(gy0 + OH, nh) - 1
-    x_first = w0 + gx0
-    x_last = w0 + tl.minimum(gx0 + OW, nw) - 1
-    oy_hi = tl.maximum(tl.minimum(y_first, hi_y), lo) - y_first
-    oy_lo = tl.maximum(tl.minimum(y_last, hi_y), lo) - y_last
-    ox_hi = tl.maximum(tl.minimum(x_first, hi_x), lo) - x_first
-    ox_lo = tl.maximum(tl.minimum(x_last, hi_x), lo) - x_last
-    step_y = tl.where((oy_lo == 0) & (oy_hi == 0), s1, 1)
-    step_x = tl.where((ox_lo == 0) & (ox_hi == 0), s1, 1)
-
-    # pixels of the (TY, TX) image: the queries' patches start HALF before them
-    py = qy - HALF
-    px = qx - HALF
-    qyi, qyv = _border(py, H, REFLECT)
-    qxi, qxv = _border(px, W, REFLECT)
-    q_sp = qyi[:, None] * sq_y + qxi[None, :] * sq_x
-    q_m = qyv[:, None] & qxv[None, :]
-    if SPAN > 1:
-        by = _band(TY, PS, DIL)
-        bx = _band(TX, PS, DIL)
-
-    keys = ()
-    ids = ()
-    for s in tl.static_range(KEEP):
-        keys = keys + (tl.full((TY, TX), float("inf"), tl.float32),)
-        ids = ids + (tl.full((TY, TX), NWIN + s, tl.int32),)
-    own_d = tl.zeros((TY, TX), tl.float32)
-    for s in range(S):
-        tf = tstart + s
-        for dy in range(oy_lo - lo, oy_hi + hi_steps * s1 + 1, step_y):
-            wy, on_y = _window_steps(dy, off_y, s1, lo_steps, WS, UNIT)
-            kyi, kyv = _border(py + dy, H, REFLECT)
-            for dx in range(ox_lo - lo, ox_hi + hi_steps * s1 + 1, step_x):
-                wx, on_x = _window_steps(dx, off_x, s1, lo_steps, WS, UNIT)
-                kxi, kxv = _border(px + dx, W, REFLECT)
-                k_sp = kyi[:, None] * sk_y + kxi[None, :] * sk_x
-                k_m = kyv[:, None] & kxv[None, :]
-                e = tl.zeros((TY, TX), tl.float32)
-                for dt in tl.static_range(PT):
-                    qti, qtv = _border(qt + dt, T, REFLECT)
-                    kti, ktv = _border(tf + dt, T, REFLECT)
-                    q_fr = q_base + qti.to(tl.int64) * sq_t
-                    k_fr = k_base + kti.to(tl.int64) * sk_t
-                    # (a scalar mask is broadcast by value: the interpreter rejects scalar & tensor)
-                    qm = q_m & (qtv.to(tl.int32) + q_sp * 0 > 0)
-                    km = k_m & (ktv.to(tl.int32) + k_sp * 0 > 0)
-                    for c in range(C):
-                        qv = tl.load(q_fr + c * sq_c + q_sp, mask=qm, other=0.0)
-                        kv = tl.load(k_fr + c * sk_c + k_sp, mask=km, other=0.0)
-                        if DOT:
-                            e += qv.to(tl.float32) * kv.to(tl.float32)
-                        else:
-                            diff = qv.to(tl.float32) - kv.to(tl.float32)
-                            e += diff * diff
-                if SPAN > 1:
-                    d = _box(e, by, bx, TC)
-                else:
-                    d = e
-                key = -d if DOT else d
-                cand = live & on_y[:, None] & on_x[None, :]
-                if SKIP_OWN:
-                    own = (tf == qt) & (dy == 0) & (dx == 0)
-                    cand = cand & (own == 0)
-                    if ANCHOR:
-                        own_d = tl.where(own, d, own_d)
-                key = tl.where(cand, key, float("inf"))
-                j = (s * WS + wy)[:, None] * WS + wx[None, :]
-                keys, ids = _insert_sorted(keys, ids, key, j, KEEP)
-
-    row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
-    dty = dist_ptr.dtype.element_ty
-    ity = inds_ptr.dtype.element_ty
-    for s in tl.static_range(KEEP):
-        out = row * KOUT + (s + ANCHOR)
-        sid = ids[s]
-        dist = -keys[s] if DOT else keys[s]
-        tl.store(dist_ptr + out, dist.to(dty), mask=live)
-        tl.store(widx_ptr + out, sid, mask=live)
-        tl.store(inds_ptr + out * 3, (tstart + sid // (WS * WS)).to(ity), mask=live)
-        ky = cy[:, None] + ((sid // WS) % WS - lo_steps) * s1
-        kx = cx[None, :] + (sid % WS - lo_steps) * s1
-        tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=live)
-        tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=live)
-    if ANCHOR:
-        first = row * KOUT
-        tl.store(dist_ptr + first, own_d.to(dty), mask=live)
-        tl.store(widx_ptr + first, tl.full((TY, TX), -1, tl.int32), mask=live)
-        tl.store(inds_ptr + first * 3, (qt + ey[:, None] * 0).to(ity), mask=live)
-        tl.store(inds_ptr + first * 3 + 1, (qy[:, None] + ex[None, :] * 0).to(ity), mask=live)
-        tl.store(inds_ptr + first * 3 + 2, (qx[None, :] + ey[:, None] * 0).to(ity), mask=live)
+    A block is BOUT consecutive queries of one grid row whose windows are not slid sideways,
+    so every query of the block sees candidate j at the same displacement (dt, dy, dx). For
+    each candidate the block computes the column sums
+        e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
+    over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
+    the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
+    candidate instead of O(PS^2). The column sums pass through a per-program scratch row."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BX)
+    zero = lane * 0
+    scratch = scratch_ptr + pid.to(tl.int64) * BX
+    slot = tl.arange(0, KP)
+    half = (PS // 2) * DIL
+    for blk in range(pid, nblocks, nprog):
+        bh = blk // (nrows * nxb)
+        rem = blk % (nrows * nxb)
+        grow = row0 + rem // nxb
+        xb = rem % nxb
+        b = bh // HD
+        hd = bh % HD
+        q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
+        k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+        qt = t0 + grow // nh
+        qy = h0 + grow % nh
+        j0 = jl + xb * BOUT
+        jq = j0 + lane
+        qi = grow * nw + jq
+        qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
+        qx = w0 + jq
+        row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
+        xc = w0 + j0 - half + lane  # the columns whose sums the block needs
+        qxi, qxv = _border(xc, W, REFLECT)
+        tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+        cy = tl.minimum(tl.maximum(qy, lo_steps * s1), H - 1 - hi_steps * s1)
+        keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
+        keys = tl.zeros((BX, KP), dtype=ACC) + keys[None, :]
+        ids = tl.zeros((BX, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
+        worst, worst_id = _worst(keys, ids)
+        for s in range(S):
+            tf = tstart + s
+            for a in range(WS):
+                ky = cy + (a - lo_steps) * s1
+                for bb in range(WS):
+                    dx = (bb - lo_steps) * s1
+                    kxi, kxv = _border(xc + dx, W, REFLECT)
+                    e = tl.zeros((BX,), dtype=ACC)
+                    for dt in tl.static_range(PT):
+                        # row coordinates as uniform vectors: masks stay vectors
+                        qti, qtv = _border(zero + qt + dt, T, REFLECT)
+                        kti, ktv = _border(zero + tf + dt, T, REFLECT)
+                        for i in tl.static_range(PS):
+                            qyi, qyv = _border(zero + qy + (i - PS // 2) * DIL, H, REFLECT)
+                            kyi, kyv = _border(zero + ky + (i - PS // 2) * DIL, H, REFLECT)
+                            qrow = q_base + qti.to(tl.int64) * sq_t + qyi.to(tl.int64) * sq_y
+                            krow = k_base + kti.to(tl.int64) * sk_t + kyi.to(tl.int64) * sk_y
+                            qm = qxv & qtv & qyv
+                            km = kxv & ktv & kyv
+                            for c in range(C):
+                                qv = tl.load(qrow + c * sq_c + qxi * sq_x, mask=qm, other=0.0)
+                                kv = tl.load(krow + c * sk_c + kxi * sk_x, mask=km, other=0.0)
+                                if DOT:
+                                    e += qv.to(ACC) * kv.to(ACC)
+                                else:
+                                    diff = qv.to(ACC) - kv.to(ACC)
+                                    e += diff * diff
+                    tl.store(scratch + lane, e)
+                    tl.debug_barrier()
+                    d = tl.zeros((BX,), dtype=ACC)
+                    for jj in tl.static_range(PS):
+                        src = lane + jj * DIL
+                        d += tl.load(scratch + src, mask=src < BX, other=0.0)
+                    tl.debug_barrier()
+                    key = -d if DOT else d
+                    cand = qmask
+                    if SKIP_OWN:
+                        own = (zero + tf == qt) & (zero + ky == qy) & (zero + dx == 0)
+                        cand = cand & (own == 0)
+                    keys, ids, worst, worst_id = _insert(
+                        keys, ids, worst, worst_id, key, (s * WS + a) * WS + bb, cand
+                    )
+        rank = _rank(keys, ids)
+        kept = qmask[:, None] & (rank >= KP - KEEP)
+        out = row[:, None] * KOUT + rank - (KP - KEEP) + (1 if ANCHOR else 0)
+        sid = tl.where(kept, ids, 0)
+        ky = cy + ((sid // WS) % WS - lo_steps) * s1
+        kx = qx[:, None] + (sid % WS - lo_steps) * s1
+        dist = -keys if DOT else keys
+        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+        tl.store(widx_ptr + out, ids, mask=kept)
+        tl.store(inds_ptr + out * 3, tstart + sid // (WS * WS), mask=kept)
+        tl.store(inds_ptr + out * 3 + 1, ky, mask=kept)
+        tl.store(inds_ptr + out * 3 + 2, kx, mask=kept)
+        if ANCHOR:
+            d = _patch_dist(
+                q_base, k_base, zero + qt, zero + qy, qx, zero + qt, zero + qy, qx, C,
+                sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
+                PS, PSP, PT, DIL, 1, DOT, REFLECT, True, ACC,
+            )  # fmt: skip
+            first = row * KOUT
+            tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
+            tl.store(widx_ptr + first, tl.full((BX,), -1, tl.int32), mask=qmask)
+            tl.store(inds_ptr + first * 3, zero + qt, mask=qmask)
+            tl.store(inds_ptr + first * 3 + 1, zero + qy, mask=qmask)
+            tl.store(inds_ptr + first * 3 + 2, qx, mask=qmask)
 
 
 @triton.jit
@@ -960,24 +883,8 @@ class _Layout(NamedTuple):
         )  # fmt: skip
 
 
-# Launch configuration; ``block_q=None`` picks by the size of the kept top-k. ``tiles``: the
-# tile kernel (reuse across queries) takes every search it can; ``tile`` is its (TY, TX) image.
-CONFIG = {"block_q": None, "num_warps": 4, "tiles": True, "tile": (32, 32), "tile_warps": 8, "tile_tc": True}
-MAX_TILE_KEEP = 32
-
-
-def _tiles(p, whole: bool, flows, keep: int, qvid) -> tuple[int, int] | None:
-    """(TY, TX) of the tile kernel when it applies: whole positions, no flows, stride0 = 1,
-    k given, float32 accumulation, a patch span of at most half the tile, a window that fits
-    in the frame."""
-    ty, tx = CONFIG["tile"]
-    span = (p.ps - 1) * p.dilation + 1
-    fits = (p.ws - 1) * int(p.stride1) < min(qvid.shape[-2:]) if whole else False
-    ok = (
-        CONFIG["tiles"] and whole and flows is None and p.stride0 == 1 and fits
-        and 1 <= keep <= MAX_TILE_KEEP and qvid.dtype != torch.float64 and 2 * span <= min(ty, tx)
-    )  # fmt: skip
-    return (ty, tx) if ok else None
+# Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
+CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None}
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -1004,32 +911,23 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
     if p.count == 0 or b * hd == 0:
         return (dists, None, None) if select_all and not all_inds else (dists, inds, widx)
-    tiles = None if select_all else _tiles(p, whole, flows, keep, qvid)
-    if tiles is not None:
-        ty, tx = tiles
-        span = (p.ps - 1) * p.dilation + 1
-        oh, ow = ty - span + 1, tx - span + 1
-        nty, ntx = -(-nh // oh), -(-nw // ow)
-        first, last = divmod(p.start, nh * nw), divmod(p.start + p.count - 1, nh * nw)
-        tile0 = (first[0] * nty + first[1] // nw // oh) * ntx
-        tile1 = (last[0] * nty + last[1] // nw // oh) * ntx + ntx - 1
-        _search_tile_kernel[(tile1 - tile0 + 1, b * hd)](
-            qvid, kvid, dists, inds, widx,
-            *qvid.stride(), *kvid.stride(),
-            hd, nframes, c, height, width,
-            p.start, p.count, t0, h0, w0, nh, nw, tile0, nty, ntx,
-            int(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, kout,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KEEP=keep,
-            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, UNIT=int(p.stride1) == 1,
-            TY=ty, TX=tx, TC=CONFIG["tile_tc"], num_warps=CONFIG["tile_warps"],
-        )  # fmt: skip
-    else:
-        _search_fwd_kernel[(triton.cdiv(p.count, block_q), b * hd)](
+    row0 = p.start // nw
+    nrows = (p.start + p.count - 1) // nw - row0 + 1
+    # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
+    jl = jr = 0
+    s1 = int(p.stride1) if whole else 0
+    if whole and flows is None and p.stride0 == 1 and not select_all and p.ps > 1:
+        jl = max(0, (p.ws // 2) * s1 - w0)
+        jr = min(nw, width - (p.ws - 1 - p.ws // 2) * s1 - w0)
+        if not CONFIG["rows"] or jr - jl < 16:
+            jl = jr = 0
+    lanes = nrows * (nw - (jr - jl))
+    if lanes > 0:
+        _search_fwd_kernel[(triton.cdiv(lanes, block_q), b * hd)](
             qvid, kvid, fl, dists, inds, widx,
             *qvid.stride(), *kvid.stride(), *fstrides,
             hd, nframes, c, height, width,
-            p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+            p.start, p.count, t0, h0, w0, nh, nw, p.stride0, row0, jl, jr - jl,
             float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
             p.nwin, keep, kout,
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp, ALL=select_all, ALL_INDS=all_inds,
@@ -1038,6 +936,29 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
             BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["num_warps"],
+        )  # fmt: skip
+    if jr > jl:
+        span = (p.ps - 1) * p.dilation
+        bx = CONFIG["rows_bx"] or next_power_of_2(max(64, 2 * span))
+        bout = bx - span
+        nxb = triton.cdiv(jr - jl, bout)
+        nblocks = b * hd * nrows * nxb
+        sms = (
+            torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
+        )
+        nprog = min(nblocks, sms * 8)
+        scratch = torch.empty(nprog, bx, dtype=acc, device=dev)
+        _search_rows_kernel[(nprog,)](
+            qvid, kvid, dists, inds, widx, scratch,
+            *qvid.stride(), *kvid.stride(),
+            hd, nframes, c, height, width,
+            p.start, p.count, t0, h0, w0, nh, nw,
+            row0, nrows, jl, jr, nxb, nblocks,
+            s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
+            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
+            BX=bx, BOUT=bout, PSP=psp, num_warps=CONFIG["rows_warps"],
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
