@@ -181,24 +181,36 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
-def sweeps(gpu: str) -> None:
-    """Launch configurations of the forward kernel, and peak memory against the window size
-    and the number of queries (it must follow count x K, not the window)."""
+def sweeps(gpu: str, names: list[str]) -> None:
+    """Launch configurations of the forward and backward kernels on the rows ``names``, and
+    peak memory against the window size and the number of queries (it must follow count x K,
+    not the window)."""
     from dnls.ops import _search_triton as kernels
 
     os.environ["DNLS_BACKEND"] = "triton"
-    for name in ("W1s", "W3"):
+    for name in names:
         row = ROWS[name]
         vid = torch.rand(row.shape, device="cuda")
-        for block_q in (16, 32, 64):
-            for warps in (2, 4, 8):
+        vg = vid.clone().requires_grad_()
+
+        def fwd_bwd():
+            d, _ = dnls.search(vg, **row.kw)  # noqa: B023
+            d.sum().backward()
+
+        for block_q in (16, 32, 64, 128):
+            for warps in (1, 2, 4, 8):
                 kernels.CONFIG.update(block_q=block_q, num_warps=warps)
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
                 print(f"config {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms", flush=True)
-    kernels.CONFIG.update(block_q=None, num_warps=4)
-    for name in ("W1s", "W3", "W4"):
-        row = ROWS[name]
-        vid = torch.rand(row.shape, device="cuda")
+        kernels.CONFIG.update(block_q=None, num_warps=None)
+        for block_q in (16, 32, 64):
+            for warps in (1, 2, 4, 8):
+                kernels.CONFIG.update(bwd_block_q=block_q, bwd_warps=warps)
+                ms = bench(fwd_bwd, 300)
+                print(f"backward {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms f+b")
+        kernels.CONFIG.update(bwd_block_q=32, bwd_warps=4)
+        if row.kw["ps"] == 1:
+            continue
         kernels.CONFIG.update(rows=False)
         ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
         print(f"rows {name} off: {ms:.2f} ms", flush=True)
@@ -208,7 +220,7 @@ def sweeps(gpu: str) -> None:
                 kernels.CONFIG.update(rows_bx=bx, rows_warps=warps)
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
                 print(f"rows {name} bx={bx} warps={warps}: {ms:.2f} ms", flush=True)
-    kernels.CONFIG.update(rows=True, rows_bx=None, rows_warps=2)
+        kernels.CONFIG.update(rows=True, rows_bx=None, rows_warps=2)
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512
     for ws in (7, 15, 31):
@@ -226,11 +238,11 @@ def main() -> None:
     parser.add_argument("--check-queries", type=int, default=2048)
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
-    parser.add_argument("--sweep", action="store_true", help="launch configs and memory sweeps")
+    parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     if args.sweep:
-        sweeps(gpu)
+        sweeps(gpu, args.sweep.split(","))
     results = []
     for name in args.rows.split(","):
         res = measure(name, args, gpu)

@@ -883,8 +883,13 @@ class _Layout(NamedTuple):
         )  # fmt: skip
 
 
-# Launch configuration; ``block_q=None`` picks by the size of the kept top-k.
-CONFIG = {"block_q": None, "num_warps": 4, "rows": True, "rows_warps": 2, "rows_bx": None}
+# Launch configuration; ``None`` picks from the case: the direct kernel runs 32 queries on one
+# warp without a patch (ps=1: W2 2.39 ms against 2.90 ms at 64 x 4, sweep in BENCHMARKS.md),
+# else 64 (32 past 16 kept) on 4 warps.
+CONFIG = {
+    "block_q": None, "num_warps": None, "rows": True, "rows_warps": 2, "rows_bx": None,
+    "bwd_block_q": 32, "bwd_warps": 4,
+}  # fmt: skip
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -908,7 +913,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
         widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
-    block_q = CONFIG["block_q"] or (64 if kp <= 16 else 32)
+    block_q = CONFIG["block_q"] or (32 if p.ps == 1 or kp > 16 else 64)
+    num_warps = CONFIG["num_warps"] or (1 if p.ps == 1 else 4)
     if p.count == 0 or b * hd == 0:
         return (dists, None, None) if select_all and not all_inds else (dists, inds, widx)
     row0 = p.start // nw
@@ -935,7 +941,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["num_warps"],
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=num_warps,
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
@@ -981,7 +987,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     gf = torch.zeros(flows.shape, dtype=buf, device=dev) if flow_grad else gq
     widx = widx.contiguous()
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
-    block_q = 32
+    block_q = CONFIG["bwd_block_q"]
     grid = (triton.cdiv(p.count, block_q), b * hd)
     if p.count > 0 and b * hd > 0 and p.nk > 0:
         _search_bwd_kernel[grid](
@@ -996,7 +1002,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
             WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
             HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["bwd_warps"],
         )  # fmt: skip
     if scale is not None:
         gq, gk = gq.double() / scale, gk.double() / scale
