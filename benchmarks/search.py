@@ -188,6 +188,7 @@ def sweeps(gpu: str, names: list[str]) -> None:
     from dnls.ops import _search_triton as kernels
 
     os.environ["DNLS_BACKEND"] = "triton"
+    defaults = dict(kernels.CONFIG)
     for name in names:
         row = ROWS[name]
         vid = torch.rand(row.shape, device="cuda")
@@ -202,25 +203,25 @@ def sweeps(gpu: str, names: list[str]) -> None:
                 kernels.CONFIG.update(block_q=block_q, num_warps=warps)
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
                 print(f"config {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(block_q=None, num_warps=None)
+        kernels.CONFIG.update(defaults)
         for block_q in (16, 32, 64):
             for warps in (1, 2, 4, 8):
                 kernels.CONFIG.update(bwd_block_q=block_q, bwd_warps=warps)
                 ms = bench(fwd_bwd, 300)
                 print(f"backward {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms f+b")
-        kernels.CONFIG.update(bwd_block_q=32, bwd_warps=4)
+        kernels.CONFIG.update(defaults)
         if row.kw["ps"] == 1:
             continue
         kernels.CONFIG.update(rows=False)
         ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
         print(f"rows {name} off: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(rows=True)
+        kernels.CONFIG.update(defaults)
         for bx in (64, 128, 256):
             for warps in (1, 2, 4):
                 kernels.CONFIG.update(rows_bx=bx, rows_warps=warps)
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
                 print(f"rows {name} bx={bx} warps={warps}: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(rows=True, rows_bx=None, rows_warps=2)
+        kernels.CONFIG.update(defaults)
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512
     for ws in (7, 15, 31):
