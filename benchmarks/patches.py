@@ -7,7 +7,7 @@ must move (inputs read once, outputs written once) and the bandwidth that makes,
 of the device's measured copy bandwidth (``--copy-bw``, 2.9 TB/s on the H100). Every result is
 first checked against its baseline at the real size.
 
-    python benchmarks/patches.py [--rows unfold,fold,gather,wpsum,scatter] [--json out.json]
+    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -130,6 +130,64 @@ def fold_sweep(results, args):
     kernels.FOLD_CONFIG.update(default)
 
 
+def knn_sweep(results, args):
+    """Launch configurations of the flat gather/scatter kernels and of the wpsum tiles, forward
+    and backward, on the knn rows' real positions."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    configs = [("gather", dict(flat_block=b, flat_warps=w)) for b in (512, 1024, 2048)
+               for w in (4, 8)]  # fmt: skip
+    configs += [("scatter", cfg) for _, cfg in configs]
+    for block_e in (32, 64, 128):
+        for tile in (1024, 4096):
+            for w in (4, 8):
+                fwd = dict(wpsum_block_e=block_e, wpsum_tile=tile, wpsum_warps=w)
+                bwd = dict(wpsum_bwd_block_e=block_e, wpsum_bwd_tile=tile, wpsum_bwd_warps=w)
+                configs += [("wpsum", fwd), ("wpsum f+b", bwd)]
+    for label, vid, inds, ps in _knn_inputs(args):
+        ops = _knn_ops(vid, inds, ps)
+        for name, cfg in configs:
+            kernels.CONFIG.update(default)
+            kernels.CONFIG.update(cfg)
+            ms = bench(ops[name], 100)
+            print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms", flush=True)  # noqa: T201
+            results.append(dict(op=f"{name} sweep", case=label, ms=ms, **cfg))
+        kernels.CONFIG.update(default)
+        del ops
+        torch.cuda.empty_cache()
+
+
+def _knn_ops(vid, inds, ps) -> dict:
+    """The timed calls of the knn sweep on one input."""
+    weights = torch.softmax(torch.rand(inds.shape[:-1], device="cuda"), -1)
+    patches = dnls.gather(vid, inds, ps=ps)
+    vg = vid.detach().requires_grad_()
+    g = torch.rand(*inds.shape[:3], 1, vid.shape[2], ps, ps, device="cuda")
+    return {
+        "gather": lambda: dnls.gather(vid, inds, ps=ps),
+        "scatter": lambda: dnls.scatter(patches, inds, shape=vid.shape),
+        "wpsum": lambda: dnls.wpsum(vid, weights, inds, ps=ps),
+        "wpsum f+b": lambda: torch.autograd.grad(dnls.wpsum(vg, weights, inds, ps=ps), vg, g),
+    }
+
+
+def _knn_inputs(args):
+    """(label, video, positions, ps) of the knn rows: the positions of a real search."""
+    for label, shape, skw in KNN:
+        torch.manual_seed(0)
+        vid = torch.rand(shape, device="cuda")
+        count = args.queries if skw["ps"] > 1 else None
+        _, inds = dnls.search(vid, count=count, **skw)
+        yield label, vid, inds, skw["ps"]
+
+
+KNN = (
+    ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14)),
+    ("K16 ps1 C128 5x128x128", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16)),
+)
+
+
 def knn_rows(results, args):
     """gather / wpsum / scatter at the positions of a real search, against the reference."""
     configs = (
@@ -230,6 +288,8 @@ def main() -> None:
         knn_rows(results, args)
     if "sweep" in rows:
         fold_sweep(results, args)
+    if "knnsweep" in rows:
+        knn_sweep(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=gpu, commit=commit, results=results), f, indent=1)

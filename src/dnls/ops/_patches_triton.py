@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._search_triton import _TL_DTYPES, _border
+from ._search_triton import _TL_DTYPES, _border, _red
 
 # Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
 # which is exact when no read reaches past a mirror image of the frame (the launcher checks).
@@ -146,15 +146,15 @@ def _add(
     the adjoint of :func:`_read`."""
     if WHOLE:
         off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        tl.atomic_add(base + off, val, mask=mask & ok)
+        _red(base + off, val, mask & ok)
     else:
         fy, fx, o00, k00, o01, k01, o10, k10, o11, k11 = _corners(
             t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64, ACC
         )
-        tl.atomic_add(base + o00, val * ((1 - fy) * (1 - fx)), mask=mask & k00)
-        tl.atomic_add(base + o01, val * ((1 - fy) * fx), mask=mask & k01)
-        tl.atomic_add(base + o10, val * (fy * (1 - fx)), mask=mask & k10)
-        tl.atomic_add(base + o11, val * (fy * fx), mask=mask & k11)
+        _red(base + o00, val * ((1 - fy) * (1 - fx)), mask & k00)
+        _red(base + o01, val * ((1 - fy) * fx), mask & k01)
+        _red(base + o10, val * (fy * (1 - fx)), mask & k10)
+        _red(base + o11, val * (fy * fx), mask & k11)
 
 
 @triton.jit
@@ -472,7 +472,15 @@ def _fold_kernel(
 # Launchers. Shapes as in ops/patches.py; every launcher returns what the reference returns.
 # ---------------------------------------------------------------------------------------------
 
-BLOCK = 1024  # elements per program of the flat kernels
+# Launch configurations on CUDA (the benchmark's sweep sets them; None picks the default):
+# elements per program and warps of the flat gather/scatter kernels; the patch elements of a
+# wpsum tile (block_e, None: up to 128), its elements (queries x block_e) and warps, forward
+# and backward.
+CONFIG = {
+    "flat_block": 1024, "flat_warps": 4,
+    "wpsum_block_e": None, "wpsum_tile": 4096, "wpsum_warps": 4,
+    "wpsum_bwd_block_e": None, "wpsum_bwd_tile": 2048, "wpsum_bwd_warps": 4,
+}  # fmt: skip
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -486,6 +494,15 @@ def _inds(inds: torch.Tensor) -> torch.Tensor:
 
 def _block_e(e: int) -> int:
     return min(128, next_power_of_2(e))
+
+
+def _tile(e: int, device: torch.device, op: str) -> tuple[int, int, int]:
+    """(block_e, block_q, warps) of a wpsum launch (``op`` "wpsum" or "wpsum_bwd"); on CPU
+    (the interpreter) small tiles of 16 queries."""
+    block_e = CONFIG[op + "_block_e"] or _block_e(e)
+    if device.type != "cuda":
+        return block_e, 16, 4
+    return block_e, max(1, CONFIG[op + "_tile"] // block_e), CONFIG[op + "_warps"]
 
 
 # Videos with at least this many channels are read and accumulated channels-last, so that the
@@ -538,12 +555,14 @@ def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
     out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
     whole = not inds.is_floating_point()
     if out.numel():
-        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
+        block = CONFIG["flat_block"]
+        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, block), b * hd)
         src = _reads(vid)
         _gather_kernel[grid](
             src, _inds(inds), out, q * k, hd, t, h, w, *src.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole, out),
-            WHOLE=whole, ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=BLOCK,
+            WHOLE=whole, ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK=block,
+            num_warps=CONFIG["flat_warps"],
         )  # fmt: skip
     return out
 
@@ -596,12 +615,13 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     buf, strides = _buffer((b, hd, t, c, h, w), _acc(patches.dtype), patches.device)
     whole = not inds.is_floating_point()
     if patches.numel():
-        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, BLOCK), b * hd)
+        block = CONFIG["flat_block"]
+        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, block), b * hd)
         _scatter_kernel[grid](
             patches.contiguous(), _inds(inds), buf, q * k, t, h, w, *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
             **_modes(buf.shape, geom, whole, patches), WHOLE=whole, ACC=_TL_DTYPES[buf.dtype],
-            BLOCK=BLOCK,
+            BLOCK=block, num_warps=CONFIG["flat_warps"],
         )  # fmt: skip
     # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
     return buf.to(patches.dtype).contiguous()
@@ -618,14 +638,14 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
         return out.zero_()
     whole = not inds.is_floating_point()
     if r:
-        block_e = _block_e(e)
-        block_q = max(1, 4096 // block_e) if vid.device.type == "cuda" else 16
+        block_e, block_q, warps = _tile(e, vid.device, "wpsum")
         grid = (triton.cdiv(r, block_q), triton.cdiv(e, block_e))
         src = _reads(vid)
         _wpsum_kernel[grid](
             src, weights.contiguous(), _inds(inds), out, r, q, k, hd, t, h, w, *src.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
             WHOLE=whole, ACC=_TL_DTYPES[_acc(dtype)], BLOCK_Q=block_q, BLOCK_E=block_e,
+            num_warps=warps,
         )  # fmt: skip
     return out
 
@@ -641,8 +661,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     if r and k:
-        block_e = _block_e(e)
-        block_q = max(1, 2048 // block_e) if vid.device.type == "cuda" else 16
+        block_e, block_q, warps = _tile(e, vid.device, "wpsum_bwd")
         src = _reads(vid)
         _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
             src, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
@@ -650,6 +669,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             r, q, k, hd, t, h, w, *src.stride(), *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
             WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
+            num_warps=warps,
         )  # fmt: skip
     # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
     return gvid.to(vid.dtype).contiguous(), gw, gpos

@@ -632,15 +632,23 @@ def _search_rows_kernel(
 
 
 @triton.jit
+def _red(ptr, val, mask):
+    """Atomic add whose old value is not needed: relaxed order, so it compiles to a
+    fire-and-forget ``red`` (Triton's default, acq_rel, is a round-trip ``atom`` per element).
+    The sums are only read after the kernel ends, so no ordering is needed."""
+    tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _accumulate(ptr, val, mask, scale, FIXED: tl.constexpr):
     """Atomic add of ``val``; with FIXED, of ``round(val * scale)`` into an int64 accumulator.
     Integer addition is associative, so the fixed-point sums have the same bits on every run."""
     if FIXED:
         v = val.to(tl.float64) * scale
         v = tl.where(v >= 0, v + 0.5, v - 0.5)
-        tl.atomic_add(ptr, v.to(tl.int64), mask=mask)
+        _red(ptr, v.to(tl.int64), mask)
     else:
-        tl.atomic_add(ptr, val, mask=mask)
+        _red(ptr, val, mask)
 
 
 @triton.jit
