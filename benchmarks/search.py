@@ -198,7 +198,7 @@ def sweeps(gpu: str, names: list[str]) -> None:
             d, _ = dnls.search(vg, **row.kw)  # noqa: B023
             d.sum().backward()
 
-        for block_q in (16, 32, 64, 128):
+        for block_q in (32, 64, 128, 256):
             for warps in (1, 2, 4, 8):
                 kernels.CONFIG.update(block_q=block_q, num_warps=warps)
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023

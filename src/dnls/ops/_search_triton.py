@@ -78,10 +78,8 @@ def _patch_dist(
     H,
     W,
     PS: tl.constexpr,
-    PSP: tl.constexpr,
     PT: tl.constexpr,
     DIL: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     DOT: tl.constexpr,
     REFLECT: tl.constexpr,
     WHOLE: tl.constexpr,
@@ -89,57 +87,55 @@ def _patch_dist(
 ):
     """Distance between the query patches at whole (qt, qy, qx) and the key patches at
     (kt, ky, kx) (bilinear when not WHOLE): sum of squared differences, or of products when DOT.
-    Patches are read as (BQ, BLOCK_C, PSP, PSP) tiles, the border rule applied per row/column."""
-    ii = tl.arange(0, PSP)
-    offs = (ii - PS // 2) * DIL
-    pmask = ii < PS
-    cc = tl.arange(0, BLOCK_C)
-    q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
-    if WHOLE:
-        k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-    else:
+    Every operand is a vector of one value per query, so each lane sums its own query's patch
+    (no reduction across lanes): patch rows and columns are unrolled, channels are a loop."""
+    acc = tl.zeros(qy.shape, ACC)
+    if not WHOLE:
         y0f = tl.floor(ky)
         x0f = tl.floor(kx)
-        fy = (ky - y0f).to(ACC)[:, None, None, None]
-        fx = (kx - x0f).to(ACC)[:, None, None, None]
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-        sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-        sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-        sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-    acc = (
-        tl.zeros((BLOCK_C, PSP, PSP), dtype=ACC)[None]
-        + tl.zeros(qy.shape, ACC)[:, None, None, None]
-    )
+        fy = (ky - y0f).to(ACC)
+        fx = (kx - x0f).to(ACC)
+        ky = y0f.to(tl.int32)
+        kx = x0f.to(tl.int32)
     for dt in tl.static_range(PT):
         qti, qtv = _border(qt + dt, T, REFLECT)
         kti, ktv = _border(kt + dt, T, REFLECT)
-        q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
-        k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
-        qtv4 = qtv[:, None, None, None]
-        ktv4 = ktv[:, None, None, None]
-        for c0 in range(0, C, BLOCK_C):
-            ch = c0 + cc
-            cm = (ch < C)[None, :, None, None]
-            qc = (ch * sq_c)[None, :, None, None]
-            kc = (ch * sk_c)[None, :, None, None]
-            qv = tl.load(q_fr + qc + q_sp, mask=q_m & cm & qtv4, other=0.0).to(ACC)
-            if WHOLE:
-                kv = tl.load(k_fr + kc + k_sp, mask=k_m & cm & ktv4, other=0.0).to(ACC)
-            else:
-                km = cm & ktv4
-                v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
-                v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
-                v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
-                v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
-                kv = (v00 * (1 - fx) + v01 * fx) * (1 - fy) + (v10 * (1 - fx) + v11 * fx) * fy
-            if DOT:
-                acc += qv * kv
-            else:
-                diff = qv - kv
-                acc += diff * diff
-    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+        q_fr = q_base + qti.to(tl.int64) * sq_t
+        k_fr = k_base + kti.to(tl.int64) * sk_t
+        for i in tl.static_range(PS):
+            qyi, qyv = _border(qy + (i - PS // 2) * DIL, H, REFLECT)
+            kyi, kyv = _border(ky + (i - PS // 2) * DIL, H, REFLECT)
+            q_row = q_fr + qyi.to(tl.int64) * sq_y
+            k_row = k_fr + kyi.to(tl.int64) * sk_y
+            qrv = qtv & qyv
+            krv = ktv & kyv
+            if not WHOLE:
+                kyi1, kyv1 = _border(ky + 1 + (i - PS // 2) * DIL, H, REFLECT)
+                k_row1 = k_fr + kyi1.to(tl.int64) * sk_y
+                krv1 = ktv & kyv1
+            for c in range(C):
+                q_c = q_row + c * sq_c
+                k_c = k_row + c * sk_c
+                for jj in tl.static_range(PS):
+                    qxi, qxv = _border(qx + (jj - PS // 2) * DIL, W, REFLECT)
+                    kxi, kxv = _border(kx + (jj - PS // 2) * DIL, W, REFLECT)
+                    qv = tl.load(q_c + qxi * sq_x, mask=qrv & qxv, other=0.0).to(ACC)
+                    kv = tl.load(k_c + kxi * sk_x, mask=krv & kxv, other=0.0).to(ACC)
+                    if not WHOLE:
+                        kxi1, kxv1 = _border(kx + 1 + (jj - PS // 2) * DIL, W, REFLECT)
+                        k_c1 = k_row1 + c * sk_c
+                        v01 = tl.load(k_c + kxi1 * sk_x, mask=krv & kxv1, other=0.0).to(ACC)
+                        v10 = tl.load(k_c1 + kxi * sk_x, mask=krv1 & kxv, other=0.0).to(ACC)
+                        v11 = tl.load(k_c1 + kxi1 * sk_x, mask=krv1 & kxv1, other=0.0).to(ACC)
+                        kv = (kv * (1 - fx) + v01 * fx) * (1 - fy) + (
+                            v10 * (1 - fx) + v11 * fx
+                        ) * fy
+                    if DOT:
+                        acc += qv * kv
+                    else:
+                        diff = qv - kv
+                        acc += diff * diff
+    return acc
 
 
 @triton.jit
@@ -198,35 +194,32 @@ def _offset(cy, cx, sid, lo_steps, s1, WS: tl.constexpr, POS: tl.constexpr):
 
 
 @triton.jit
-def _worst(keys, ids):
-    """The current worst kept pair of each query: largest key, then largest index."""
-    worst = tl.max(keys, axis=1)
-    worst_id = tl.max(tl.where(keys == worst[:, None], ids, -1), axis=1)
-    return worst, worst_id
+def _topk_init(zero, NWIN, KP: tl.constexpr, ACC: tl.constexpr):
+    """KP empty slots per query (key +inf; window index NWIN + slot), as tuples of vectors
+    shaped like ``zero``: each lane keeps all the slots of its query in registers."""
+    keys = ()
+    ids = ()
+    for i in tl.static_range(KP):
+        keys = keys + (tl.zeros(zero.shape, ACC) + float("inf"),)
+        ids = ids + (zero + NWIN + i,)
+    return keys, ids
 
 
 @triton.jit
-def _insert(keys, ids, worst, worst_id, key, j, cand):
-    """Keep the KP smallest (key, window index) pairs per query: candidate j replaces the
-    current worst (largest key, then largest index) when its key is strictly smaller. The
-    worst pair is carried and recomputed only when some query of the block took a candidate
-    (after the first few candidates, most take none)."""
-    take = cand & (key < worst)
-    if tl.max(take.to(tl.int32), axis=0) > 0:
-        hit = (ids == worst_id[:, None]) & take[:, None]
-        keys = tl.where(hit, key[:, None], keys)
-        ids = tl.where(hit, j, ids)
-        worst, worst_id = _worst(keys, ids)
-    return keys, ids, worst, worst_id
-
-
-@triton.jit
-def _rank(keys, ids):
-    """Rank of each kept pair in (key, index) order."""
-    less = (keys[:, None, :] < keys[:, :, None]) | (
-        (keys[:, None, :] == keys[:, :, None]) & (ids[:, None, :] < ids[:, :, None])
-    )
-    return tl.sum(less.to(tl.int32), axis=2)
+def _topk_insert(keys, ids, key, j, KP: tl.constexpr):
+    """Insert candidate ``(key, j)`` into the slots, kept sorted by (key, window index):
+    the slots past the first whose key is larger shift down one and the last drops out. ``j``
+    is larger than every stored index, so a strict ``<`` puts it after equal keys (ties to the
+    earlier candidate); a NaN or +inf key is never inserted."""
+    lt = key < keys[0]
+    new_keys = (tl.where(lt, key, keys[0]),)
+    new_ids = (tl.where(lt, j, ids[0]),)
+    for i in tl.static_range(1, KP):
+        lt_i = key < keys[i]
+        new_keys = new_keys + (tl.where(lt, keys[i - 1], tl.where(lt_i, key, keys[i])),)
+        new_ids = new_ids + (tl.where(lt, ids[i - 1], tl.where(lt_i, j, ids[i])),)
+        lt = lt_i
+    return new_keys, new_ids
 
 
 @triton.jit
@@ -294,8 +287,6 @@ def _search_fwd_kernel(
     POS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    PSP: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -324,11 +315,8 @@ def _search_fwd_kernel(
         + qx.to(tl.int64) * sf_x
     )
 
-    slot = tl.arange(0, KP)
-    keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
-    keys = tl.zeros((BLOCK_Q, KP), dtype=ACC) + keys[None, :]
-    ids = tl.zeros((BLOCK_Q, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
-    worst, worst_id = _worst(keys, ids)
+    zero = qi * 0
+    keys, ids = _topk_init(zero, NWIN, KP, ACC)
 
     for s in range(S):
         tf = tstart + s
@@ -373,10 +361,8 @@ def _search_fwd_kernel(
                     H,
                     W,
                     PS,
-                    PSP,
                     PT,
                     DIL,
-                    BLOCK_C,
                     DOT,
                     REFLECT,
                     WHOLE,
@@ -398,31 +384,27 @@ def _search_fwd_kernel(
                     if SKIP_OWN:
                         own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
                         cand = cand & (own == 0)
-                    keys, ids, worst, worst_id = _insert(keys, ids, worst, worst_id, key, j, cand)
+                    keys, ids = _topk_insert(keys, ids, tl.where(cand, key, float("inf")), j, KP)
     if not ALL:
-        # Rank of each kept (key, index) pair; the KP - KEEP padding slots (-inf) rank first.
-        rank = _rank(keys, ids)
-        kept = qmask[:, None] & (rank >= KP - KEEP)
-        col = rank - (KP - KEEP) + (1 if ANCHOR else 0)
-        out = row[:, None] * KOUT + col
-        # positions of the kept window indices
-        sid = tl.where(kept, ids, 0)
-        s_ = sid // (WS * WS)
-        tf = tstart[:, None] + s_
-        cy = qy[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
-        cx = qx[:, None].to(POS) + tl.zeros((BLOCK_Q, KP), POS)
-        moves = kept & (tf != qt[:, None])
-        cy, cx, _, _ = _centre(
-            flow_ptr, pix_off[:, None], s_, moves, cy, cx, lo, hi_y, hi_x, sf_s, sf_c, HAS_FLOW, POS
-        )
-        ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
-        dist = -keys if DOT else keys
-        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
-        tl.store(widx_ptr + out, ids, mask=kept)
+        # The first KEEP slots, already in (key, index) order, and their positions.
         ity = inds_ptr.dtype.element_ty
-        tl.store(inds_ptr + out * 3, tf.to(ity), mask=kept)
-        tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=kept)
-        tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=kept)
+        for i in tl.static_range(KP):
+            kept = qmask & (zero + i < KEEP)
+            out = row * KOUT + i + (1 if ANCHOR else 0)
+            sid = tl.where(kept, ids[i], 0)
+            s_ = sid // (WS * WS)
+            tf = tstart + s_
+            cy, cx, _, _ = _centre(
+                flow_ptr, pix_off, s_, kept & (tf != qt), qy.to(POS), qx.to(POS),
+                lo, hi_y, hi_x, sf_s, sf_c, HAS_FLOW, POS,
+            )  # fmt: skip
+            ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
+            dist = -keys[i] if DOT else keys[i]
+            tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+            tl.store(widx_ptr + out, ids[i], mask=kept)
+            tl.store(inds_ptr + out * 3, tf.to(ity), mask=kept)
+            tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=kept)
+            tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=kept)
         if ANCHOR:
             d = _patch_dist(
                 q_base,
@@ -446,10 +428,8 @@ def _search_fwd_kernel(
                 H,
                 W,
                 PS,
-                PSP,
                 PT,
                 DIL,
-                BLOCK_C,
                 DOT,
                 REFLECT,
                 WHOLE,
@@ -520,7 +500,6 @@ def _search_rows_kernel(
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
-    PSP: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
@@ -536,7 +515,6 @@ def _search_rows_kernel(
     lane = tl.arange(0, BX)
     zero = lane * 0
     scratch = scratch_ptr + pid.to(tl.int64) * BX
-    slot = tl.arange(0, KP)
     half = (PS // 2) * DIL
     for blk in range(pid, nblocks, nprog):
         bh = blk // (nrows * nxb)
@@ -559,10 +537,7 @@ def _search_rows_kernel(
         qxi, qxv = _border(xc, W, REFLECT)
         tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
         cy = tl.minimum(tl.maximum(qy, lo_steps * s1), H - 1 - hi_steps * s1)
-        keys = tl.where(slot < KEEP, float("inf"), float("-inf")).to(ACC)
-        keys = tl.zeros((BX, KP), dtype=ACC) + keys[None, :]
-        ids = tl.zeros((BX, KP), dtype=tl.int32) + tl.where(slot < KEEP, NWIN + slot, -1)[None, :]
-        worst, worst_id = _worst(keys, ids)
+        keys, ids = _topk_init(zero, NWIN, KP, ACC)
         for s in range(S):
             tf = tstart + s
             for a in range(WS):
@@ -602,26 +577,27 @@ def _search_rows_kernel(
                     if SKIP_OWN:
                         own = (zero + tf == qt) & (zero + ky == qy) & (zero + dx == 0)
                         cand = cand & (own == 0)
-                    keys, ids, worst, worst_id = _insert(
-                        keys, ids, worst, worst_id, key, (s * WS + a) * WS + bb, cand
+                    keys, ids = _topk_insert(
+                        keys, ids, tl.where(cand, key, float("inf")), (s * WS + a) * WS + bb, KP
                     )
-        rank = _rank(keys, ids)
-        kept = qmask[:, None] & (rank >= KP - KEEP)
-        out = row[:, None] * KOUT + rank - (KP - KEEP) + (1 if ANCHOR else 0)
-        sid = tl.where(kept, ids, 0)
-        ky = cy + ((sid // WS) % WS - lo_steps) * s1
-        kx = qx[:, None] + (sid % WS - lo_steps) * s1
-        dist = -keys if DOT else keys
-        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
-        tl.store(widx_ptr + out, ids, mask=kept)
-        tl.store(inds_ptr + out * 3, tstart + sid // (WS * WS), mask=kept)
-        tl.store(inds_ptr + out * 3 + 1, ky, mask=kept)
-        tl.store(inds_ptr + out * 3 + 2, kx, mask=kept)
+        ity = inds_ptr.dtype.element_ty
+        for i in tl.static_range(KP):
+            kept = qmask & (zero + i < KEEP)
+            out = row * KOUT + i + (1 if ANCHOR else 0)
+            sid = tl.where(kept, ids[i], 0)
+            dist = -keys[i] if DOT else keys[i]
+            tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+            tl.store(widx_ptr + out, ids[i], mask=kept)
+            tl.store(inds_ptr + out * 3, (tstart + sid // (WS * WS)).to(ity), mask=kept)
+            tl.store(
+                inds_ptr + out * 3 + 1, (cy + ((sid // WS) % WS - lo_steps) * s1).to(ity), mask=kept
+            )
+            tl.store(inds_ptr + out * 3 + 2, (qx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
         if ANCHOR:
             d = _patch_dist(
                 q_base, k_base, zero + qt, zero + qy, qx, zero + qt, zero + qy, qx, C,
                 sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                PS, PSP, PT, DIL, 1, DOT, REFLECT, True, ACC,
+                PS, PT, DIL, DOT, REFLECT, True, ACC,
             )  # fmt: skip
             first = row * KOUT
             tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
@@ -920,9 +896,9 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     else:
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
         widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
-    t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
-    block_q = CONFIG["block_q"] or (32 if p.ps == 1 or kp > 16 else 64)
-    num_warps = CONFIG["num_warps"] or (1 if p.ps == 1 else 4)
+    t0, h0, w0, nh, nw, fl, fstrides, _, _ = _Layout.of(qvid, flows, p)
+    block_q = CONFIG["block_q"] or (32 if p.ps == 1 else 128)
+    num_warps = CONFIG["num_warps"] or max(1, block_q // 32)
     if p.count == 0 or b * hd == 0:
         return (dists, None, None) if select_all and not all_inds else (dists, inds, widx)
     row0 = p.start // nw
@@ -949,7 +925,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=num_warps,
+            BLOCK_Q=block_q, num_warps=num_warps,
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
@@ -972,7 +948,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
-            BX=bx, BOUT=bout, PSP=psp, num_warps=CONFIG["rows_warps"],
+            BX=bx, BOUT=bout, num_warps=CONFIG["rows_warps"],
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
