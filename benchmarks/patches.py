@@ -276,8 +276,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
     parser.add_argument("--copy-bw", type=float, default=2.9e12, help="measured copy B/s")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("COMMIT", "?")  # fmt: skip
+    # COMMIT first: the device's copy of the tree may carry a stale .git
+    commit = (
+        os.environ.get("COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}")  # noqa: T201
     results: list[dict] = []

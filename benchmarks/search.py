@@ -181,14 +181,66 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
+def sweep_configs(row: Row) -> list[tuple[str, dict]]:
+    """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
+    program and warps (never more lanes than queries) and, for one-pixel patches, channels in
+    registers or not; the backward's; the row kernel's block width, warps and lane exchange
+    (in-register gather or a scratch row with barriers)."""
+    out = []
+    qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
+    for block_q in (32, 64, 128, 256):
+        for warps in (1, 2, 4, 8):
+            if 32 * warps <= block_q:
+                out += [("fwd", dict(block_q=block_q, num_warps=warps, qreg_max=q)) for q in qregs]
+    for block_q in (16, 32, 64):
+        for warps in (1, 2, 4):
+            out.append(("f+b", dict(bwd_block_q=block_q, bwd_warps=warps)))
+    if row.kw["ps"] > 1:
+        out.append(("fwd", dict(rows=False)))
+        for bx in (32, 64, 128):
+            for warps in (1, 2, 4):
+                if 32 * warps <= bx:
+                    for gather in (True, False):
+                        out.append(("fwd", dict(rows_bx=bx, rows_warps=warps, rows_gather=gather)))
+    return out
+
+
+def _run_config(name: str, part: str, cfg: dict) -> None:
+    """One search (forward, or forward+backward) of row ``name`` under ``cfg``: compiles its
+    kernels into Triton's on-disk cache (run in worker processes, many at once)."""
+    from dnls.ops import _search_triton as kernels
+
+    os.environ["DNLS_BACKEND"] = "triton"
+    kernels.CONFIG.update(cfg)
+    row = ROWS[name]
+    vid = torch.rand(row.shape, device="cuda", requires_grad=part == "f+b")
+    d, _ = dnls.search(vid, **row.kw)
+    if part == "f+b":
+        d.sum().backward()
+    torch.cuda.synchronize()
+
+
 def sweeps(gpu: str, names: list[str]) -> None:
-    """Launch configurations of the forward and backward kernels on the rows ``names``, and
-    peak memory against the window size and the number of queries (it must follow count x K,
-    not the window)."""
+    """Launch configurations of the forward and backward kernels on the rows ``names`` (compiled
+    first in parallel worker processes, then timed here one by one), and peak memory against
+    the window size and the number of queries (it must follow count x K, not the window)."""
+    import concurrent.futures
+    import multiprocessing
+
     from dnls.ops import _search_triton as kernels
 
     os.environ["DNLS_BACKEND"] = "triton"
     defaults = dict(kernels.CONFIG)
+    jobs = [(name, part, cfg) for name in names for part, cfg in sweep_configs(ROWS[name])]
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=12, mp_context=ctx) as pool:
+        for job, fut in [(j, pool.submit(_run_config, *j)) for j in jobs]:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - a config that fails is reported, not fatal
+                print(f"config {job} failed: {e!r}"[:300], flush=True)
+    print(f"compiled {len(jobs)} configurations in {time.perf_counter() - t0:.0f} s", flush=True)
     for name in names:
         row = ROWS[name]
         vid = torch.rand(row.shape, device="cuda")
@@ -198,29 +250,14 @@ def sweeps(gpu: str, names: list[str]) -> None:
             d, _ = dnls.search(vg, **row.kw)  # noqa: B023
             d.sum().backward()
 
-        for block_q in (32, 64, 128, 256):
-            for warps in (1, 2, 4, 8):
-                kernels.CONFIG.update(block_q=block_q, num_warps=warps)
+        for part, cfg in sweep_configs(row):
+            kernels.CONFIG.update(defaults)
+            kernels.CONFIG.update(cfg)
+            if part == "fwd":
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
-                print(f"config {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(defaults)
-        for block_q in (16, 32, 64):
-            for warps in (1, 2, 4, 8):
-                kernels.CONFIG.update(bwd_block_q=block_q, bwd_warps=warps)
+            else:
                 ms = bench(fwd_bwd, 300)
-                print(f"backward {name} block_q={block_q} num_warps={warps}: {ms:.2f} ms f+b")
-        kernels.CONFIG.update(defaults)
-        if row.kw["ps"] == 1:
-            continue
-        kernels.CONFIG.update(rows=False)
-        ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
-        print(f"rows {name} off: {ms:.2f} ms", flush=True)
-        kernels.CONFIG.update(defaults)
-        for bx in (64, 128, 256):
-            for warps in (1, 2, 4):
-                kernels.CONFIG.update(rows_bx=bx, rows_warps=warps)
-                ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
-                print(f"rows {name} bx={bx} warps={warps}: {ms:.2f} ms", flush=True)
+            print(f"config {name} {part} {cfg}: {ms:.2f} ms", flush=True)
         kernels.CONFIG.update(defaults)
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512

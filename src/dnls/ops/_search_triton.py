@@ -139,6 +139,29 @@ def _patch_dist(
 
 
 @triton.jit
+def _pixel_dist(
+    qs, k_base, kt, ky, kx, sk_t, sk_c, sk_y, sk_x, T, H, W,
+    CQ: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """:func:`_patch_dist` for one-pixel patches at whole positions, the query's ``CQ``
+    channels given in registers (``qs``): the same sum, in the same order."""
+    kti, ktv = _border(kt, T, REFLECT)
+    kyi, kyv = _border(ky, H, REFLECT)
+    kxi, kxv = _border(kx, W, REFLECT)
+    k_px = k_base + kti.to(tl.int64) * sk_t + kyi.to(tl.int64) * sk_y + kxi.to(tl.int64) * sk_x
+    km = ktv & kyv & kxv
+    acc = tl.zeros(ky.shape, ACC)
+    for c in tl.static_range(CQ):
+        kv = tl.load(k_px + c * sk_c, mask=km, other=0.0).to(ACC)
+        if DOT:
+            acc += qs[c] * kv
+        else:
+            diff = qs[c] - kv
+            acc += diff * diff
+    return acc
+
+
+@triton.jit
 def _query_position(qi, t0, h0, w0, nh, nw, stride0):
     """(t, h, w) of query ``qi`` of the grid, in raster order t -> h -> w."""
     per_frame = nh * nw
@@ -287,6 +310,7 @@ def _search_fwd_kernel(
     POS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    CQ: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -317,6 +341,12 @@ def _search_fwd_kernel(
 
     zero = qi * 0
     keys, ids = _topk_init(zero, NWIN, KP, ACC)
+    if CQ > 0:
+        # one pixel per patch: the query's CQ channels stay in registers for the whole window
+        qs = ()
+        q_px = q_base + qt.to(tl.int64) * sq_t + qy.to(tl.int64) * sq_y + qx.to(tl.int64) * sq_x
+        for c in tl.static_range(CQ):
+            qs = qs + (tl.load(q_px + c * sq_c, mask=qmask, other=0.0).to(ACC),)
 
     for s in range(S):
         tf = tstart + s
@@ -339,35 +369,17 @@ def _search_fwd_kernel(
             ky = cy + ((a - lo_steps) * s1).to(POS)
             for bb in range(WS):
                 kx = cx + ((bb - lo_steps) * s1).to(POS)
-                d = _patch_dist(
-                    q_base,
-                    k_base,
-                    qt,
-                    qy,
-                    qx,
-                    tf,
-                    ky,
-                    kx,
-                    C,
-                    sq_t,
-                    sq_c,
-                    sq_y,
-                    sq_x,
-                    sk_t,
-                    sk_c,
-                    sk_y,
-                    sk_x,
-                    T,
-                    H,
-                    W,
-                    PS,
-                    PT,
-                    DIL,
-                    DOT,
-                    REFLECT,
-                    WHOLE,
-                    ACC,
-                )
+                if CQ > 0:
+                    d = _pixel_dist(
+                        qs, k_base, tf, ky, kx, sk_t, sk_c, sk_y, sk_x, T, H, W,
+                        CQ, DOT, REFLECT, ACC,
+                    )  # fmt: skip
+                else:
+                    d = _patch_dist(
+                        q_base, k_base, qt, qy, qx, tf, ky, kx, C,
+                        sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
+                        PS, PT, DIL, DOT, REFLECT, WHOLE, ACC,
+                    )  # fmt: skip
                 key = -d if DOT else d
                 j = (s * WS + a) * WS + bb
                 if ALL:
@@ -500,6 +512,7 @@ def _search_rows_kernel(
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
@@ -565,13 +578,19 @@ def _search_rows_kernel(
                                 else:
                                     diff = qv.to(ACC) - kv.to(ACC)
                                     e += diff * diff
-                    tl.store(scratch + lane, e)
-                    tl.debug_barrier()
                     d = tl.zeros((BX,), dtype=ACC)
-                    for jj in tl.static_range(PS):
-                        src = lane + jj * DIL
-                        d += tl.load(scratch + src, mask=src < BX, other=0.0)
-                    tl.debug_barrier()
+                    if GATHER:
+                        # in-register gather from the neighbouring lanes (shuffles on one warp)
+                        for jj in tl.static_range(PS):
+                            src = tl.minimum(lane + jj * DIL, BX - 1)
+                            d += tl.gather(e, src, 0)
+                    else:
+                        tl.store(scratch + lane, e)
+                        tl.debug_barrier()
+                        for jj in tl.static_range(PS):
+                            src = lane + jj * DIL
+                            d += tl.load(scratch + src, mask=src < BX, other=0.0)
+                        tl.debug_barrier()
                     key = -d if DOT else d
                     cand = qmask
                     if SKIP_OWN:
@@ -867,11 +886,15 @@ class _Layout(NamedTuple):
         )  # fmt: skip
 
 
-# Launch configuration; ``None`` picks from the case: the direct kernel runs 32 queries on one
-# warp without a patch (ps=1: W2 2.39 ms against 2.90 ms at 64 x 4, sweep in BENCHMARKS.md),
-# else 64 (32 past 16 kept) on 4 warps.
+# Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
+# warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
+# keeps in registers. Row kernel: its block width (next power of two of 32 and twice the patch
+# span) and warps (one per 32 lanes), and how lanes exchange column sums (``rows_gather``:
+# in-register gather, shuffles on one warp; else a scratch row and barriers). Backward:
+# queries per program and warps.
 CONFIG = {
-    "block_q": None, "num_warps": None, "rows": True, "rows_warps": 2, "rows_bx": None,
+    "block_q": None, "num_warps": None, "qreg_max": 64,
+    "rows": True, "rows_warps": None, "rows_bx": None, "rows_gather": True,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -912,6 +935,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         if not CONFIG["rows"] or jr - jl < 16:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
+    # one-pixel patches with few channels: the query's channels stay in registers
+    cq = c if (p.ps == 1 and p.pt == 1 and whole and c <= CONFIG["qreg_max"]) else 0
     if lanes > 0:
         _search_fwd_kernel[(triton.cdiv(lanes, block_q), b * hd)](
             qvid, kvid, fl, dists, inds, widx,
@@ -925,11 +950,11 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, num_warps=num_warps,
+            BLOCK_Q=block_q, CQ=cq, num_warps=num_warps,
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
-        bx = CONFIG["rows_bx"] or next_power_of_2(max(64, 2 * span))
+        bx = CONFIG["rows_bx"] or next_power_of_2(max(32, 2 * span))
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
         nblocks = b * hd * nrows * nxb
@@ -948,7 +973,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
-            BX=bx, BOUT=bout, num_warps=CONFIG["rows_warps"],
+            BX=bx, BOUT=bout, GATHER=CONFIG["rows_gather"],
+            num_warps=CONFIG["rows_warps"] or max(1, bx // 32),
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
