@@ -184,8 +184,7 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 def sweep_configs(row: Row) -> list[tuple[str, dict]]:
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
-    registers or not; the backward's; the row kernel's block width, warps and lane exchange
-    (in-register gather or a scratch row with barriers)."""
+    registers or not; the backward's; the row kernel's block width and warps."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -197,11 +196,10 @@ def sweep_configs(row: Row) -> list[tuple[str, dict]]:
             out.append(("f+b", dict(bwd_block_q=block_q, bwd_warps=warps)))
     if row.kw["ps"] > 1:
         out.append(("fwd", dict(rows=False)))
-        for bx in (32, 64, 128):
+        for bx in (64, 128, 256):
             for warps in (1, 2, 4):
                 if 32 * warps <= bx:
-                    for gather in (True, False):
-                        out.append(("fwd", dict(rows_bx=bx, rows_warps=warps, rows_gather=gather)))
+                    out.append(("fwd", dict(rows_bx=bx, rows_warps=warps)))
     return out
 
 

@@ -462,7 +462,6 @@ def _search_rows_kernel(
     dist_ptr,
     inds_ptr,
     widx_ptr,  # outputs, as in _search_fwd_kernel (never ALL here)
-    scratch_ptr,  # (programs, BX) workspace for the column sums
     sq_b,
     sq_h,
     sq_t,
@@ -512,7 +511,6 @@ def _search_rows_kernel(
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
-    GATHER: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
@@ -522,12 +520,11 @@ def _search_rows_kernel(
         e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
     over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
     the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
-    candidate instead of O(PS^2). The column sums pass through a per-program scratch row."""
+    candidate instead of O(PS^2)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, BX)
     zero = lane * 0
-    scratch = scratch_ptr + pid.to(tl.int64) * BX
     half = (PS // 2) * DIL
     for blk in range(pid, nblocks, nprog):
         bh = blk // (nrows * nxb)
@@ -578,19 +575,11 @@ def _search_rows_kernel(
                                 else:
                                     diff = qv.to(ACC) - kv.to(ACC)
                                     e += diff * diff
+                    # the PS column sums of each query, gathered from the neighbouring lanes
+                    # (register shuffles on one warp); lanes past BOUT are not output
                     d = tl.zeros((BX,), dtype=ACC)
-                    if GATHER:
-                        # in-register gather from the neighbouring lanes (shuffles on one warp)
-                        for jj in tl.static_range(PS):
-                            src = tl.minimum(lane + jj * DIL, BX - 1)
-                            d += tl.gather(e, src, 0)
-                    else:
-                        tl.store(scratch + lane, e)
-                        tl.debug_barrier()
-                        for jj in tl.static_range(PS):
-                            src = lane + jj * DIL
-                            d += tl.load(scratch + src, mask=src < BX, other=0.0)
-                        tl.debug_barrier()
+                    for jj in tl.static_range(PS):
+                        d += tl.gather(e, tl.minimum(lane + jj * DIL, BX - 1), 0)
                     key = -d if DOT else d
                     cand = qmask
                     if SKIP_OWN:
@@ -888,13 +877,13 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers. Row kernel: its block width (next power of two of 32 and twice the patch
-# span) and warps (one per 32 lanes), and how lanes exchange column sums (``rows_gather``:
-# in-register gather, shuffles on one warp; else a scratch row and barriers). Backward:
-# queries per program and warps.
+# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: its block width (the next power of
+# two of 128 and twice the patch span) on one warp, so the column sums move by shuffles (W3
+# forward 31 ms at 32 lanes, 21.6 ms at 128). Backward: queries per program and warps. The
+# sweep in benchmarks/search.py picked these on the H100 (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
-    "rows": True, "rows_warps": None, "rows_bx": None, "rows_gather": True,
+    "rows": True, "rows_warps": 1, "rows_bx": None,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -954,7 +943,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
-        bx = CONFIG["rows_bx"] or next_power_of_2(max(32, 2 * span))
+        bx = CONFIG["rows_bx"] or next_power_of_2(max(128, 2 * span))
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
         nblocks = b * hd * nrows * nxb
@@ -962,9 +951,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
         nprog = min(nblocks, sms * 8)
-        scratch = torch.empty(nprog, bx, dtype=acc, device=dev)
         _search_rows_kernel[(nprog,)](
-            qvid, kvid, dists, inds, widx, scratch,
+            qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
             hd, nframes, c, height, width,
             p.start, p.count, t0, h0, w0, nh, nw,
@@ -973,8 +961,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
-            BX=bx, BOUT=bout, GATHER=CONFIG["rows_gather"],
-            num_warps=CONFIG["rows_warps"] or max(1, bx // 32),
+            BX=bx, BOUT=bout, num_warps=CONFIG["rows_warps"],
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
