@@ -181,10 +181,11 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
-def sweep_configs(row: Row) -> list[tuple[str, dict]]:
+def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
-    registers or not; the backward's; the row kernel's block width and warps."""
+    registers or not; the backward's; the row kernel's block width, warps and programs per SM.
+    ``parts``: which of "fwd", "f+b", "rows" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -195,12 +196,14 @@ def sweep_configs(row: Row) -> list[tuple[str, dict]]:
         for warps in (1, 2, 4):
             out.append(("f+b", dict(bwd_block_q=block_q, bwd_warps=warps)))
     if row.kw["ps"] > 1:
-        out.append(("fwd", dict(rows=False)))
+        out.append(("rows", dict(rows=False)))
         for bx in (64, 128, 256):
             for warps in (1, 2, 4):
                 if 32 * warps <= bx:
-                    out.append(("fwd", dict(rows_bx=bx, rows_warps=warps)))
-    return out
+                    for per_sm in (8 // warps, 16 // warps, 32 // warps):
+                        cfg = dict(rows_bx=bx, rows_warps=warps, rows_per_sm=per_sm)
+                        out.append(("rows", cfg))
+    return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 
 def _run_config(name: str, part: str, cfg: dict) -> None:
@@ -218,7 +221,7 @@ def _run_config(name: str, part: str, cfg: dict) -> None:
     torch.cuda.synchronize()
 
 
-def sweeps(gpu: str, names: list[str]) -> None:
+def sweeps(gpu: str, names: list[str], parts: str) -> None:
     """Launch configurations of the forward and backward kernels on the rows ``names`` (compiled
     first in parallel worker processes, then timed here one by one), and peak memory against
     the window size and the number of queries (it must follow count x K, not the window)."""
@@ -229,7 +232,7 @@ def sweeps(gpu: str, names: list[str]) -> None:
 
     os.environ["DNLS_BACKEND"] = "triton"
     defaults = dict(kernels.CONFIG)
-    jobs = [(name, part, cfg) for name in names for part, cfg in sweep_configs(ROWS[name])]
+    jobs = [(n, part, cfg) for n in names for part, cfg in sweep_configs(ROWS[n], parts)]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=12, mp_context=ctx) as pool:
@@ -248,10 +251,10 @@ def sweeps(gpu: str, names: list[str]) -> None:
             d, _ = dnls.search(vg, **row.kw)  # noqa: B023
             d.sum().backward()
 
-        for part, cfg in sweep_configs(row):
+        for part, cfg in sweep_configs(row, parts):
             kernels.CONFIG.update(defaults)
             kernels.CONFIG.update(cfg)
-            if part == "fwd":
+            if part != "f+b":
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
             else:
                 ms = bench(fwd_bwd, 300)
@@ -275,10 +278,11 @@ def main() -> None:
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
+    parser.add_argument("--sweep-parts", default="fwd,f+b,rows", help="kernels the sweep covers")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     if args.sweep:
-        sweeps(gpu, args.sweep.split(","))
+        sweeps(gpu, args.sweep.split(","), args.sweep_parts)
     results = []
     for name in args.rows.split(","):
         res = measure(name, args, gpu)

@@ -877,15 +877,22 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: its block width (the next power of
-# two of 128 and twice the patch span) on one warp, so the column sums move by shuffles (W3
-# forward 31 ms at 32 lanes, 21.6 ms at 128). Backward: queries per program and warps. The
-# sweep in benchmarks/search.py picked these on the H100 (BENCHMARKS.md).
+# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (see
+# _rows_width) and warps (one, so the column sums move by shuffles), and persistent programs
+# per SM (16 warps' worth). Backward: queries per program and warps. The sweep in
+# benchmarks/search.py picked these on the H100 (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
-    "rows": True, "rows_warps": 1, "rows_bx": None,
+    "rows": True, "rows_warps": 1, "rows_bx": None, "rows_per_sm": None,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
+
+
+def _rows_width(ncols: int, span: int) -> int:
+    """Columns per block of the row kernel: of 64 and 128 (or the next power of two of twice the
+    patch span), the one that pads a row of ``ncols`` interior columns least (128 on a tie)."""
+    widths = [max(w, next_power_of_2(2 * span)) for w in (128, 64)]
+    return min(widths, key=lambda w: -(-ncols // (w - span)) * w)
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -943,14 +950,14 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
-        bx = CONFIG["rows_bx"] or next_power_of_2(max(128, 2 * span))
+        bx = CONFIG["rows_bx"] or _rows_width(jr - jl, span)
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
         nblocks = b * hd * nrows * nxb
         sms = (
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
-        nprog = min(nblocks, sms * 8)
+        nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 16 // CONFIG["rows_warps"]))
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
