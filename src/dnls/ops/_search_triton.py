@@ -877,13 +877,13 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (see
-# _rows_width) and warps (one, so the column sums move by shuffles), and persistent programs
-# per SM (16 warps' worth). Backward: queries per program and warps. The sweep in
-# benchmarks/search.py picked these on the H100 (BENCHMARKS.md).
+# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (_rows_width),
+# warps (two for 64 columns, else one) and persistent programs per SM (32 warps' worth): the
+# best of the sweep on W1s (64 x 2: 23.7 ms), W3 (128 x 1: 19.6 ms) and W4 (64 x 2: 38.5 ms).
+# Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
-    "rows": True, "rows_warps": 1, "rows_bx": None, "rows_per_sm": None,
+    "rows": True, "rows_warps": None, "rows_bx": None, "rows_per_sm": None,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -957,7 +957,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         sms = (
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
-        nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 16 // CONFIG["rows_warps"]))
+        rows_warps = CONFIG["rows_warps"] or (2 if bx <= 64 else 1)
+        nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
@@ -968,7 +969,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
-            BX=bx, BOUT=bout, num_warps=CONFIG["rows_warps"],
+            BX=bx, BOUT=bout, num_warps=rows_warps,
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
