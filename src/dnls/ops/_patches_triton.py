@@ -474,12 +474,13 @@ def _fold_kernel(
 
 # Launch configurations on CUDA (the benchmark's sweep sets them; None picks the default):
 # elements per program and warps of the flat gather/scatter kernels; the patch elements of a
-# wpsum tile (block_e, None: up to 128), its elements (queries x block_e) and warps, forward
-# and backward.
+# wpsum tile (block_e; None: the power of two up to 128 that pads E least), its elements
+# (queries x block_e) and warps, forward and backward. Defaults: the best of the sweep on the
+# H100 (BENCHMARKS.md): wpsum K14 ps7 C3 1.20 -> 0.73 ms, its backward 4.05 -> 3.42 ms.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4,
-    "wpsum_block_e": None, "wpsum_tile": 4096, "wpsum_warps": 4,
-    "wpsum_bwd_block_e": None, "wpsum_bwd_tile": 2048, "wpsum_bwd_warps": 4,
+    "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
+    "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
 }  # fmt: skip
 
 
@@ -496,10 +497,16 @@ def _block_e(e: int) -> int:
     return min(128, next_power_of_2(e))
 
 
+def _least_padding(e: int) -> int:
+    """The power of two up to 128 whose multiples cover ``e`` with the least padding (the
+    larger on a tie): 32 for E = 147 (160 lanes, against 256 at 128)."""
+    return min((128, 64, 32, 16), key=lambda b: -(-e // b) * b)
+
+
 def _tile(e: int, device: torch.device, op: str) -> tuple[int, int, int]:
     """(block_e, block_q, warps) of a wpsum launch (``op`` "wpsum" or "wpsum_bwd"); on CPU
     (the interpreter) small tiles of 16 queries."""
-    block_e = CONFIG[op + "_block_e"] or _block_e(e)
+    block_e = min(CONFIG[op + "_block_e"] or _least_padding(e), next_power_of_2(e))
     if device.type != "cuda":
         return block_e, 16, 4
     return block_e, max(1, CONFIG[op + "_tile"] // block_e), CONFIG[op + "_warps"]
