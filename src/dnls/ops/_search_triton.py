@@ -888,6 +888,13 @@ CONFIG = {
 }  # fmt: skip
 
 
+def _channels_first(vid: torch.Tensor) -> torch.Tensor:
+    """``vid`` (B, HD, T, C, H, W), copied channel-first when its channels are innermost."""
+    if vid.shape[3] > 1 and vid.stride(3) == 1 and vid.stride(5) > 1:
+        return vid.contiguous()
+    return vid
+
+
 def _rows_width(ncols: int, span: int) -> int:
     """Columns per block of the row kernel: of 64 and 128 (or the next power of two of twice the
     patch span), the one that pads a row of ``ncols`` interior columns least (128 on a tie)."""
@@ -916,6 +923,9 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
         widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
     t0, h0, w0, nh, nw, fl, fstrides, _, _ = _Layout.of(qvid, flows, p)
+    # each lane walks its own query's channels: with channels innermost (channels-last views,
+    # as attention layers make them) those reads would not coalesce across lanes
+    qvid, kvid = _channels_first(qvid), _channels_first(kvid)
     block_q = CONFIG["block_q"] or (32 if p.ps == 1 else 128)
     num_warps = CONFIG["num_warps"] or max(1, block_q // 32)
     if p.count == 0 or b * hd == 0:
