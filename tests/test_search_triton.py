@@ -95,6 +95,37 @@ def test_row_kernel_equals_reference(monkeypatch, kw):
     assert torch.equal(i1, i0)
 
 
+@pytest.mark.parametrize("bx", [64, 128])
+def test_row_kernel_widths(monkeypatch, bx):
+    """Both block widths the launcher picks from (64 columns on two warps, 128 on one), whatever
+    the frame width would choose: blocks of the row kernel tile the interior columns exactly."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_bx", bx)
+    shape = (1, 3, 3, 6, 300) if CUDA else (1, 3, 2, 4, 140)
+    q = rand_video(shape, seed=13).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, ws=3, wt=1, ps=3, k=4, self_match="exclude")
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize("ps", [1, 3])
+def test_channels_last_views(monkeypatch, ps):
+    """Videos whose channels are innermost (as attention layers make them) give the same
+    search as contiguous ones; with ps=1 the query's channels sit in registers."""
+    shape = (1, 3, 16, 6, 20) if CUDA else (1, 3, 12, 4, 6)
+    q = rand_video(shape, seed=14).to(DEVICE)
+    k = rand_video(shape, seed=15).to(DEVICE)
+    kw = dict(ws=3, wt=1, ps=ps, k=5, dist="dot", nheads=2)
+    last = [x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for x in (q, k)]
+    assert last[0].stride(2) == 1
+    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    d2, i2 = dnls.search(*last, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(d2, d1) and torch.equal(i2, i1) and torch.equal(i1, i0)
+
+
 @pytest.mark.parametrize("dist", ["l2", "dot"])
 def test_deterministic_backward(monkeypatch, dist):
     """Under torch.use_deterministic_algorithms the backward accumulates in fixed point: the
