@@ -1,21 +1,22 @@
-"""Triton kernels for ``search`` (forward): fused distance + running top-k.
+"""Triton kernels for ``search``: fused distance + running top-k (forward), atomic adds
+(backward).
 
 Imported only when the Triton backend runs, so ``import dnls`` never needs Triton.
 
-One program handles ``BLOCK_Q`` queries of one ``(batch, head)``. It walks the window in window
-order (slot, row, column); for each candidate it accumulates the patch distance over
-``pt x ps x ps`` pixels, ``BLOCK_C`` channels at a time, reading both videos through the border
-rule (and bilinear taps for sub-pixel positions). Selection keeps, per query, the ``KP`` best
-``(key, window index)`` pairs in registers, replacing the current worst:
+One lane handles one query (``BLOCK_Q`` queries of one ``(batch, head)`` per program). It walks
+the window in window order (slot, row, column); for each candidate it sums its own query's
+patch distance over ``pt x ps x ps`` pixels and the channels, reading both videos through the
+border rule (and bilinear taps for sub-pixel positions); nothing is reduced across lanes.
+Selection keeps, per query, the ``KP`` best ``(key, window index)`` pairs in registers, as a
+tuple sorted by (key, index):
 
-    worst = max over slots of (key, index)   (lexicographic: a larger index loses a tie)
-    insert candidate j iff key_j < worst.key  (j is larger than every stored index, so an
-                                               equal key never displaces an earlier candidate)
+    insert candidate j iff key_j < the last slot's key, shifting the larger slots down one
+    (j is larger than every stored index, so an equal key never displaces an earlier candidate)
 
-which keeps exactly the ``k`` smallest ``(key, index)`` pairs: nearest first, ties to the
-earlier candidate. ``key = dist`` for l2 and ``-dist`` for dot. The ``Q x W`` distances are
-never written (except for ``k=None``, where they are the output). The launcher sorts the ``KP``
-survivors by ``(key, index)`` and turns window indices into positions.
+which keeps exactly the ``k`` smallest ``(key, index)`` pairs, already ranked: nearest first,
+ties to the earlier candidate. ``key = dist`` for l2 and ``-dist`` for dot. The ``Q x W``
+distances are never written (except for ``k=None``, where they are the output). The row kernel
+(whole positions, no flows) shares column sums across the queries of a grid row.
 """
 
 from __future__ import annotations
