@@ -177,8 +177,7 @@ def _knn_inputs(args):
     for label, shape, skw in KNN:
         torch.manual_seed(0)
         vid = torch.rand(shape, device="cuda")
-        count = args.queries if skw["ps"] > 1 else None
-        _, inds = dnls.search(vid, count=count, **skw)
+        _, inds = dnls.search(vid, count=_knn_count(args, skw), **skw)
         yield label, vid, inds, skw["ps"]
 
 
@@ -188,14 +187,15 @@ KNN = (
 )
 
 
+def _knn_count(args, skw) -> int | None:
+    """Queries of a knn row: ``--queries`` of the 1024² patch row, every query without one."""
+    return args.queries if skw["ps"] > 1 else None
+
+
 def knn_rows(results, args):
     """gather / wpsum / scatter at the positions of a real search, against the reference."""
-    configs = (
-        ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14), 7, args.queries),
-        ("K16 ps1 C128 5x128x128", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16), 1, None),
-    )
-    for case, shape, skw, ps, count in configs:
-        knn_case(results, args, case, shape, skw, ps, count)
+    for case, shape, skw in KNN:
+        knn_case(results, args, case, shape, skw, skw["ps"], _knn_count(args, skw))
         torch.cuda.empty_cache()
 
 

@@ -924,13 +924,16 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         inds = torch.empty(b, hd, p.count, kout, 3, dtype=inds_dtype, device=dev)
         widx = torch.empty(b, hd, p.count, kout, dtype=torch.int32, device=dev)
     t0, h0, w0, nh, nw, fl, fstrides, _, _ = _Layout.of(qvid, flows, p)
-    # each lane walks its own query's channels: with channels innermost (channels-last views,
-    # as attention layers make them) those reads would not coalesce across lanes
-    qvid, kvid = _channels_first(qvid), _channels_first(kvid)
     block_q = CONFIG["block_q"] or (32 if p.ps == 1 else 128)
     num_warps = CONFIG["num_warps"] or max(1, block_q // 32)
     if p.count == 0 or b * hd == 0:
         return (dists, None, None) if select_all and not all_inds else (dists, inds, widx)
+    # each lane walks its own query's channels: with channels innermost (channels-last views,
+    # as attention layers make them) those reads would not coalesce across lanes. A search of a
+    # video against itself copies it once.
+    same = kvid.data_ptr() == qvid.data_ptr() and kvid.stride() == qvid.stride()
+    qvid = _channels_first(qvid)
+    kvid = qvid if same else _channels_first(kvid)
     row0 = p.start // nw
     nrows = (p.start + p.count - 1) // nw - row0 + 1
     # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
