@@ -270,6 +270,39 @@ def sweeps(gpu: str, names: list[str], parts: str) -> None:
         print(f"memory {gpu}: 512x512, ws=21, k=14, count={count}: {mb:.1f} MB", flush=True)
 
 
+def profile(names: list[str]) -> None:
+    """Each row's forward once after a warm-up call, between cudaProfilerStart and Stop: run
+    under ``ncu --profile-from-start off`` to read the hardware counters of those kernels."""
+    os.environ["DNLS_BACKEND"] = "triton"
+    for name in names:
+        row = ROWS[name]
+        vid = torch.rand(row.shape, device="cuda")
+        dnls.search(vid, **row.kw)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        dnls.search(vid, **row.kw)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
+def variants(names: list[str]) -> None:
+    """Forward time of each row with one setting changed at a time (k = 1, one channel, a
+    one-frame window): the differences place the time among selection, channels and frames."""
+    os.environ["DNLS_BACKEND"] = "triton"
+    for name in names:
+        row = ROWS[name]
+        changes = [("as is", {}, row.shape), ("k=1", {"k": 1}, row.shape)]
+        b, t, c, h, w = row.shape
+        if row.kw.get("nheads", 1) == 1 and c > 1:
+            changes.append(("C=1", {}, (b, t, 1, h, w)))
+        if row.kw.get("wt", 0):
+            changes.append(("wt=0", {"wt": 0}, row.shape))
+        for label, kw, shape in changes:
+            vid = torch.rand(shape, device="cuda")
+            ms = bench(lambda: dnls.search(vid, **{**row.kw, **kw}))  # noqa: B023
+            print(f"variant {name} {label}: {ms:.2f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -279,12 +312,18 @@ def main() -> None:
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
     parser.add_argument("--sweep-parts", default="fwd,f+b,rows", help="kernels the sweep covers")
+    parser.add_argument("--profile", default="", help="rows to run once for ncu, then stop")
+    parser.add_argument("--variants", default="", help="rows to time with one setting changed")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
+    if args.profile:
+        return profile(args.profile.split(","))
+    if args.variants:
+        variants(args.variants.split(","))
     if args.sweep:
         sweeps(gpu, args.sweep.split(","), args.sweep_parts)
     results = []
-    for name in args.rows.split(","):
+    for name in filter(None, args.rows.split(",")):
         res = measure(name, args, gpu)
         results.append(res)
         print(json.dumps(res), flush=True)
