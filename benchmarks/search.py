@@ -181,10 +181,17 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
+# the row kernel's (columns per block, warps, two rows per block) the sweep times
+ROWS_SWEEP = [
+    (32, 1, False), (32, 1, True), (64, 1, True), (64, 2, False), (64, 2, True), (128, 1, True),
+    (128, 2, True), (128, 4, True),
+]  # fmt: skip
+
+
 def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
-    registers or not; the backward's; the row kernel's block width, warps and programs per SM.
+    registers or not; the backward's; the row kernel's block width, warps and row pairing.
     ``parts``: which of "fwd", "f+b", "rows" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
@@ -197,12 +204,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
             out.append(("f+b", dict(bwd_block_q=block_q, bwd_warps=warps)))
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
-        for bx in (64, 128, 256):
-            for warps in (1, 2, 4):
-                if 32 * warps <= bx:
-                    for per_sm in (8 // warps, 16 // warps, 32 // warps):
-                        cfg = dict(rows_bx=bx, rows_warps=warps, rows_per_sm=per_sm)
-                        out.append(("rows", cfg))
+        for bx, warps, pair in ROWS_SWEEP:
+            out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_pair=pair)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 

@@ -82,11 +82,18 @@ def test_backward_equals_reference(monkeypatch, dist):
         dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero"),
         dict(ws=3, wt=1, ps=3, k=4, pt=2, dilation=2, self_match="exclude", nheads=2),
         dict(ws=3, ps=3, k=3, stride1=2, region=(1, 3, 1, 4, 3, 37), start=5, count=50),
+        dict(ws=3, ps=3, k=4, self_match="anchor", border="zero", start=57, count=150),
     ],
 )
-def test_row_kernel_equals_reference(monkeypatch, kw):
+@pytest.mark.parametrize("pair", [True, False])
+def test_row_kernel_equals_reference(monkeypatch, kw, pair):
     """Frames wide enough for the row kernel (reuse across queries) to take the interior
-    columns; the direct kernel takes the columns where windows slide."""
+    columns; the direct kernel takes the columns where windows slide. With ``pair`` two rows
+    share their patch-row terms where neither window is slid vertically (rows of one frame);
+    batches that start or end inside a row leave some lanes of either row idle."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_pair", pair)
     shape = (2, 3, 4, 9, 150) if CUDA else (1, 3, 2, 5, 40)
     q = rand_video(shape, seed=11).to(DEVICE)
     k = rand_video(shape, seed=12).to(DEVICE)

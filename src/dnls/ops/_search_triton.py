@@ -457,6 +457,190 @@ def _search_fwd_kernel(
 
 
 @triton.jit
+def _fold(i, n, REFLECT: tl.constexpr):
+    """:func:`_border` for indices in ``[-(n - 1), 2 (n - 1)]`` (the launcher checks the row
+    kernel stays there): one reflection instead of a modulo. Validity is always True with
+    REFLECT, and is not used then."""
+    if REFLECT:
+        i = tl.where(i < 0, -i, i)
+        i = tl.where(i >= n, 2 * (n - 1) - i, i)
+        valid = True
+    else:
+        valid = (i >= 0) & (i < n)
+        i = tl.minimum(tl.maximum(i, 0), n - 1)
+    return i, valid
+
+
+@triton.jit
+def _row_offsets(t, y, T, H, st, sy, NR: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+                 REFLECT: tl.constexpr):  # fmt: skip
+    """Offsets (int32 scalars, ``PT x NR`` of them, frame-major) of the rows ``y + r * DIL``,
+    r < NR, of frames ``t + dt``, dt < PT, through the border rule, and their validity."""
+    offs = ()
+    valid = ()
+    for dt in tl.static_range(PT):
+        ti, tv = _fold(t + dt, T, REFLECT)
+        for r in tl.static_range(NR):
+            yi, yv = _fold(y + r * DIL, H, REFLECT)
+            offs = offs + (ti * st + yi * sy,)
+            if REFLECT:
+                valid = valid + (True,)
+            else:
+                valid = valid + ((tv & yv).to(tl.int32),)  # (int: a scalar bool mask
+                # trips the interpreter)
+    return offs, valid
+
+
+@triton.jit
+def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, r: tl.constexpr,
+              NR: tl.constexpr,
+              sq_c, sk_c, C: tl.constexpr, PT: tl.constexpr, DOT: tl.constexpr,
+              REFLECT: tl.constexpr, QREG: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """One patch row's term of the column sums: sum over frames and channels of
+    ``(q - k)^2`` (or ``q k``) between query row ``r`` of ``qrows`` and key row ``r`` of
+    ``krows`` (offset tuples of :func:`_row_offsets`, ``NR`` rows per frame), at each lane's
+    column. With QREG the query values come from ``qvals`` (same order, channels innermost)."""
+    acc = tl.zeros(qcol.shape, ACC)
+    for dt in tl.static_range(PT):
+        # (row index dt * NR + r written out: a constant assigned to a name in a loop becomes a
+        # tensor, and tuples take only constant indices)
+        for c in tl.static_range(C):
+            if QREG:
+                qv = qvals[(dt * NR + r) * C + c]
+            elif REFLECT:
+                qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol).to(ACC)
+            else:
+                qm = (qxv.to(tl.int32) & qrv[dt * NR + r]) != 0
+                qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol, mask=qm, other=0.0)
+                qv = qv.to(ACC)
+            if REFLECT:
+                kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol).to(ACC)
+            else:
+                km = (kxv.to(tl.int32) & krv[dt * NR + r]) != 0
+                kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol, mask=km, other=0.0)
+                kv = kv.to(ACC)
+            if DOT:
+                acc += qv * kv
+            else:
+                diff = qv - kv
+                acc += diff * diff
+    return acc
+
+
+@triton.jit
+def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
+    """Each lane's sum of the PS column sums ``e`` at lanes ``lane + jj * DIL`` (register
+    shuffles within a warp); lanes whose patch passes the block's edge get junk (not output)."""
+    d = e
+    for jj in tl.static_range(1, PS):
+        d += tl.gather(e, tl.minimum(lane + jj * DIL, BX - 1), 0)
+    return d
+
+
+@triton.jit
+def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, keys, ids, keys1, ids1,
+                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                 WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+                 C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
+                 SKIP_OWN: tl.constexpr, QREG: tl.constexpr, PAIR: tl.constexpr,
+                 NR: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+    """The whole window for the block's query row (qt, qy), or with PAIR for it and the row
+    below it, whose window is the same one row down: the two share ``PS - 1`` of their
+    ``NR = PS + 1`` patch-row terms (DIL = 1). Returns the selection of each row (``keys1,
+    ids1`` pass through without PAIR)."""
+    lane = tl.arange(0, BX)
+    zero = lane * 0
+    half = (PS // 2) * DIL
+    qrows, qrv = _row_offsets(qt, qy - half, T, H, sq_t, sq_y, NR, PT, DIL, REFLECT)
+    qvals = ()
+    if QREG:
+        for at in tl.static_range(PT * NR):
+            for c in tl.static_range(C):
+                if REFLECT:
+                    v = tl.load(q_b + (qrows[at] + c * sq_c) + qcol)
+                else:
+                    qm = (qxv.to(tl.int32) & qrv[at]) != 0
+                    v = tl.load(q_b + (qrows[at] + c * sq_c) + qcol, mask=qm, other=0.0)
+                qvals = qvals + (v.to(ACC),)
+    for s in range(S):
+        tf = tstart + s
+        for a in range(WS):
+            ky = cy + (a - lo_steps) * s1
+            krows, krv = _row_offsets(tf, ky - half, T, H, sk_t, sk_y, NR, PT, DIL, REFLECT)
+            for bb in range(WS):
+                dx = (bb - lo_steps) * s1
+                kxi, kxv = _fold(xc + dx, W, REFLECT)
+                kcol = kxi * sk_x
+                j = (s * WS + a) * WS + bb
+                e = tl.zeros((BX,), ACC)
+                for r in tl.static_range(1, PS):
+                    e += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
+                                   r, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+                first = _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
+                                  0, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+                d = _hsum(e + first, lane, BX, PS, DIL)
+                key = -d if DOT else d
+                cand = qmask
+                if SKIP_OWN:
+                    own = (tf == qt) & (ky == qy) & (dx == 0)
+                    cand = cand & (zero + own.to(tl.int32) == 0)
+                keys, ids = _topk_insert(keys, ids, tl.where(cand, key, float("inf")), j, KP)
+                if PAIR:
+                    last = _row_term(
+                        q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
+                        PS, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC,
+                    )  # fmt: skip
+                    d1 = _hsum(e + last, lane, BX, PS, DIL)
+                    key1 = -d1 if DOT else d1
+                    cand1 = qmask1
+                    if SKIP_OWN:  # the second row's candidate is one row down: ky + 1
+                        cand1 = cand1 & (zero + own.to(tl.int32) == 0)
+                    keys1, ids1 = _topk_insert(
+                        keys1, ids1, tl.where(cand1, key1, float("inf")), j, KP
+                    )
+    return keys, ids, keys1, ids1
+
+
+@triton.jit
+def _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx, s1,
+                lo_steps, KEEP, KOUT, WS: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr,
+                ANCHOR: tl.constexpr):  # fmt: skip
+    """Write one query row's selection (its first KEEP slots) and their positions."""
+    ity = inds_ptr.dtype.element_ty
+    for i in tl.static_range(KP):
+        kept = qmask & (zero + i < KEEP)
+        out = row * KOUT + i + (1 if ANCHOR else 0)
+        sid = tl.where(kept, ids[i], 0)
+        dist = -keys[i] if DOT else keys[i]
+        tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
+        tl.store(widx_ptr + out, ids[i], mask=kept)
+        tl.store(inds_ptr + out * 3, (tstart + sid // (WS * WS)).to(ity), mask=kept)
+        tl.store(
+            inds_ptr + out * 3 + 1, (cy + ((sid // WS) % WS - lo_steps) * s1).to(ity), mask=kept
+        )
+        tl.store(inds_ptr + out * 3 + 2, (qx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
+
+
+@triton.jit
+def _rows_anchor(q_base, k_base, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero, C,
+                 sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W, KOUT,
+                 PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, DOT: tl.constexpr,
+                 REFLECT: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+    """The anchored query (its distance to itself) in the first result slot of its row."""
+    d = _patch_dist(
+        q_base, k_base, zero + qt, zero + qy, qx, zero + qt, zero + qy, qx, C,
+        sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
+        PS, PT, DIL, DOT, REFLECT, True, ACC,
+    )  # fmt: skip
+    first = row * KOUT
+    tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
+    tl.store(widx_ptr + first, tl.full((BX,), -1, tl.int32), mask=qmask)
+    tl.store(inds_ptr + first * 3, zero + qt, mask=qmask)
+    tl.store(inds_ptr + first * 3 + 1, zero + qy, mask=qmask)
+    tl.store(inds_ptr + first * 3 + 2, qx, mask=qmask)
+
+
+@triton.jit
 def _search_rows_kernel(
     q_ptr,
     k_ptr,  # videos (B, HD, T, C, H, W)
@@ -477,7 +661,6 @@ def _search_rows_kernel(
     sk_x,  # strides of k
     HD,
     T,
-    C,
     H,
     W,
     start,
@@ -488,11 +671,12 @@ def _search_rows_kernel(
     nh,
     nw,  # query grid (stride0 = 1)
     row0,
-    nrows,
+    ngroups,
+    nrows,  # batch rows, in groups of R
     jl,
     jr,
     nxb,
-    nblocks,  # batch rows; interior grid columns [jl, jr) in blocks
+    nblocks,  # interior grid columns [jl, jr) in blocks
     s1,
     lo_steps,
     hi_steps,
@@ -504,38 +688,47 @@ def _search_rows_kernel(
     PS: tl.constexpr,
     PT: tl.constexpr,
     DIL: tl.constexpr,
+    C: tl.constexpr,
     KP: tl.constexpr,
     DOT: tl.constexpr,
     REFLECT: tl.constexpr,
     SKIP_OWN: tl.constexpr,
     ANCHOR: tl.constexpr,
+    QREG: tl.constexpr,
+    R: tl.constexpr,
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
-    A block is BOUT consecutive queries of one grid row whose windows are not slid sideways,
-    so every query of the block sees candidate j at the same displacement (dt, dy, dx). For
-    each candidate the block computes the column sums
+    A block is BOUT consecutive queries of R (1 or 2) consecutive grid rows whose windows are
+    not slid sideways, so every query of a row sees candidate j at the same displacement
+    (dt, dy, dx). For each candidate the block computes the column sums
         e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
     over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
     the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
-    candidate instead of O(PS^2)."""
+    candidate instead of O(PS^2). Two rows of one frame whose windows are not slid vertically
+    either share PS - 1 of their PS patch-row terms (R = 2): O(PS / 2 + 1) per query.
+    Offsets inside one (batch, head) are int32 (the launcher checks they fit); channels are
+    unrolled (C is a constant) and, with QREG, the query's values stay in registers."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, BX)
     zero = lane * 0
     half = (PS // 2) * DIL
+    lo = lo_steps * s1
+    hi = H - 1 - hi_steps * s1
     for blk in range(pid, nblocks, nprog):
-        bh = blk // (nrows * nxb)
-        rem = blk % (nrows * nxb)
-        grow = row0 + rem // nxb
+        bh = blk // (ngroups * nxb)
+        rem = blk % (ngroups * nxb)
+        g = rem // nxb  # the block's first row is batch row g * R
         xb = rem % nxb
         b = bh // HD
         hd = bh % HD
-        q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
-        k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+        q_b = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
+        k_b = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
+        grow = row0 + g * R
         qt = t0 + grow // nh
         qy = h0 + grow % nh
         j0 = jl + xb * BOUT
@@ -544,76 +737,62 @@ def _search_rows_kernel(
         qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
         qx = w0 + jq
         row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
-        xc = w0 + j0 - half + lane  # the columns whose sums the block needs
-        qxi, qxv = _border(xc, W, REFLECT)
+        # the columns whose sums the block needs (lanes past the last query's patch repeat its
+        # last column: every column and candidate stays within one reflection of the frame)
+        xc = tl.minimum(w0 + j0 - half + lane, w0 + jr - 1 + half)
+        qxi, qxv = _fold(xc, W, REFLECT)
+        qcol = qxi * sq_x
         tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
-        cy = tl.minimum(tl.maximum(qy, lo_steps * s1), H - 1 - hi_steps * s1)
+        cy = tl.minimum(tl.maximum(qy, lo), hi)
         keys, ids = _topk_init(zero, NWIN, KP, ACC)
-        for s in range(S):
-            tf = tstart + s
-            for a in range(WS):
-                ky = cy + (a - lo_steps) * s1
-                for bb in range(WS):
-                    dx = (bb - lo_steps) * s1
-                    kxi, kxv = _border(xc + dx, W, REFLECT)
-                    e = tl.zeros((BX,), dtype=ACC)
-                    for dt in tl.static_range(PT):
-                        # row coordinates as uniform vectors: masks stay vectors
-                        qti, qtv = _border(zero + qt + dt, T, REFLECT)
-                        kti, ktv = _border(zero + tf + dt, T, REFLECT)
-                        for i in tl.static_range(PS):
-                            qyi, qyv = _border(zero + qy + (i - PS // 2) * DIL, H, REFLECT)
-                            kyi, kyv = _border(zero + ky + (i - PS // 2) * DIL, H, REFLECT)
-                            qrow = q_base + qti.to(tl.int64) * sq_t + qyi.to(tl.int64) * sq_y
-                            krow = k_base + kti.to(tl.int64) * sk_t + kyi.to(tl.int64) * sk_y
-                            qm = qxv & qtv & qyv
-                            km = kxv & ktv & kyv
-                            for c in range(C):
-                                qv = tl.load(qrow + c * sq_c + qxi * sq_x, mask=qm, other=0.0)
-                                kv = tl.load(krow + c * sk_c + kxi * sk_x, mask=km, other=0.0)
-                                if DOT:
-                                    e += qv.to(ACC) * kv.to(ACC)
-                                else:
-                                    diff = qv.to(ACC) - kv.to(ACC)
-                                    e += diff * diff
-                    # the PS column sums of each query, gathered from the neighbouring lanes
-                    # (register shuffles on one warp); lanes past BOUT are not output
-                    d = tl.zeros((BX,), dtype=ACC)
-                    for jj in tl.static_range(PS):
-                        d += tl.gather(e, tl.minimum(lane + jj * DIL, BX - 1), 0)
-                    key = -d if DOT else d
-                    cand = qmask
-                    if SKIP_OWN:
-                        own = (zero + tf == qt) & (zero + ky == qy) & (zero + dx == 0)
-                        cand = cand & (own == 0)
-                    keys, ids = _topk_insert(
-                        keys, ids, tl.where(cand, key, float("inf")), (s * WS + a) * WS + bb, KP
-                    )
-        ity = inds_ptr.dtype.element_ty
-        for i in tl.static_range(KP):
-            kept = qmask & (zero + i < KEEP)
-            out = row * KOUT + i + (1 if ANCHOR else 0)
-            sid = tl.where(kept, ids[i], 0)
-            dist = -keys[i] if DOT else keys[i]
-            tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
-            tl.store(widx_ptr + out, ids[i], mask=kept)
-            tl.store(inds_ptr + out * 3, (tstart + sid // (WS * WS)).to(ity), mask=kept)
-            tl.store(
-                inds_ptr + out * 3 + 1, (cy + ((sid // WS) % WS - lo_steps) * s1).to(ity), mask=kept
-            )
-            tl.store(inds_ptr + out * 3 + 2, (qx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
-        if ANCHOR:
-            d = _patch_dist(
-                q_base, k_base, zero + qt, zero + qy, qx, zero + qt, zero + qy, qx, C,
-                sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                PS, PT, DIL, DOT, REFLECT, True, ACC,
+        if R == 2:
+            # the second row: in the batch, in the same frame, and its window one row down
+            qi1 = qi + nw
+            qmask1 = (lane < BOUT) & (jq < jr) & (qi1 >= start) & (qi1 < start + count)
+            qmask1 = qmask1 & (zero + g * 2 + 1 < nrows)
+            pair = ((grow + 1) % nh != 0) & (qy >= lo) & (qy + 1 <= hi)
+            grow1 = tl.minimum(grow + 1, row0 + nrows - 1)
+            qt1 = t0 + grow1 // nh
+            qy1 = h0 + grow1 % nh
+            cy1 = tl.minimum(tl.maximum(qy1, lo), hi)
+            tstart1 = tl.minimum(tl.maximum(qt1 - (S // 2), 0), T - S)
+            keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
+            if pair:
+                keys, ids, keys1, ids1 = _rows_select(
+                    q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, keys, ids, keys1,
+                    ids1, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1, ACC, BX,
+                )  # fmt: skip
+            else:
+                keys, ids, _, _ = _rows_select(
+                    q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
+                    sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
+                )  # fmt: skip
+                keys1, ids1, _, _ = _rows_select(
+                    q_b, k_b, qt1, qy1, qmask1, qmask1, tstart1, cy1, xc, qcol, qxv, keys1, ids1,
+                    keys1, ids1, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
+                )  # fmt: skip
+            row1 = row + nw
+            _rows_store(dist_ptr, inds_ptr, widx_ptr, keys1, ids1, row1, qmask1, zero, tstart1,
+                        cy1, qx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
+            if ANCHOR:
+                _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row1, qmask1, qt1, qy1, qx,
+                             zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
+                             KOUT, PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
+        else:
+            keys, ids, _, _ = _rows_select(
+                q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
+                sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
             )  # fmt: skip
-            first = row * KOUT
-            tl.store(dist_ptr + first, d.to(dist_ptr.dtype.element_ty), mask=qmask)
-            tl.store(widx_ptr + first, tl.full((BX,), -1, tl.int32), mask=qmask)
-            tl.store(inds_ptr + first * 3, zero + qt, mask=qmask)
-            tl.store(inds_ptr + first * 3 + 1, zero + qy, mask=qmask)
-            tl.store(inds_ptr + first * 3 + 2, qx, mask=qmask)
+        _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx, s1,
+                    lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
+        if ANCHOR:
+            _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero, C,
+                         sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W, KOUT,
+                         PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
 
 
 @triton.jit
@@ -885,6 +1064,7 @@ class _Layout(NamedTuple):
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_warps": None, "rows_bx": None, "rows_per_sm": None,
+    "rows_pair": True, "rows_qreg": 48,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -903,6 +1083,21 @@ def _rows_width(ncols: int, span: int) -> int:
     return min(widths, key=lambda w: -(-ncols // (w - span)) * w)
 
 
+def _rows_apply(qvid, kvid, flows, p, whole: bool, select_all: bool) -> bool:
+    """Whether the row kernel takes the interior columns: whole positions, no flows, stride0 1,
+    a patch wider than one pixel, k given; patch overshoot of at most one reflection
+    (:func:`_fold`) and int32 offsets inside one (batch, head) of either video."""
+    if not (CONFIG["rows"] and whole and flows is None and p.stride0 == 1 and p.ps > 1):
+        return False
+    t, h, w = qvid.shape[2], qvid.shape[4], qvid.shape[5]
+    half = (p.ps // 2) * p.dilation
+    span = max(
+        sum((n - 1) * st for n, st in zip(v.shape[2:], v.stride()[2:], strict=True))
+        for v in (qvid, kvid)
+    )
+    return not select_all and half < min(h, w) and p.pt <= t and span < 2**31 - 1
+
+
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     """Run the kernel. With ``k`` given, returns the final ``(dists, inds, widx)`` of shapes
     ``(B, HD, count, K)``, ``(B, HD, count, K, 3)`` and ``(B, HD, count, K)``; with ``k=None``,
@@ -913,7 +1108,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     select_all = p.k < 0
     anchor = p.self_match == "anchor" and not select_all
     keep = 0 if select_all else p.nk - anchor
-    kp = next_power_of_2(max(keep, 1))
+    kp = max(keep, 1)
     dev = qvid.device
     kout = p.nwin if select_all else p.nk
     dists = torch.empty(b, hd, p.count, kout, dtype=qvid.dtype, device=dev)
@@ -939,10 +1134,10 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
     jl = jr = 0
     s1 = int(p.stride1) if whole else 0
-    if whole and flows is None and p.stride0 == 1 and not select_all and p.ps > 1:
+    if _rows_apply(qvid, kvid, flows, p, whole, select_all):
         jl = max(0, (p.ws // 2) * s1 - w0)
         jr = min(nw, width - (p.ws - 1 - p.ws // 2) * s1 - w0)
-        if not CONFIG["rows"] or jr - jl < 16:
+        if jr - jl < 16:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
     # one-pixel patches with few channels: the query's channels stay in registers
@@ -967,23 +1162,25 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         bx = CONFIG["rows_bx"] or _rows_width(jr - jl, span)
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
-        nblocks = b * hd * nrows * nxb
         sms = (
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
         rows_warps = CONFIG["rows_warps"] or (2 if bx <= 64 else 1)
+        pair = 2 if CONFIG["rows_pair"] and p.dilation == 1 else 1
+        nblocks = b * hd * triton.cdiv(nrows, pair) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
+        qreg = p.pt * (p.ps + pair - 1) * c <= CONFIG["rows_qreg"]
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
-            hd, nframes, c, height, width,
+            hd, nframes, height, width,
             p.start, p.count, t0, h0, w0, nh, nw,
-            row0, nrows, jl, jr, nxb, nblocks,
+            row0, triton.cdiv(nrows, pair), nrows, jl, jr, nxb, nblocks,
             s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, KP=kp,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, ACC=_TL_DTYPES[acc],
-            BX=bx, BOUT=bout, num_warps=rows_warps,
+            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg, R=pair,
+            ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, num_warps=rows_warps,
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
