@@ -102,10 +102,10 @@ def test_row_kernel_equals_reference(monkeypatch, kw, pair):
     assert torch.equal(i1, i0)
 
 
-@pytest.mark.parametrize("bx", [64, 128])
+@pytest.mark.parametrize("bx", [32, 64, 128])
 def test_row_kernel_widths(monkeypatch, bx):
-    """Both block widths the launcher picks from (64 columns on two warps, 128 on one), whatever
-    the frame width would choose: blocks of the row kernel tile the interior columns exactly."""
+    """Row-kernel blocks of 32 columns on one warp (the default), 64 on two and 128 on four
+    tile the interior columns exactly."""
     from dnls.ops import _search_triton as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "rows_bx", bx)

@@ -492,39 +492,56 @@ def _row_offsets(t, y, T, H, st, sy, NR: tl.constexpr, PT: tl.constexpr, DIL: tl
 
 
 @triton.jit
-def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, r: tl.constexpr,
-              NR: tl.constexpr,
-              sq_c, sk_c, C: tl.constexpr, PT: tl.constexpr, DOT: tl.constexpr,
-              REFLECT: tl.constexpr, QREG: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """One patch row's term of the column sums: sum over frames and channels of
+def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, r: tl.constexpr,
+              NR: tl.constexpr, sq_c, sk_c, C: tl.constexpr, PT: tl.constexpr,
+              DOT: tl.constexpr, REFLECT: tl.constexpr, QREG: tl.constexpr,
+              ACC: tl.constexpr):  # fmt: skip
+    """Channel ``c``'s part of one patch row's term of the column sums: the sum over frames of
     ``(q - k)^2`` (or ``q k``) between query row ``r`` of ``qrows`` and key row ``r`` of
     ``krows`` (offset tuples of :func:`_row_offsets`, ``NR`` rows per frame), at each lane's
-    column. With QREG the query values come from ``qvals`` (same order, channels innermost)."""
+    column. With QREG (``c`` a constant) the query values come from ``qvals`` (same order,
+    channels innermost). Row indices are written out as ``dt * NR + r``: a constant assigned to
+    a name in a loop becomes a tensor, and tuples take only constant indices."""
     acc = tl.zeros(qcol.shape, ACC)
     for dt in tl.static_range(PT):
-        # (row index dt * NR + r written out: a constant assigned to a name in a loop becomes a
-        # tensor, and tuples take only constant indices)
-        for c in tl.static_range(C):
-            if QREG:
-                qv = qvals[(dt * NR + r) * C + c]
-            elif REFLECT:
-                qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol).to(ACC)
-            else:
-                qm = (qxv.to(tl.int32) & qrv[dt * NR + r]) != 0
-                qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol, mask=qm, other=0.0)
-                qv = qv.to(ACC)
-            if REFLECT:
-                kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol).to(ACC)
-            else:
-                km = (kxv.to(tl.int32) & krv[dt * NR + r]) != 0
-                kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol, mask=km, other=0.0)
-                kv = kv.to(ACC)
-            if DOT:
-                acc += qv * kv
-            else:
-                diff = qv - kv
-                acc += diff * diff
+        if QREG:
+            qv = qvals[(dt * NR + r) * C + c]
+        elif REFLECT:
+            qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol).to(ACC)
+        else:
+            qm = (qxv.to(tl.int32) & qrv[dt * NR + r]) != 0
+            qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol, mask=qm, other=0.0)
+            qv = qv.to(ACC)
+        if REFLECT:
+            kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol).to(ACC)
+        else:
+            km = (kxv.to(tl.int32) & krv[dt * NR + r]) != 0
+            kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol, mask=km, other=0.0)
+            kv = kv.to(ACC)
+        if DOT:
+            acc += qv * kv
+        else:
+            diff = qv - kv
+            acc += diff * diff
     return acc
+
+
+@triton.jit
+def _channel_terms(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, first, mid,
+                   last, sq_c, sk_c, PS: tl.constexpr, NR: tl.constexpr, C: tl.constexpr,
+                   PT: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
+                   QREG: tl.constexpr, PAIR: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Add channel ``c``'s patch-row terms: row 0 to ``first``, rows 1 .. PS - 1 to ``mid``
+    and, with PAIR, row PS to ``last``."""
+    first += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, 0, NR,
+                       sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+    for r in tl.static_range(1, PS):
+        mid += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, r, NR,
+                         sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+    if PAIR:
+        last += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, PS,
+                          NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+    return first, mid, last
 
 
 @triton.jit
@@ -572,12 +589,23 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                 kxi, kxv = _fold(xc + dx, W, REFLECT)
                 kcol = kxi * sk_x
                 j = (s * WS + a) * WS + bb
+                first = tl.zeros((BX,), ACC)
                 e = tl.zeros((BX,), ACC)
-                for r in tl.static_range(1, PS):
-                    e += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
-                                   r, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
-                first = _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
-                                  0, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
+                last = tl.zeros((BX,), ACC)
+                if QREG:  # channels unrolled, query values from registers
+                    for c in tl.static_range(C):
+                        first, e, last = _channel_terms(
+                            q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
+                            first, e, last, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, PAIR,
+                            ACC,
+                        )  # fmt: skip
+                else:  # a loop: unrolled, the hoisted query addresses would not fit registers
+                    for c in range(C):
+                        first, e, last = _channel_terms(
+                            q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
+                            first, e, last, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, PAIR,
+                            ACC,
+                        )  # fmt: skip
                 d = _hsum(e + first, lane, BX, PS, DIL)
                 key = -d if DOT else d
                 cand = qmask
@@ -586,10 +614,6 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                     cand = cand & (zero + own.to(tl.int32) == 0)
                 keys, ids = _topk_insert(keys, ids, tl.where(cand, key, float("inf")), j, KP)
                 if PAIR:
-                    last = _row_term(
-                        q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals,
-                        PS, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC,
-                    )  # fmt: skip
                     d1 = _hsum(e + last, lane, BX, PS, DIL)
                     key1 = -d1 if DOT else d1
                     cand1 = qmask1
@@ -729,70 +753,71 @@ def _search_rows_kernel(
         q_b = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
         k_b = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
         grow = row0 + g * R
-        qt = t0 + grow // nh
-        qy = h0 + grow % nh
         j0 = jl + xb * BOUT
         jq = j0 + lane
-        qi = grow * nw + jq
-        qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
         qx = w0 + jq
-        row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
         # the columns whose sums the block needs (lanes past the last query's patch repeat its
         # last column: every column and candidate stays within one reflection of the frame)
         xc = tl.minimum(w0 + j0 - half + lane, w0 + jr - 1 + half)
         qxi, qxv = _fold(xc, W, REFLECT)
         qcol = qxi * sq_x
-        tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
-        cy = tl.minimum(tl.maximum(qy, lo), hi)
-        keys, ids = _topk_init(zero, NWIN, KP, ACC)
+        nsingle = R
         if R == 2:
-            # the second row: in the batch, in the same frame, and its window one row down
-            qi1 = qi + nw
-            qmask1 = (lane < BOUT) & (jq < jr) & (qi1 >= start) & (qi1 < start + count)
-            qmask1 = qmask1 & (zero + g * 2 + 1 < nrows)
+            # two rows of one frame (both in the batch) whose windows are not slid vertically:
+            # the second row's window is the first's one row down
+            qt = t0 + grow // nh
+            qy = h0 + grow % nh
             pair = ((grow + 1) % nh != 0) & (qy >= lo) & (qy + 1 <= hi)
-            grow1 = tl.minimum(grow + 1, row0 + nrows - 1)
-            qt1 = t0 + grow1 // nh
-            qy1 = h0 + grow1 % nh
-            cy1 = tl.minimum(tl.maximum(qy1, lo), hi)
-            tstart1 = tl.minimum(tl.maximum(qt1 - (S // 2), 0), T - S)
-            keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
+            pair = pair & (g * 2 + 1 < nrows)
             if pair:
+                qi = grow * nw + jq
+                qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
+                qmask1 = (lane < BOUT) & (jq < jr) & (qi + nw >= start) & (qi + nw < start + count)
+                tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+                keys, ids = _topk_init(zero, NWIN, KP, ACC)
+                keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
                 keys, ids, keys1, ids1 = _rows_select(
-                    q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, keys, ids, keys1,
+                    q_b, k_b, qt, qy, qmask, qmask1, tstart, qy, xc, qcol, qxv, keys, ids, keys1,
                     ids1, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                     WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1, ACC, BX,
                 )  # fmt: skip
-            else:
-                keys, ids, _, _ = _rows_select(
-                    q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
-                    sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
-                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
-                )  # fmt: skip
-                keys1, ids1, _, _ = _rows_select(
-                    q_b, k_b, qt1, qy1, qmask1, qmask1, tstart1, cy1, xc, qcol, qxv, keys1, ids1,
-                    keys1, ids1, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
-                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
-                )  # fmt: skip
-            row1 = row + nw
-            _rows_store(dist_ptr, inds_ptr, widx_ptr, keys1, ids1, row1, qmask1, zero, tstart1,
-                        cy1, qx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
-            if ANCHOR:
-                _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row1, qmask1, qt1, qy1, qx,
-                             zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                             KOUT, PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
-        else:
+                for r in tl.static_range(2):
+                    kr = keys if r == 0 else keys1
+                    ir = ids if r == 0 else ids1
+                    mr = qmask if r == 0 else qmask1
+                    row = bh.to(tl.int64) * count + (qi + r * nw - start).to(tl.int64)
+                    _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, mr, zero, tstart,
+                                qy + r, qx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
+                                ANCHOR)  # fmt: skip
+                    if ANCHOR:
+                        _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, mr, qt, qy + r,
+                                     qx, zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x,
+                                     T, H, W, KOUT, PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
+            nsingle = tl.where(pair, 0, 2)
+        # rows one at a time (all rows when R = 1; rows that cannot pair when R = 2)
+        for r in range(nsingle):
+            grow_r = grow + r
+            qi = grow_r * nw + jq
+            qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
+            qmask = qmask & (zero + g * R + r < nrows)
+            grow_r = tl.minimum(grow_r, row0 + nrows - 1)
+            qt = t0 + grow_r // nh
+            qy = h0 + grow_r % nh
+            cy = tl.minimum(tl.maximum(qy, lo), hi)
+            tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+            keys, ids = _topk_init(zero, NWIN, KP, ACC)
             keys, ids, _, _ = _rows_select(
                 q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                 WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
             )  # fmt: skip
-        _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx, s1,
-                    lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
-        if ANCHOR:
-            _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero, C,
-                         sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W, KOUT,
-                         PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
+            row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
+            _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx,
+                        s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
+            if ANCHOR:
+                _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero,
+                             C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W, KOUT,
+                             PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
 
 
 @triton.jit
@@ -1057,13 +1082,15 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (_rows_width),
-# warps (two for 64 columns, else one) and persistent programs per SM (32 warps' worth): the
-# best of the sweep on W1s (64 x 2: 23.7 ms), W3 (128 x 1: 19.6 ms) and W4 (64 x 2: 38.5 ms).
+# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (at least twice
+# the patch span), warps (one per 32 columns: a lane per column), persistent programs per SM
+# (32 warps' worth), two rows per block where they pair, and the most query values kept in
+# registers. 32 columns on one warp, paired, was the best of the sweep at e670514 on W3
+# (6.65 ms; 64 on two warps 7.90, 128 on four 8.17) and within 1% of it on W1s.
 # Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
-    "rows": True, "rows_warps": None, "rows_bx": None, "rows_per_sm": None,
+    "rows": True, "rows_warps": None, "rows_bx": 32, "rows_per_sm": None,
     "rows_pair": True, "rows_qreg": 48,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
@@ -1076,13 +1103,6 @@ def _channels_first(vid: torch.Tensor) -> torch.Tensor:
     return vid
 
 
-def _rows_width(ncols: int, span: int) -> int:
-    """Columns per block of the row kernel: of 64 and 128 (or the next power of two of twice the
-    patch span), the one that pads a row of ``ncols`` interior columns least (128 on a tie)."""
-    widths = [max(w, next_power_of_2(2 * span)) for w in (128, 64)]
-    return min(widths, key=lambda w: -(-ncols // (w - span)) * w)
-
-
 def _rows_apply(qvid, kvid, flows, p, whole: bool, select_all: bool) -> bool:
     """Whether the row kernel takes the interior columns: whole positions, no flows, stride0 1,
     a patch wider than one pixel, k given; patch overshoot of at most one reflection
@@ -1091,11 +1111,11 @@ def _rows_apply(qvid, kvid, flows, p, whole: bool, select_all: bool) -> bool:
         return False
     t, h, w = qvid.shape[2], qvid.shape[4], qvid.shape[5]
     half = (p.ps // 2) * p.dilation
-    span = max(
+    reach = max(
         sum((n - 1) * st for n, st in zip(v.shape[2:], v.stride()[2:], strict=True))
         for v in (qvid, kvid)
     )
-    return not select_all and half < min(h, w) and p.pt <= t and span < 2**31 - 1
+    return not select_all and half < min(h, w) and p.pt <= t and reach < 2**31 - 1
 
 
 def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
@@ -1159,13 +1179,13 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
-        bx = CONFIG["rows_bx"] or _rows_width(jr - jl, span)
+        bx = max(CONFIG["rows_bx"], next_power_of_2(2 * span))
         bout = bx - span
         nxb = triton.cdiv(jr - jl, bout)
         sms = (
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
-        rows_warps = CONFIG["rows_warps"] or (2 if bx <= 64 else 1)
+        rows_warps = CONFIG["rows_warps"] or bx // 32
         pair = 2 if CONFIG["rows_pair"] and p.dilation == 1 else 1
         nblocks = b * hd * triton.cdiv(nrows, pair) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
