@@ -16,7 +16,8 @@ tuple sorted by (key, index):
 which keeps exactly the ``k`` smallest ``(key, index)`` pairs, already ranked: nearest first,
 ties to the earlier candidate. ``key = dist`` for l2 and ``-dist`` for dot. The ``Q x W``
 distances are never written (except for ``k=None``, where they are the output). The row kernel
-(whole positions, no flows) shares column sums across the queries of a grid row.
+(whole positions, no flows) shares column sums across the queries of a grid row, and patch-row
+terms between two rows whose windows are one row apart.
 """
 
 from __future__ import annotations
