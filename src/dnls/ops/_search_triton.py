@@ -48,6 +48,17 @@ def _border(i, n, REFLECT: tl.constexpr):
 
 
 @triton.jit
+def _pair_term(acc, qv, kv, DOT: tl.constexpr):
+    """``acc`` plus one pixel's term of a patch distance: ``q k`` (DOT) or ``(q - k)^2``."""
+    if DOT:
+        acc += qv * kv
+    else:
+        diff = qv - kv
+        acc += diff * diff
+    return acc
+
+
+@triton.jit
 def _spatial(y, x, offs, pmask, sy, sx, H, W, REFLECT: tl.constexpr):
     """In-frame offsets (BQ, 1, PSP, PSP) and validity of the patch pixels around whole (y, x)."""
     yi, yv = _border(y[:, None] + offs[None, :], H, REFLECT)
@@ -132,11 +143,7 @@ def _patch_dist(
                         kv = (kv * (1 - fx) + v01 * fx) * (1 - fy) + (
                             v10 * (1 - fx) + v11 * fx
                         ) * fy
-                    if DOT:
-                        acc += qv * kv
-                    else:
-                        diff = qv - kv
-                        acc += diff * diff
+                    acc = _pair_term(acc, qv, kv, DOT)
     return acc
 
 
@@ -155,11 +162,7 @@ def _pixel_dist(
     acc = tl.zeros(ky.shape, ACC)
     for c in tl.static_range(CQ):
         kv = tl.load(k_px + c * sk_c, mask=km, other=0.0).to(ACC)
-        if DOT:
-            acc += qs[c] * kv
-        else:
-            diff = qs[c] - kv
-            acc += diff * diff
+        acc = _pair_term(acc, qs[c], kv, DOT)
     return acc
 
 
@@ -493,6 +496,19 @@ def _row_offsets(t, y, T, H, st, sy, NR: tl.constexpr, PT: tl.constexpr, DIL: tl
 
 
 @triton.jit
+def _row_load(base, off, col, col_valid, row_valid, REFLECT: tl.constexpr, ACC: tl.constexpr):
+    """Each lane's value at ``base + off + col`` (``off`` a row's scalar offset, ``col`` the
+    lane's column offset) as ACC: unmasked for reflect borders, else zero outside the frame
+    (``row_valid`` an int 0/1 from :func:`_row_offsets`)."""
+    if REFLECT:
+        v = tl.load(base + off + col)
+    else:
+        m = (col_valid.to(tl.int32) & row_valid) != 0
+        v = tl.load(base + off + col, mask=m, other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit
 def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, r: tl.constexpr,
               NR: tl.constexpr, sq_c, sk_c, C: tl.constexpr, PT: tl.constexpr,
               DOT: tl.constexpr, REFLECT: tl.constexpr, QREG: tl.constexpr,
@@ -507,23 +523,12 @@ def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, 
     for dt in tl.static_range(PT):
         if QREG:
             qv = qvals[(dt * NR + r) * C + c]
-        elif REFLECT:
-            qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol).to(ACC)
         else:
-            qm = (qxv.to(tl.int32) & qrv[dt * NR + r]) != 0
-            qv = tl.load(q_b + (qrows[dt * NR + r] + c * sq_c) + qcol, mask=qm, other=0.0)
-            qv = qv.to(ACC)
-        if REFLECT:
-            kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol).to(ACC)
-        else:
-            km = (kxv.to(tl.int32) & krv[dt * NR + r]) != 0
-            kv = tl.load(k_b + (krows[dt * NR + r] + c * sk_c) + kcol, mask=km, other=0.0)
-            kv = kv.to(ACC)
-        if DOT:
-            acc += qv * kv
-        else:
-            diff = qv - kv
-            acc += diff * diff
+            qv = _row_load(q_b, qrows[dt * NR + r] + c * sq_c, qcol, qxv, qrv[dt * NR + r],
+                           REFLECT, ACC)  # fmt: skip
+        kv = _row_load(k_b, krows[dt * NR + r] + c * sk_c, kcol, kxv, krv[dt * NR + r], REFLECT,
+                       ACC)  # fmt: skip
+        acc = _pair_term(acc, qv, kv, DOT)
     return acc
 
 
@@ -574,12 +579,8 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
     if QREG:
         for at in tl.static_range(PT * NR):
             for c in tl.static_range(C):
-                if REFLECT:
-                    v = tl.load(q_b + (qrows[at] + c * sq_c) + qcol)
-                else:
-                    qm = (qxv.to(tl.int32) & qrv[at]) != 0
-                    v = tl.load(q_b + (qrows[at] + c * sq_c) + qcol, mask=qm, other=0.0)
-                qvals = qvals + (v.to(ACC),)
+                v = _row_load(q_b, qrows[at] + c * sq_c, qcol, qxv, qrv[at], REFLECT, ACC)
+                qvals = qvals + (v,)
     for s in range(S):
         tf = tstart + s
         for a in range(WS):
