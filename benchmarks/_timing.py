@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import triton.testing
 
 
 def bench(fn: Callable, rep_ms: int, warmup_ms: int) -> float:
     """Median CUDA-event time of ``fn`` in ms, over ``rep_ms`` after ``warmup_ms`` of warm-up."""
+    import triton.testing  # here, so a CPU run of attention.py needs no Triton for peak_mb
+
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import _timing
 import torch
 from torch import nn
 
@@ -184,14 +185,8 @@ def median_ms(fn: Callable, device: torch.device, warmup: int, reps: int) -> flo
 
 
 def peak_mb(fn: Callable, device: torch.device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """:func:`_timing.peak_mb` on CUDA; NaN on the CPU (``--tiny``), which has no such count."""
+    return _timing.peak_mb(fn) if device.type == "cuda" else float("nan")
 
 
 def profile(name: str, fn: Callable, device: torch.device, rows: int = 12) -> None:
