@@ -267,6 +267,32 @@ def check(
     return res
 
 
+# Launch configurations of the fused kernels: (queries per program, warps).
+SWEEP = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4)]
+
+
+def sweep(core: Callable, qkv: tuple, grad: torch.Tensor, device, args) -> list[dict]:
+    """Forward and forward+backward of the fused ``k=None`` core per launch configuration
+    (both kernels of a direction take the same one)."""
+    from dnls.ops import _attention_triton as kernels
+
+    saved = dict(kernels.CONFIG)
+    rows = []
+    try:
+        for block, warps in SWEEP:
+            for op in ("fwd", "bwd"):
+                kernels.CONFIG[op + "_block"], kernels.CONFIG[op + "_warps"] = block, warps
+            row = {"block": block, "warps": warps}
+            row["fwd_ms"] = median_ms(forward_only(core, qkv), device, args.warmup, args.reps)
+            fb = forward_backward(core, qkv, grad)
+            row["fwdbwd_ms"] = median_ms(fb, device, args.warmup, args.reps)
+            rows.append(row)
+            print(json.dumps({"sweep": row}), flush=True)
+    finally:
+        kernels.CONFIG.update(saved)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +351,12 @@ def main() -> None:
     parser.add_argument("--no-module", action="store_true", help="time the attention core only")
     parser.add_argument(
         "--compile-dnls", action="store_true", help="also time the dnls layers under torch.compile"
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time the fused k=None core over launch configurations (queries per program x "
+        "warps), forward and backward",
     )
     parser.add_argument(
         "--profile",
@@ -416,6 +448,9 @@ def main() -> None:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+
+    if args.sweep:
+        results["sweep"] = sweep(dnls_window, qkv, grad, device, args)
 
     dirty = {True: " (uncommitted changes)", False: "", None: " (no git checkout)"}[env["dirty"]]
     print(

@@ -92,3 +92,14 @@ def test_iunfold_op():
         border="reflect",
     )  # fmt: skip
     _opcheck(torch.ops.dnls.iunfold.default, (vid,), kw)
+
+
+@pytest.mark.parametrize("dist", ["dot", "l2"])
+def test_attention_ops(dist):
+    q, k, v = (rand_video((1, 2, 3, 2, 4, 5), seed=s).requires_grad_() for s in (1, 2, 3))
+    kw = dict(ws=3, wt=1, scale=0.6, dist=dist)
+    _opcheck(torch.ops.dnls.attention.default, (q, k, v), kw)
+    out, lse = torch.ops.dnls.attention(q, k, v, **kw)
+    grads = (torch.rand_like(out), torch.rand_like(lse))
+    saved = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach())
+    _opcheck(torch.ops.dnls.attention_backward.default, (*grads, *saved), kw)

@@ -29,7 +29,7 @@ def next_power_of_2(n: int) -> int:
 
 
 # Ops that have Triton kernels in this version.
-TRITON_OPS = frozenset({"search", "gather", "scatter", "wpsum", "ifold"})
+TRITON_OPS = frozenset({"search", "gather", "scatter", "wpsum", "ifold", "attention"})
 
 
 def _triton_available() -> bool:

@@ -23,8 +23,9 @@ from torch import nn
 from . import _checks
 from ._common import merge_heads, split_heads
 from ._ref import acc_dtype
+from .ops import attention as fused
 from .ops.fold import ifold
-from .ops.search import DISTS, SELF_MATCH, search
+from .ops.search import DISTS, SELF_MATCH, check_window, search
 
 __all__ = ["NonLocalAttention", "NonLocalSearch", "non_local_attention"]
 
@@ -108,6 +109,12 @@ def non_local_attention(
     else:
         scale = _checks.check_positive_number("scale", scale)
 
+    if fused.applies(ps, pt, k, flows, stride1, scale, q6.device):
+        ws = _checks.check_int("ws", ws, min_value=1)
+        wt = _checks.check_int("wt", wt, min_value=0)
+        check_window(ws, wt, stride1, (nframes, height, width))
+        out6 = fused.attention(q6, k6, v6, ws=ws, wt=wt, scale=scale, dist=dist)
+        return out6 if vvid.ndim == 6 else merge_heads(out6)
     dists, inds = search(
         q6, k6, ws=ws, wt=wt, ps=ps, pt=pt, k=k, dist=dist, stride1=stride1,
         dilation=dilation, flows=flows, border=border,

@@ -529,6 +529,24 @@ def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor |
     return tensors[0]
 
 
+def check_window(ws: int, wt: int, stride1: float, thw: tuple[int, int, int]) -> None:
+    """The window must fit the video: ``2*wt + 1`` frames and ``(ws - 1) * stride1 + 1``
+    rows and columns."""
+    nframes, height, width = thw
+    if nframes < 2 * wt + 1:
+        _checks.fail(
+            "wt", wt, f"at most (T - 1) // 2 = {(nframes - 1) // 2} for T={nframes} frames"
+        )
+    span = (ws - 1) * stride1
+    if span > min(height, width) - 1:
+        _checks.fail(
+            "ws",
+            ws,
+            f"a window that fits the {height}x{width} frame: (ws - 1) * stride1 = {span:g} "
+            f"must be at most {min(height, width) - 1}",
+        )
+
+
 def _check_videos(qvid, kvid, nheads) -> tuple[torch.Tensor, torch.Tensor]:
     """The query and key videos (``kvid=None``: the query video), checked and head-split."""
     qvid = _checks.check_video("qvid", qvid)
@@ -600,18 +618,7 @@ def search(
     self_match = _checks.check_choice("self_match", self_match, SELF_MATCH)
     stride0 = _checks.check_int("stride0", stride0, min_value=1)
     stride1 = _checks.check_positive_number("stride1", stride1)
-    if nframes < 2 * wt + 1:
-        _checks.fail(
-            "wt", wt, f"at most (T - 1) // 2 = {(nframes - 1) // 2} for T={nframes} frames"
-        )
-    span = (ws - 1) * stride1
-    if span > min(height, width) - 1:
-        _checks.fail(
-            "ws",
-            ws,
-            f"a window that fits the {height}x{width} frame: (ws - 1) * stride1 = {span:g} "
-            f"must be at most {min(height, width) - 1}",
-        )
+    check_window(ws, wt, stride1, (nframes, height, width))
     nwin = (2 * wt + 1) * ws * ws
     if self_match != "keep" and k is None and stride1 != 1:
         _checks.fail(
