@@ -272,23 +272,28 @@ SWEEP = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8),
 
 
 def sweep(core: Callable, qkv: tuple, grad: torch.Tensor, device, args) -> list[dict]:
-    """Forward and forward+backward of the fused ``k=None`` core per launch configuration
-    (both kernels of a direction take the same one)."""
+    """Per launch configuration: the forward with it, and forward+backward with it given to
+    the dq kernel only and to the dk/dv kernel only (the others at their defaults)."""
     from dnls.ops import _attention_triton as kernels
 
     saved = dict(kernels.CONFIG)
     rows = []
     try:
         for block, warps in SWEEP:
-            for op in ("fwd", "bwd"):
-                kernels.CONFIG[op + "_block"], kernels.CONFIG[op + "_warps"] = block, warps
             row = {"block": block, "warps": warps}
-            row["fwd_ms"] = median_ms(forward_only(core, qkv), device, args.warmup, args.reps)
-            fb = forward_backward(core, qkv, grad)
-            row["fwdbwd_ms"] = median_ms(fb, device, args.warmup, args.reps)
+            for op in ("fwd", "dq", "dkv"):
+                kernels.CONFIG.update(saved)
+                kernels.CONFIG[op + "_block"], kernels.CONFIG[op + "_warps"] = block, warps
+                if op == "fwd":
+                    fn = forward_only(core, qkv)
+                else:
+                    fn = forward_backward(core, qkv, grad)
+                key = "fwd_ms" if op == "fwd" else f"fwdbwd_ms_{op}"
+                row[key] = median_ms(fn, device, args.warmup, args.reps)
             rows.append(row)
             print(json.dumps({"sweep": row}), flush=True)
     finally:
+        kernels.CONFIG.clear()
         kernels.CONFIG.update(saved)
     return rows
 
@@ -356,7 +361,7 @@ def main() -> None:
         "--sweep",
         action="store_true",
         help="time the fused k=None core over launch configurations (queries per program x "
-        "warps), forward and backward",
+        "warps) of each kernel",
     )
     parser.add_argument(
         "--profile",

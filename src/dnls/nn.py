@@ -109,7 +109,7 @@ def non_local_attention(
     else:
         scale = _checks.check_positive_number("scale", scale)
 
-    if fused.applies(ps, pt, k, flows, stride1, scale, q6.device):
+    if fused.applies(ps, pt, k, flows, stride1, scale):
         ws = _checks.check_int("ws", ws, min_value=1)
         wt = _checks.check_int("wt", wt, min_value=0)
         check_window(ws, wt, stride1, (nframes, height, width))

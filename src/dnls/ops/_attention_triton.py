@@ -47,16 +47,19 @@ from .._common import next_power_of_2
 
 LOG2E = 1.4426950408889634
 
-# Launch configuration on CUDA: queries (keys) per program and warps; the benchmark sets them.
-CONFIG = {"fwd_block": 32, "fwd_warps": 4, "bwd_block": 32, "bwd_warps": 4}
+# Launch configuration on CUDA, per kernel (forward, dq, dk/dv): queries (keys) per program
+# and warps; the benchmark's sweep sets them.
+CONFIG = {
+    "fwd_block": 32, "fwd_warps": 4, "dq_block": 32, "dq_warps": 4,
+    "dkv_block": 32, "dkv_warps": 4,
+}  # fmt: skip
 
 
 @triton.jit
 def _scalar(hi, lo, ACC: tl.constexpr):
-    """A float argument passed as two float32 (Triton passes float scalars as float32)."""
-    if ACC == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    return hi
+    """A float argument passed as two float32 (Triton passes float scalars as float32); in
+    float32 the sum rounds to ``hi``."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -327,8 +330,8 @@ def _empty(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, op: str) -> dict:
-    """Grid, block and warps of a launch over the pixels of ``x`` (``op`` "fwd" or "bwd");
-    small blocks on one warp under the interpreter."""
+    """Grid, block and warps of a launch over the pixels of ``x`` (``op`` "fwd", "dq" or
+    "dkv"); small blocks on one warp under the interpreter."""
     b, hd, t, _, h, w = x.shape
     if x.device.type == "cuda":
         block, warps = CONFIG[op + "_block"], CONFIG[op + "_warps"]
@@ -370,15 +373,19 @@ def backward(gout, glse, q, k, v, out, lse, ws: int, wt: int, scale: float, dot:
     lse2 = (lse.to(acc) * LOG2E).contiguous()
     dq, dk, dv = (_empty(x, x.dtype) for x in (q, k, v))
     if q.numel():
-        launch = _launch(q, "bwd")
-        grid = launch.pop("grid")
         common = (
             hd, t, h, w, wt, *q.stride(), *k.stride(), *v.stride(), *gout.stride(),
             *dq.stride(), *_split(scale), *_split(scale * LOG2E),
         )  # fmt: skip
-        meta = dict(WS=ws, C=c, CP=next_power_of_2(c), DOT=dot, ACC=_TL[acc], **launch)
-        _attn_bwd_q_kernel[grid](q, k, v, gout, lse2, delta, dq, *common, **meta)
-        _attn_bwd_kv_kernel[grid](q, k, v, gout, lse2, delta, dk, dv, *common, **meta)
+        meta = dict(WS=ws, C=c, CP=next_power_of_2(c), DOT=dot, ACC=_TL[acc])
+        launch = _launch(q, "dq")
+        _attn_bwd_q_kernel[launch.pop("grid")](
+            q, k, v, gout, lse2, delta, dq, *common, **meta, **launch
+        )
+        launch = _launch(q, "dkv")
+        _attn_bwd_kv_kernel[launch.pop("grid")](
+            q, k, v, gout, lse2, delta, dk, dv, *common, **meta, **launch
+        )
     return dq, dk, dv
 
 

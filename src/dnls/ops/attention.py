@@ -166,20 +166,12 @@ def _backward(ctx, gout, glse):
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def applies(ps, pt, k, flows, stride1, scale: float, device: torch.device) -> bool:
+def applies(ps, pt, k, flows, stride1, scale: float) -> bool:
     """Whether :func:`attention` covers a :func:`dnls.nn.non_local_attention` call: pixels
-    (``ps = pt = 1``), the whole window, no flows, ``stride1 = 1``, a scale within float32's
-    range, and the Triton backend. (The reference path composes the same ops as the unfused
-    path, so it is not used there.)"""
-    return (
-        scale < 1e30
-        and ps == 1
-        and pt == 1
-        and k is None
-        and flows is None
-        and stride1 == 1
-        and backend(device, "attention") == "triton"
-    )
+    (``ps = pt = 1``), the whole window, no flows, ``stride1 = 1`` and a scale within
+    float32's range. (The backend is chosen inside the op, so that a compiled graph holds
+    the op whichever runs it.)"""
+    return ps == 1 and pt == 1 and k is None and flows is None and stride1 == 1 and scale < 1e30
 
 
 def attention(q6, k6, v6, *, ws: int, wt: int, scale: float, dist: str) -> torch.Tensor:
