@@ -9,7 +9,11 @@ The data path of :func:`non_local_attention` is the library's own, in three regi
                   -> a reshape to the video (ps = pt = 1) or the fold average (ifold / counts)
 
 so no ``Q x K x patch`` tensor is built, and everything traces under
-``torch.compile(fullgraph=True)``. Modules keep hyperparameters (and their projections) only.
+``torch.compile(fullgraph=True)``. Neighbourhood attention of pixels (``k=None``, ``ps = pt =
+1``, no flows, ``stride1 = 1``) is one registered op instead, ``dnls::attention``
+(:mod:`dnls.ops.attention`): on the Triton backend scores, softmax and sum run in one kernel
+and never write the ``Q x W`` logits. Modules keep hyperparameters (and their projections)
+only.
 """
 
 from __future__ import annotations

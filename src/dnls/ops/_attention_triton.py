@@ -48,9 +48,10 @@ from .._common import next_power_of_2
 LOG2E = 1.4426950408889634
 
 # Launch configuration on CUDA, per kernel (forward, dq, dk/dv): queries (keys) per program
-# and warps; the benchmark's sweep sets them.
+# and warps. Defaults: the best of the sweep (`benchmarks/attention.py --sweep`, BENCHMARKS.md);
+# dq on 2 warps instead of 4 took forward+backward from 4.96 to 4.32 ms.
 CONFIG = {
-    "fwd_block": 32, "fwd_warps": 4, "dq_block": 32, "dq_warps": 4,
+    "fwd_block": 32, "fwd_warps": 4, "dq_block": 32, "dq_warps": 2,
     "dkv_block": 32, "dkv_warps": 4,
 }  # fmt: skip
 
