@@ -78,6 +78,19 @@ def _inverse(j, N, n, h):
 
 
 @triton.jit
+def _program(HD, H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr):
+    """The pixels of program ``(x block, t * H + y, b * HD + hd)``: ``(bh, b, hd, t, y, x, c,
+    xm, cm)`` with ``x`` the BLOCK columns (those past the row, masked by ``xm``, repeat its
+    last one), ``c`` the CP channel slots and ``cm`` (shape ``(1, CP)``) the real ones."""
+    ty = tl.program_id(1)
+    bh = tl.program_id(2)
+    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.arange(0, CP)
+    xm = x < W
+    return bh, bh // HD, bh % HD, ty // H, ty % H, tl.where(xm, x, W - 1), c, xm, (c < C)[None, :]
+
+
+@triton.jit
 def _logit(qv, kv, qk_scale, DOT: tl.constexpr):
     """Logits in base 2 (times log2 e) of each lane's query against its key: ``qv`` is
     pre-multiplied by ``qk_scale`` for dot, not for l2."""
@@ -120,17 +133,8 @@ def _attn_fwd_kernel(
     """BLOCK queries of one row of one frame of one (batch, head) per program, one query per
     lane (its channels along the second axis)."""
     qk_scale = _scalar(qk_hi, qk_lo, ACC)
-    ty = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // HD
-    hd = bh % HD
-    t = ty // H
-    y = ty % H
-    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, CP)
-    xm = x < W
-    m2 = xm[:, None] & (c < C)[None, :]
-    x = tl.where(xm, x, W - 1)
+    bh, b, hd, t, y, x, c, xm, cm = _program(HD, H, W, C, CP, BLOCK)
+    m2 = xm[:, None] & cm
     qv = _tile(_row(q_ptr, b, hd, t, y, sq_b, sq_h, sq_t, sq_y), x, sq_x, c, sq_c, m2, ACC)
     if DOT:
         qv = qv * qk_scale
@@ -185,17 +189,8 @@ def _attn_bwd_q_kernel(
 ):  # fmt: skip
     """dq: BLOCK queries of one row per program; each lane walks its query's window."""
     qk_scale = _scalar(qk_hi, qk_lo, ACC)
-    ty = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // HD
-    hd = bh % HD
-    t = ty // H
-    y = ty % H
-    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, CP)
-    xm = x < W
-    m2 = xm[:, None] & (c < C)[None, :]
-    x = tl.where(xm, x, W - 1)
+    bh, b, hd, t, y, x, c, xm, cm = _program(HD, H, W, C, CP, BLOCK)
+    m2 = xm[:, None] & cm
     qrow = _row(q_ptr, b, hd, t, y, sq_b, sq_h, sq_t, sq_y)
     qv = _tile(qrow, x, sq_x, c, sq_c, m2, ACC)
     qs = qv * qk_scale if DOT else qv
@@ -241,18 +236,8 @@ def _attn_bwd_kv_kernel(
     """dk and dv: BLOCK keys of one row per program; each lane walks its key's inverse window
     (an interval per axis; the frames and rows are the same for the whole program)."""
     qk_scale = _scalar(qk_hi, qk_lo, ACC)
-    ty = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // HD
-    hd = bh % HD
-    t = ty // H
-    y = ty % H
-    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    c = tl.arange(0, CP)
-    xm = x < W
-    cm = (c < C)[None, :]
+    bh, b, hd, t, y, x, c, xm, cm = _program(HD, H, W, C, CP, BLOCK)
     m2 = xm[:, None] & cm
-    x = tl.where(xm, x, W - 1)
     krow = _row(k_ptr, b, hd, t, y, sk_b, sk_h, sk_t, sk_y)
     vrow = _row(v_ptr, b, hd, t, y, sv_b, sv_h, sv_t, sv_y)
     kv = _tile(krow, x, sk_x, c, sk_c, m2, ACC)

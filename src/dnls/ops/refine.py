@@ -40,6 +40,7 @@ from .search import (
     _distance_backward,
     _schema_params,
     _select,
+    check_span,
 )
 
 
@@ -372,14 +373,7 @@ def refine(
     self_match = _checks.check_choice("self_match", self_match, SELF_MATCH)
     stride0 = _checks.check_int("stride0", stride0, min_value=1)
     stride1 = _checks.check_positive_number("stride1", stride1)
-    span = (wr - 1) * stride1
-    if span > min(height, width) - 1:
-        _checks.fail(
-            "wr",
-            wr,
-            f"a window that fits the {height}x{width} frame: (wr - 1) * stride1 = {span:g} "
-            f"must be at most {min(height, width) - 1}",
-        )
+    check_span("wr", wr, stride1, height, width)
     region = _checks.check_region(region, thw)
     grid = QueryGrid(thw, stride0, region)
     start, count = _checks.check_start_count(start, count, grid.count)

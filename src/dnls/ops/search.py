@@ -537,12 +537,17 @@ def check_window(ws: int, wt: int, stride1: float, thw: tuple[int, int, int]) ->
         _checks.fail(
             "wt", wt, f"at most (T - 1) // 2 = {(nframes - 1) // 2} for T={nframes} frames"
         )
-    span = (ws - 1) * stride1
+    check_span("ws", ws, stride1, height, width)
+
+
+def check_span(name: str, n: int, stride1: float, height: int, width: int) -> None:
+    """``n`` positions spaced by ``stride1`` (the argument ``name``) must fit the frame."""
+    span = (n - 1) * stride1
     if span > min(height, width) - 1:
         _checks.fail(
-            "ws",
-            ws,
-            f"a window that fits the {height}x{width} frame: (ws - 1) * stride1 = {span:g} "
+            name,
+            n,
+            f"a window that fits the {height}x{width} frame: ({name} - 1) * stride1 = {span:g} "
             f"must be at most {min(height, width) - 1}",
         )
 
