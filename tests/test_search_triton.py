@@ -54,15 +54,18 @@ def test_dtypes(monkeypatch, dtype, k):
         assert torch.equal(i1, i0)
 
 
+@pytest.mark.parametrize("ps", [1, 3])
 @pytest.mark.parametrize("dist", ["l2", "dot"])
-def test_backward_equals_reference(monkeypatch, dist):
+def test_backward_equals_reference(monkeypatch, dist, ps):
+    """Gradients to both videos and the flows; one-pixel patches sum each query's gradient in
+    registers (no other query touches its pixel), larger ones by atomic adds."""
     shape = (1, 3, 2, 16, 14) if CUDA else (1, 3, 1, 5, 5)
     q = rand_video(shape, seed=4).to(DEVICE).requires_grad_()
     k = rand_video(shape, seed=5).to(DEVICE).requires_grad_()
     g = torch.Generator().manual_seed(6)
     flows = ((torch.rand(shape[0], shape[1], 3, 2, *shape[3:], generator=g) - 0.5) * 3).double()
     flows = flows.to(DEVICE).requires_grad_()
-    kw = dict(ws=3, wt=1, ps=3, k=4, dist=dist, self_match="anchor")
+    kw = dict(ws=3, wt=1, ps=ps, k=4, dist=dist, self_match="anchor")
     nq = shape[1] * shape[3] * shape[4]
     weight = torch.rand(1, 1, nq, 4, generator=g, dtype=torch.float64).to(DEVICE)
     grads = []
@@ -87,10 +90,11 @@ def test_backward_equals_reference(monkeypatch, dist):
 )
 @pytest.mark.parametrize("pair", [True, False])
 def test_row_kernel_equals_reference(monkeypatch, kw, pair):
-    """Frames wide enough for the row kernel (reuse across queries) to take the interior
-    columns; the direct kernel takes the columns where windows slide. With ``pair`` two rows
-    share their patch-row terms where neither window is slid vertically (rows of one frame);
-    batches that start or end inside a row leave some lanes of either row idle."""
+    """Frames wide enough for the row kernel (reuse across queries): with stride1 = 1 it takes
+    whole rows, its edge blocks walking the union of their lanes' slid windows; with stride1 = 2
+    it takes the interior columns and the direct kernel the columns where windows slide. With
+    ``pair`` two rows share their patch-row terms where neither window is slid vertically (rows
+    of one frame); batches that start or end inside a row leave some lanes of either row idle."""
     from dnls.ops import _search_triton as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "rows_pair", pair)
@@ -98,6 +102,20 @@ def test_row_kernel_equals_reference(monkeypatch, kw, pair):
     q = rand_video(shape, seed=11).to(DEVICE)
     k = rand_video(shape, seed=12).to(DEVICE)
     (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize("kw", [dict(ws=5, ps=3, k=3), dict(ws=4, ps=2, k=4, border="zero")])
+def test_row_kernel_narrow_frame(monkeypatch, kw):
+    """A frame narrower than one block: the block's windows slide at both edges, and its idle
+    lanes reach columns past one reflection (clamped; they are never output)."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_min", 1)
+    shape = (1, 3, 2, 7, 6) if CUDA else (1, 1, 1, 5, 5)
+    q = rand_video(shape, seed=16).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)
 
@@ -133,8 +151,9 @@ def test_channels_last_views(monkeypatch, ps):
     assert torch.equal(d2, d1) and torch.equal(i2, i1) and torch.equal(i1, i0)
 
 
+@pytest.mark.parametrize("ps", [1, 3])
 @pytest.mark.parametrize("dist", ["l2", "dot"])
-def test_deterministic_backward(monkeypatch, dist):
+def test_deterministic_backward(monkeypatch, dist, ps):
     """Under torch.use_deterministic_algorithms the backward accumulates in fixed point: the
     same bits on every run, and the reference's gradients within float32 tolerance."""
     shape = (1, 3, 2, 16, 14) if CUDA else (1, 3, 1, 5, 5)
@@ -142,7 +161,7 @@ def test_deterministic_backward(monkeypatch, dist):
     g = torch.Generator().manual_seed(22)
     flows = ((torch.rand(shape[0], shape[1], 3, 2, *shape[3:], generator=g) - 0.5) * 3).float()
     flows = flows.to(DEVICE).requires_grad_()
-    kw = dict(ws=3, wt=1, ps=3, k=4, dist=dist)
+    kw = dict(ws=3, wt=1, ps=ps, k=4, dist=dist)
     old = torch.are_deterministic_algorithms_enabled()
     grads = []
     for backend, deterministic in (("torch", False), ("triton", True), ("triton", True)):
@@ -158,6 +177,26 @@ def test_deterministic_backward(monkeypatch, dist):
         assert torch.equal(a, b), "deterministic runs differ"
     for name, a, b in zip(("qvid", "flows"), grads[0], grads[1], strict=True):
         assert_close(b, a, dtype=torch.float32, what=f"grad {name}", scale=10)
+
+
+def test_backward_one_pixel_batches(monkeypatch):
+    """One-pixel patches, stride0 2, two heads, a region and batches: each batch's query-side
+    gradient is stored pixel by pixel, and the batches add up to the one-shot gradient."""
+    shape = (2, 3, 4, 12, 14) if CUDA else (1, 3, 4, 6, 7)
+    q = rand_video(shape, seed=23).to(DEVICE).requires_grad_()
+    k = rand_video(shape, seed=24).to(DEVICE).requires_grad_()
+    kw = dict(ws=3, wt=1, ps=1, k=3, nheads=2, stride0=2, region=(0, 2, 1, 6, 0, 7))
+    grid = dnls.query_grid(shape, 2, region=kw["region"])
+    grads = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        total = 0
+        for start, count in grid.batches(5):
+            dists, _ = dnls.search(q, k, start=start, count=count, **kw)
+            total = total + (dists * torch.linspace(1, 2, 3, device=DEVICE)).sum()
+        grads.append(torch.autograd.grad(total, (q, k)))
+    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
+        assert_close(b, a, what=f"grad {name}")
 
 
 def test_frames_past_int32_take_the_reference():

@@ -16,8 +16,9 @@ tuple sorted by (key, index):
 which keeps exactly the ``k`` smallest ``(key, index)`` pairs, already ranked: nearest first,
 ties to the earlier candidate. ``key = dist`` for l2 and ``-dist`` for dot. The ``Q x W``
 distances are never written (except for ``k=None``, where they are the output). The row kernel
-(whole positions, no flows) shares column sums across the queries of a grid row, and patch-row
-terms between two rows whose windows are one row apart.
+(whole positions, no flows) shares column sums across the queries of a grid row, windows slid
+at the frame's edges included, and patch-row terms between two rows whose windows are one row
+apart.
 """
 
 from __future__ import annotations
@@ -562,7 +563,7 @@ def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 @triton.jit
 def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, keys, ids, keys1, ids1,
-                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                 dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
                  C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
                  SKIP_OWN: tl.constexpr, QREG: tl.constexpr, PAIR: tl.constexpr,
@@ -570,7 +571,12 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
     """The whole window for the block's query row (qt, qy), or with PAIR for it and the row
     below it, whose window is the same one row down: the two share ``PS - 1`` of their
     ``NR = PS + 1`` patch-row terms (DIL = 1). Returns the selection of each row (``keys1,
-    ids1`` pass through without PAIR)."""
+    ids1`` pass through without PAIR).
+
+    The block walks ``nd`` displacements ``dx = dmin + i * s1`` per window row; at step ``i``
+    each lane is at column ``base + i`` of its own window, a candidate only inside it (lanes
+    whose windows are slid sideways have their own ``base``), so each lane still meets its
+    candidates in window order."""
     lane = tl.arange(0, BX)
     zero = lane * 0
     half = (PS // 2) * DIL
@@ -586,11 +592,14 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
         for a in range(WS):
             ky = cy + (a - lo_steps) * s1
             krows, krv = _row_offsets(tf, ky - half, T, H, sk_t, sk_y, NR, PT, DIL, REFLECT)
-            for bb in range(WS):
-                dx = (bb - lo_steps) * s1
-                kxi, kxv = _fold(xc + dx, W, REFLECT)
+            for bb in range(nd):
+                dx = dmin + bb * s1
+                col = base + bb  # each lane's window column
+                inwin = (col >= 0) & (col < WS)
+                # lanes outside their window may reach past one reflection: clamped (not output)
+                kxi, kxv = _fold(tl.minimum(tl.maximum(xc + dx, 1 - W), 2 * W - 2), W, REFLECT)
                 kcol = kxi * sk_x
-                j = (s * WS + a) * WS + bb
+                j = (s * WS + a) * WS + col
                 first = tl.zeros((BX,), ACC)
                 e = tl.zeros((BX,), ACC)
                 last = tl.zeros((BX,), ACC)
@@ -610,7 +619,7 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                         )  # fmt: skip
                 d = _hsum(e + first, lane, BX, PS, DIL)
                 key = -d if DOT else d
-                cand = qmask
+                cand = qmask & inwin
                 if SKIP_OWN:
                     own = (tf == qt) & (ky == qy) & (dx == 0)
                     cand = cand & (zero + own.to(tl.int32) == 0)
@@ -618,7 +627,7 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                 if PAIR:
                     d1 = _hsum(e + last, lane, BX, PS, DIL)
                     key1 = -d1 if DOT else d1
-                    cand1 = qmask1
+                    cand1 = qmask1 & inwin
                     if SKIP_OWN:  # the second row's candidate is one row down: ky + 1
                         cand1 = cand1 & (zero + own.to(tl.int32) == 0)
                     keys1, ids1 = _topk_insert(
@@ -628,10 +637,11 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
 
 
 @triton.jit
-def _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx, s1,
+def _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx, s1,
                 lo_steps, KEEP, KOUT, WS: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr,
                 ANCHOR: tl.constexpr):  # fmt: skip
-    """Write one query row's selection (its first KEEP slots) and their positions."""
+    """Write one query row's selection (its first KEEP slots) and their positions (``cy`` the
+    row's window centre, ``cx`` each lane's)."""
     ity = inds_ptr.dtype.element_ty
     for i in tl.static_range(KP):
         kept = qmask & (zero + i < KEEP)
@@ -644,7 +654,7 @@ def _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstar
         tl.store(
             inds_ptr + out * 3 + 1, (cy + ((sid // WS) % WS - lo_steps) * s1).to(ity), mask=kept
         )
-        tl.store(inds_ptr + out * 3 + 2, (qx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
+        tl.store(inds_ptr + out * 3 + 2, (cx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
 
 
 @triton.jit
@@ -728,9 +738,12 @@ def _search_rows_kernel(
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
-    A block is BOUT consecutive queries of R (1 or 2) consecutive grid rows whose windows are
-    not slid sideways, so every query of a row sees candidate j at the same displacement
-    (dt, dy, dx). For each candidate the block computes the column sums
+    A block is BOUT consecutive queries of R (1 or 2) consecutive grid rows. Where no window
+    of the block is slid sideways, every query of a row sees candidate j at the same
+    displacement (dt, dy, dx); at the frame's edges the block walks the displacements of all
+    its lanes' windows and each lane keeps those in its own (a few more displacements than the
+    window has, instead of the direct kernel's O(PS^2) per candidate). For each displacement
+    the block computes the column sums
         e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
     over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
     the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
@@ -745,6 +758,7 @@ def _search_rows_kernel(
     half = (PS // 2) * DIL
     lo = lo_steps * s1
     hi = H - 1 - hi_steps * s1
+    hi_x = W - 1 - hi_steps * s1
     for blk in range(pid, nblocks, nprog):
         bh = blk // (ngroups * nxb)
         rem = blk % (ngroups * nxb)
@@ -763,6 +777,18 @@ def _search_rows_kernel(
         xc = tl.minimum(w0 + j0 - half + lane, w0 + jr - 1 + half)
         qxi, qxv = _fold(xc, W, REFLECT)
         qcol = qxi * sq_x
+        # Windows slid sideways at the frame's edges: each lane's window centre column ``cx``;
+        # the block walks the displacements of all its lanes' windows, from ``dmin`` in ``nd``
+        # steps of s1, lane by lane from column ``base`` of its window (the launcher gives
+        # blocks with slid windows only when s1 = 1, so these divisions are exact).
+        cx = tl.minimum(tl.maximum(qx, lo), hi_x)
+        xa = w0 + j0
+        xz = w0 + tl.minimum(j0 + BOUT, jr) - 1
+        off_a = tl.minimum(tl.maximum(xa, lo), hi_x) - xa
+        off_z = tl.minimum(tl.maximum(xz, lo), hi_x) - xz
+        dmin = off_z - lo
+        nd = (off_a - off_z) // s1 + WS
+        base = (dmin - (cx - qx)) // s1 + lo_steps
         nsingle = R
         if R == 2:
             # two rows of one frame (both in the batch) whose windows are not slid vertically:
@@ -780,7 +806,8 @@ def _search_rows_kernel(
                 keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
                 keys, ids, keys1, ids1 = _rows_select(
                     q_b, k_b, qt, qy, qmask, qmask1, tstart, qy, xc, qcol, qxv, keys, ids, keys1,
-                    ids1, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                    ids1, dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1,
+                    lo_steps,
                     WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1, ACC, BX,
                 )  # fmt: skip
                 for r in tl.static_range(2):
@@ -789,7 +816,7 @@ def _search_rows_kernel(
                     mr = qmask if r == 0 else qmask1
                     row = bh.to(tl.int64) * count + (qi + r * nw - start).to(tl.int64)
                     _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, mr, zero, tstart,
-                                qy + r, qx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
+                                qy + r, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
                                 ANCHOR)  # fmt: skip
                     if ANCHOR:
                         _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, mr, qt, qy + r,
@@ -810,11 +837,11 @@ def _search_rows_kernel(
             keys, ids = _topk_init(zero, NWIN, KP, ACC)
             keys, ids, _, _ = _rows_select(
                 q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
-                sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                 WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
             )  # fmt: skip
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
-            _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, qx,
+            _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
                         s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
             if ANCHOR:
                 _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero,
@@ -831,13 +858,19 @@ def _red(ptr, val, mask):
 
 
 @triton.jit
+def _fixed(val, scale):
+    """``round(val * scale)`` as int64 (halves away from zero)."""
+    v = val.to(tl.float64) * scale
+    v = tl.where(v >= 0, v + 0.5, v - 0.5)
+    return v.to(tl.int64)
+
+
+@triton.jit
 def _accumulate(ptr, val, mask, scale, FIXED: tl.constexpr):
     """Atomic add of ``val``; with FIXED, of ``round(val * scale)`` into an int64 accumulator.
     Integer addition is associative, so the fixed-point sums have the same bits on every run."""
     if FIXED:
-        v = val.to(tl.float64) * scale
-        v = tl.where(v >= 0, v + 0.5, v - 0.5)
-        _red(ptr, v.to(tl.int64), mask)
+        _red(ptr, _fixed(val, scale), mask)
     else:
         _red(ptr, val, mask)
 
@@ -906,6 +939,7 @@ def _search_bwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PSP: tl.constexpr,
+    GQ_REG: tl.constexpr,
 ):
     """For each (query, result): g = dL/d dist, q and k the two patches.
         l2:  dL/dq += 2 g (q - k),  dL/dk = -2 g (q - k);   dot: dL/dq += g k,  dL/dk = g q
@@ -913,7 +947,9 @@ def _search_bwd_kernel(
     border rule: the adjoint of the read); dL/dpos = <dL/dk, dk/dpos> (+ the gradient of the
     returned position) goes to the flow of the candidate's frame where the window was not slid.
     Accumulation is by atomic adds: float ones, or int64 fixed-point ones (FIXED) for the
-    deterministic mode."""
+    deterministic mode. With GQ_REG (one-pixel patches of one frame, all channels in one
+    tile) no other query touches a query's pixel: its dL/dq is summed in registers over the
+    results and stored once."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HD
@@ -945,6 +981,8 @@ def _search_bwd_kernel(
     cc = tl.arange(0, BLOCK_C)
     q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
     gq_sp, _ = _spatial(qy, qx, offs, pmask, W, 1, H, W, REFLECT)
+    if GQ_REG:
+        gq_sum = tl.zeros((BLOCK_Q, BLOCK_C, PSP, PSP), ACC)
 
     for kk in range(K):
         g = tl.load(gd_ptr + row * K + kk, mask=qmask, other=0).to(ACC)
@@ -1028,7 +1066,10 @@ def _search_bwd_kernel(
                 else:
                     gqp = 2 * g4 * (qv - kv)
                     gkp = -gqp
-                _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
+                if GQ_REG:
+                    gq_sum += tl.where(qm, gqp, 0.0)
+                else:
+                    _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
                 if WHOLE:
                     _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
                 else:
@@ -1051,6 +1092,15 @@ def _search_bwd_kernel(
             gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
             _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
             _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
+    if GQ_REG:
+        # the query's own pixel (frame qt, in range): a plain store, in the results' order
+        ch = cc[None, :, None, None]
+        at = gq_base + qt.to(tl.int64)[:, None, None, None] * (C * H * W) + ch * (H * W) + gq_sp
+        m = q_m & (ch < C) & qmask[:, None, None, None]
+        if FIXED:
+            tl.store(at, _fixed(gq_sum, scale), mask=m)
+        else:
+            tl.store(at, gq_sum, mask=m)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -1084,7 +1134,9 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: columns per block (at least twice
+# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: whether it takes the columns whose
+# windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
+# takes (narrower rows go to the direct kernel), columns per block (at least twice
 # the patch span), warps (one per 32 columns: a lane per column), persistent programs per SM
 # (32 warps' worth), two rows per block where they pair, and the most query values kept in
 # registers. 32 columns on one warp, paired, was the best of the sweep at e670514 on W3
@@ -1092,7 +1144,8 @@ class _Layout(NamedTuple):
 # Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
-    "rows": True, "rows_warps": None, "rows_bx": 32, "rows_per_sm": None,
+    "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
+    "rows_per_sm": None,
     "rows_pair": True, "rows_qreg": 48,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
@@ -1153,13 +1206,18 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     kvid = qvid if same else _channels_first(kvid)
     row0 = p.start // nw
     nrows = (p.start + p.count - 1) // nw - row0 + 1
-    # Interior grid columns [jl, jr): windows not slid sideways; the row kernel takes them.
+    # Grid columns [jl, jr) go to the row kernel: whole rows with stride1 = 1 (its blocks at
+    # the frame's edges walk the union of their lanes' slid windows), else the interior
+    # columns, whose windows are not slid sideways; the direct kernel takes the rest.
     jl = jr = 0
     s1 = int(p.stride1) if whole else 0
     if _rows_apply(qvid, kvid, flows, p, whole, select_all):
-        jl = max(0, (p.ws // 2) * s1 - w0)
-        jr = min(nw, width - (p.ws - 1 - p.ws // 2) * s1 - w0)
-        if jr - jl < 16:
+        if s1 == 1 and CONFIG["rows_edges"]:
+            jl, jr = 0, nw
+        else:
+            jl = max(0, (p.ws // 2) * s1 - w0)
+            jr = min(nw, width - (p.ws - 1 - p.ws // 2) * s1 - w0)
+        if jr - jl < CONFIG["rows_min"]:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
     # one-pixel patches with few channels: the query's channels stay in registers
@@ -1240,7 +1298,8 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
             WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
             HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp, num_warps=CONFIG["bwd_warps"],
+            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+            GQ_REG=p.ps == 1 and p.pt == 1 and c <= block_c, num_warps=CONFIG["bwd_warps"],
         )  # fmt: skip
     if scale is not None:
         gq, gk = gq.double() / scale, gk.double() / scale
