@@ -202,6 +202,7 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
+        out.append(("rows", dict(rows_skip=True)))
         for bx, warps, pair in ROWS_SWEEP:
             out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_pair=pair)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]

@@ -120,6 +120,21 @@ def test_row_kernel_narrow_frame(monkeypatch, kw):
     assert torch.equal(i1, i0)
 
 
+@pytest.mark.parametrize("dist", ["l2", "dot"])
+def test_row_kernel_skips_unkept_candidates(monkeypatch, dist):
+    """With ``rows_skip`` a block skips the insert of a candidate no lane would keep: the
+    same selection, ties and order included."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_skip", True)
+    shape = (1, 3, 3, 9, 70) if CUDA else (1, 2, 1, 5, 40)
+    q = rand_video(shape, seed=17).to(DEVICE)
+    kw = dict(ws=3, wt=1 if CUDA else 0, ps=3, k=4, dist=dist, self_match="exclude")
+    (d0, i0), (d1, i1) = both(monkeypatch, q, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
 @pytest.mark.parametrize("bx", [32, 64, 128])
 def test_row_kernel_widths(monkeypatch, bx):
     """Row-kernel blocks of 32 columns on one warp (the default), 64 on two and 128 on four

@@ -252,6 +252,18 @@ def _topk_insert(keys, ids, key, j, KP: tl.constexpr):
 
 
 @triton.jit
+def _topk_offer(keys, ids, key, j, KP: tl.constexpr, SKIP: tl.constexpr):
+    """:func:`_topk_insert`, skipped by the whole program (with SKIP) when no lane's key is
+    below its last slot's, where the insert would change nothing."""
+    if SKIP:
+        if tl.sum((key < keys[KP - 1]).to(tl.int32), 0) > 0:
+            keys, ids = _topk_insert(keys, ids, key, j, KP)
+    else:
+        keys, ids = _topk_insert(keys, ids, key, j, KP)
+    return keys, ids
+
+
+@triton.jit
 def _search_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -567,7 +579,8 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
                  C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
                  SKIP_OWN: tl.constexpr, QREG: tl.constexpr, PAIR: tl.constexpr,
-                 NR: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+                 NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
+                 BX: tl.constexpr):  # fmt: skip
     """The whole window for the block's query row (qt, qy), or with PAIR for it and the row
     below it, whose window is the same one row down: the two share ``PS - 1`` of their
     ``NR = PS + 1`` patch-row terms (DIL = 1). Returns the selection of each row (``keys1,
@@ -623,15 +636,15 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                 if SKIP_OWN:
                     own = (tf == qt) & (ky == qy) & (dx == 0)
                     cand = cand & (zero + own.to(tl.int32) == 0)
-                keys, ids = _topk_insert(keys, ids, tl.where(cand, key, float("inf")), j, KP)
+                keys, ids = _topk_offer(keys, ids, tl.where(cand, key, float("inf")), j, KP, SKIP)
                 if PAIR:
                     d1 = _hsum(e + last, lane, BX, PS, DIL)
                     key1 = -d1 if DOT else d1
                     cand1 = qmask1 & inwin
                     if SKIP_OWN:  # the second row's candidate is one row down: ky + 1
                         cand1 = cand1 & (zero + own.to(tl.int32) == 0)
-                    keys1, ids1 = _topk_insert(
-                        keys1, ids1, tl.where(cand1, key1, float("inf")), j, KP
+                    keys1, ids1 = _topk_offer(
+                        keys1, ids1, tl.where(cand1, key1, float("inf")), j, KP, SKIP
                     )
     return keys, ids, keys1, ids1
 
@@ -732,6 +745,7 @@ def _search_rows_kernel(
     ANCHOR: tl.constexpr,
     QREG: tl.constexpr,
     R: tl.constexpr,
+    SKIP: tl.constexpr,
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
@@ -807,8 +821,8 @@ def _search_rows_kernel(
                 keys, ids, keys1, ids1 = _rows_select(
                     q_b, k_b, qt, qy, qmask, qmask1, tstart, qy, xc, qcol, qxv, keys, ids, keys1,
                     ids1, dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1,
-                    lo_steps,
-                    WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1, ACC, BX,
+                    lo_steps, WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1,
+                    SKIP, ACC, BX,
                 )  # fmt: skip
                 for r in tl.static_range(2):
                     kr = keys if r == 0 else keys1
@@ -838,7 +852,7 @@ def _search_rows_kernel(
             keys, ids, _, _ = _rows_select(
                 q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
                 dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
-                WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, ACC, BX,
+                WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, SKIP, ACC, BX,
             )  # fmt: skip
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
@@ -1136,17 +1150,18 @@ class _Layout(NamedTuple):
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
 # keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: whether it takes the columns whose
 # windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
-# takes (narrower rows go to the direct kernel), columns per block (at least twice
-# the patch span), warps (one per 32 columns: a lane per column), persistent programs per SM
-# (32 warps' worth), two rows per block where they pair, and the most query values kept in
-# registers. 32 columns on one warp, paired, was the best of the sweep at e670514 on W3
-# (6.65 ms; 64 on two warps 7.90, 128 on four 8.17) and within 1% of it on W1s.
+# takes (narrower rows go to the direct kernel), columns per block (at least twice the patch
+# span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
+# worth), two rows per block where they pair, the most query values kept in registers, and
+# whether a block skips the insert of a candidate no lane keeps. 32 columns on one warp,
+# paired, was the best of the sweep at e670514 on W3 (6.65 ms; 64 on two warps 7.90, 128 on
+# four 8.17) and within 1% of it on W1s.
 # Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
-    "rows_pair": True, "rows_qreg": 48,
+    "rows_pair": True, "rows_qreg": 48, "rows_skip": False,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -1260,6 +1275,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg, R=pair,
+            SKIP=CONFIG["rows_skip"],
             ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, num_warps=rows_warps,
         )  # fmt: skip
     if select_all and not all_inds:
