@@ -182,7 +182,7 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 
 
 # the row kernel's (columns per block, warps, two rows per block) the sweep times
-ROWS_SWEEP = [(32, 1, False), (32, 1, True), (64, 2, True), (128, 4, True)]
+ROWS_SWEEP = [(32, 1, False), (32, 1, True), (64, 2, False), (64, 2, True), (128, 4, True)]
 
 
 def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
@@ -202,6 +202,7 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
+        out.append(("rows", dict(rows_skip=False)))
         out.append(("rows", dict(rows_skip=True)))
         for bx, warps, pair in ROWS_SWEEP:
             out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_pair=pair)))

@@ -120,13 +120,13 @@ def test_row_kernel_narrow_frame(monkeypatch, kw):
     assert torch.equal(i1, i0)
 
 
-@pytest.mark.parametrize("dist", ["l2", "dot"])
-def test_row_kernel_skips_unkept_candidates(monkeypatch, dist):
-    """With ``rows_skip`` a block skips the insert of a candidate no lane would keep: the
-    same selection, ties and order included."""
+@pytest.mark.parametrize(("skip", "dist"), [(False, "l2"), (True, "dot")])
+def test_row_kernel_skips_unkept_candidates(monkeypatch, skip, dist):
+    """With ``rows_skip`` (the default) a block skips the insert of a candidate no lane would
+    keep; without it every candidate is inserted: the same selection, ties and order included."""
     from dnls.ops import _search_triton as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "rows_skip", True)
+    monkeypatch.setitem(kernels.CONFIG, "rows_skip", skip)
     shape = (1, 3, 3, 9, 70) if CUDA else (1, 2, 1, 5, 40)
     q = rand_video(shape, seed=17).to(DEVICE)
     kw = dict(ws=3, wt=1 if CUDA else 0, ps=3, k=4, dist=dist, self_match="exclude")

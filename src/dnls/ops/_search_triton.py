@@ -1161,7 +1161,7 @@ CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
-    "rows_pair": True, "rows_qreg": 48, "rows_skip": False,
+    "rows_pair": True, "rows_qreg": 48, "rows_skip": True,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
