@@ -44,8 +44,14 @@ def _border(i, n, REFLECT: tl.constexpr):
         valid = i >= 0
     else:
         valid = (i >= 0) & (i < n)
-        i = tl.minimum(tl.maximum(i, 0), n - 1)
+        i = _clamp(i, 0, n - 1)
     return i, valid
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    """``x`` moved into ``[lo, hi]``."""
+    return tl.minimum(tl.maximum(x, lo), hi)
 
 
 @triton.jit
@@ -178,7 +184,7 @@ def _query_position(qi, t0, h0, w0, nh, nw, stride0):
 @triton.jit
 def _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, POS: tl.constexpr):
     """First frame of the window of frame ``qt`` and the range the grid centre is slid into."""
-    tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+    tstart = _clamp(qt - (S // 2), 0, T - S)
     lo = (lo_steps * s1).to(POS)
     hi_y = (H - 1 - hi_steps * s1).to(POS)
     hi_x = (W - 1 - hi_steps * s1).to(POS)
@@ -209,8 +215,8 @@ def _centre(
         cx = cx + tl.load(flow_ptr + off + sf_c, mask=moves, other=0).to(POS)
     free_y = (cy >= lo) & (cy <= hi_y)
     free_x = (cx >= lo) & (cx <= hi_x)
-    cy = tl.minimum(tl.maximum(cy, lo), hi_y)
-    cx = tl.minimum(tl.maximum(cx, lo), hi_x)
+    cy = _clamp(cy, lo, hi_y)
+    cx = _clamp(cx, lo, hi_x)
     return cy, cx, free_y, free_x
 
 
@@ -484,7 +490,7 @@ def _fold(i, n, REFLECT: tl.constexpr):
         valid = True
     else:
         valid = (i >= 0) & (i < n)
-        i = tl.minimum(tl.maximum(i, 0), n - 1)
+        i = _clamp(i, 0, n - 1)
     return i, valid
 
 
@@ -610,7 +616,7 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                 col = base + bb  # each lane's window column
                 inwin = (col >= 0) & (col < WS)
                 # lanes outside their window may reach past one reflection: clamped (not output)
-                kxi, kxv = _fold(tl.minimum(tl.maximum(xc + dx, 1 - W), 2 * W - 2), W, REFLECT)
+                kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
                 kcol = kxi * sk_x
                 j = (s * WS + a) * WS + col
                 first = tl.zeros((BX,), ACC)
@@ -795,11 +801,11 @@ def _search_rows_kernel(
         # the block walks the displacements of all its lanes' windows, from ``dmin`` in ``nd``
         # steps of s1, lane by lane from column ``base`` of its window (the launcher gives
         # blocks with slid windows only when s1 = 1, so these divisions are exact).
-        cx = tl.minimum(tl.maximum(qx, lo), hi_x)
+        cx = _clamp(qx, lo, hi_x)
         xa = w0 + j0
         xz = w0 + tl.minimum(j0 + BOUT, jr) - 1
-        off_a = tl.minimum(tl.maximum(xa, lo), hi_x) - xa
-        off_z = tl.minimum(tl.maximum(xz, lo), hi_x) - xz
+        off_a = _clamp(xa, lo, hi_x) - xa
+        off_z = _clamp(xz, lo, hi_x) - xz
         dmin = off_z - lo
         nd = (off_a - off_z) // s1 + WS
         base = (dmin - (cx - qx)) // s1 + lo_steps
@@ -815,7 +821,7 @@ def _search_rows_kernel(
                 qi = grow * nw + jq
                 qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
                 qmask1 = (lane < BOUT) & (jq < jr) & (qi + nw >= start) & (qi + nw < start + count)
-                tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+                tstart = _clamp(qt - (S // 2), 0, T - S)
                 keys, ids = _topk_init(zero, NWIN, KP, ACC)
                 keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
                 keys, ids, keys1, ids1 = _rows_select(
@@ -846,8 +852,8 @@ def _search_rows_kernel(
             grow_r = tl.minimum(grow_r, row0 + nrows - 1)
             qt = t0 + grow_r // nh
             qy = h0 + grow_r % nh
-            cy = tl.minimum(tl.maximum(qy, lo), hi)
-            tstart = tl.minimum(tl.maximum(qt - (S // 2), 0), T - S)
+            cy = _clamp(qy, lo, hi)
+            tstart = _clamp(qt - (S // 2), 0, T - S)
             keys, ids = _topk_init(zero, NWIN, KP, ACC)
             keys, ids, _, _ = _rows_select(
                 q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
