@@ -7,7 +7,7 @@ must move (inputs read once, outputs written once) and the bandwidth that makes,
 of the device's measured copy bandwidth (``--copy-bw``, 2.9 TB/s on the H100). Every result is
 first checked against its baseline at the real size.
 
-    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep] [--json out.json]
+    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep,stagedsweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -145,14 +145,56 @@ def knn_sweep(results, args):
                 fwd = dict(wpsum_block_e=block_e, wpsum_tile=tile, wpsum_warps=w)
                 bwd = dict(wpsum_bwd_block_e=block_e, wpsum_bwd_tile=tile, wpsum_bwd_warps=w)
                 configs += [("wpsum", fwd), ("wpsum f+b", bwd)]
-    for label, vid, inds, ps in _knn_inputs(args):
+    _run_sweep(results, args, configs, default)
+
+
+def staged_sweep(results, args):
+    """The staged gather/wpsum kernel against the direct one, and its tiles: (queries,
+    neighbours per gather, elements per chunk, region pitch, region size, warps)."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    tiles = [(16, 4, 32, 71, 8192, 4), (32, 2, 32, 71, 8192, 4), (32, 4, 32, 71, 8192, 4),
+             (32, 8, 32, 71, 8192, 8), (32, 4, 64, 71, 8192, 4), (32, 4, 32, 65, 8192, 4),
+             (32, 4, 32, 72, 8192, 4), (64, 2, 32, 103, 16384, 4), (64, 4, 32, 103, 16384, 8),
+             (64, 2, 64, 103, 16384, 8)]  # fmt: skip
+    configs = [(op, dict(staged=False)) for op in ("gather", "wpsum")]
+    configs += [(op, {"staged": True, f"staged_{op}": tile}) for op in ("gather", "wpsum")
+                for tile in tiles]  # fmt: skip
+    _run_sweep(results, args, configs, default, KNN[:1])
+    # iunfold with few channels runs the staged gather of one neighbour
+    x = torch.rand(1, 1, 3, 1024, 1024, device="cuda")
+    kernels.CONFIG.update(default, staged=False)
+    expect = dnls.iunfold(x, ps=7, border="zero")
+    for tile in [None, (64, 1, 64, 71, 2048, 4), (64, 1, 32, 71, 2048, 4),
+                 (64, 1, 64, 71, 2048, 8), (32, 1, 64, 39, 1024, 4), (128, 1, 32, 135, 4096, 4),
+                 (128, 1, 64, 135, 4096, 8)]:  # fmt: skip
+        cfg = dict(staged=False) if tile is None else dict(staged=True, staged_gather1=tile)
+        kernels.CONFIG.update(default)
+        kernels.CONFIG.update(cfg)
+        err = max_rel(dnls.iunfold(x, ps=7, border="zero"), expect)
+        ms = bench(lambda: dnls.iunfold(x, ps=7, border="zero"), 100)
+        print(f"iunfold sweep C3 1024x1024 ps7 {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
+        results.append(dict(op="iunfold sweep", case="C3 1024x1024 ps7", ms=ms, err=err, **cfg))
+    kernels.CONFIG.update(default)
+
+
+def _run_sweep(results, args, configs, default, rows=None):
+    from dnls.ops import _patches_triton as kernels
+
+    for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
+        # forward outputs to check each configuration against: the direct kernels'
+        kernels.CONFIG.update(default, staged=False)
+        expect = {name: ops[name]() for name in ("gather", "wpsum")}
         for name, cfg in configs:
             kernels.CONFIG.update(default)
             kernels.CONFIG.update(cfg)
+            err = max_rel(ops[name](), expect[name]) if name in expect else float("nan")
             ms = bench(ops[name], 100)
-            print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms", flush=True)  # noqa: T201
-            results.append(dict(op=f"{name} sweep", case=label, ms=ms, **cfg))
+            print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
+            results.append(dict(op=f"{name} sweep", case=label, ms=ms, err=err, **cfg))
+        del expect
         kernels.CONFIG.update(default)
         del ops
         torch.cuda.empty_cache()
@@ -172,9 +214,9 @@ def _knn_ops(vid, inds, ps) -> dict:
     }
 
 
-def _knn_inputs(args):
+def _knn_inputs(args, rows=None):
     """(label, video, positions, ps) of the knn rows: the positions of a real search."""
-    for label, shape, skw in KNN:
+    for label, shape, skw in rows or KNN:
         torch.manual_seed(0)
         vid = torch.rand(shape, device="cuda")
         _, inds = dnls.search(vid, count=_knn_count(args, skw), **skw)
@@ -295,6 +337,8 @@ def main() -> None:
         fold_sweep(results, args)
     if "knnsweep" in rows:
         knn_sweep(results, args)
+    if "stagedsweep" in rows:
+        staged_sweep(results, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=gpu, commit=commit, results=results), f, indent=1)

@@ -205,3 +205,26 @@ def test_channels_last_layout(monkeypatch):
     check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
     fn = lambda v: dnls.iunfold(v, stride=2, region=(0, 2, 1, 5, 0, 6), start=1, **geom)  # noqa: E731
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold (tile kernel)")
+
+
+@pytest.mark.parametrize("region", [(4, 2, 16, 16, 4096, 4), (4, 2, 16, 9, 64, 4)])
+def test_staged_and_direct_paths(monkeypatch, region):
+    """gather and wpsum at whole positions with a region every tile's box fits in (the staged
+    path, except tiles that span two slices) and with one no box fits in (the direct path)."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setattr(_patches_triton, "STAGED_INTERPRET", region)
+    if CUDA:
+        monkeypatch.setitem(_patches_triton.CONFIG, "staged_gather", region)
+        monkeypatch.setitem(_patches_triton.CONFIG, "staged_wpsum", region)
+    shape = (2, 2, 4, 7, 6)
+    case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=15)
+    vid = rand_video(shape, seed=16).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    weights = rand_video(inds.shape[:4], seed=17).to(DEVICE)
+    for border in ("reflect", "zero"):
+        geom = dict(ps=3, pt=2, dilation=2, border=border)
+        fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=2, **geom)  # noqa: E731, B023
+        check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
+        fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731, B023
+        check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")

@@ -327,6 +327,131 @@ def _wpsum_kernel(
 
 
 @triton.jit
+def _tile_pass(
+    vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c, s_y, s_x,
+    tmin, ymin, xmin, nh,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
+    STAGED: tl.constexpr, BLOCK_Q: tl.constexpr, KB: tl.constexpr, BLOCK_E: tl.constexpr,
+    PITCH: tl.constexpr, RPC: tl.constexpr,
+):  # fmt: skip
+    """The rows ``[r0, r0 + BLOCK_Q)`` of a staged tile: for every chunk of BLOCK_E patch
+    elements, KB neighbours of each query at a time, read from the staged ``region`` (STAGED)
+    or from the video through the border rule; wpsum (WSUM) sums them with the weights, gather
+    stores each patch."""
+    E: tl.constexpr = PT * C * PS * PS
+    LO: tl.constexpr = (PS // 2) * DIL
+    ROWS: tl.constexpr = BLOCK_Q * KB
+    rows = tl.arange(0, ROWS)
+    q = r0 + rows // KB
+    ks = rows % KB
+    qo = r0 + tl.arange(0, BLOCK_Q)
+    for e0 in tl.static_range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        em = e < E
+        dt, c, oy, ox = _element(e, C, PS, DIL)
+        eoff = ((c * RPC + dt * nh + oy + LO) * PITCH + ox + LO).to(tl.int32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
+        for k0 in range(0, K, KB):
+            kq = k0 + ks
+            m = (q < R) & (kq < K)
+            n = q * K + kq
+            t, y, x = _load_pos(inds, n, m, True, ACC)
+            m2 = m[:, None] & em[None, :]
+            if STAGED:
+                base = ((t - tmin) * nh + y - ymin) * PITCH + x - xmin
+                idx = tl.where(m2, base[:, None] + eoff[None, :], 0)
+                v = tl.gather(region, tl.reshape(idx, (ROWS * BLOCK_E,)), 0)
+                v = tl.reshape(v, (ROWS, BLOCK_E)).to(ACC)
+            else:
+                bh = q // Q
+                vrow = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+                v, _, _ = _read(
+                    vrow[:, None] + (c.to(tl.int64) * s_c)[None, :], t[:, None] + dt[None, :],
+                    y[:, None] + oy[None, :], x[:, None] + ox[None, :],
+                    T, H, W, s_t, s_y, s_x, m2, BORDER, I64, True, ACC,
+                )  # fmt: skip
+            if WSUM:
+                w = tl.load(weights + n, mask=m, other=0.0).to(ACC)
+                p = tl.where(m2, w[:, None] * v, 0.0)
+                acc += tl.sum(tl.reshape(p, (BLOCK_Q, KB, BLOCK_E)), axis=1)
+            else:
+                optr = out + n[:, None] * E + e[None, :]
+                tl.store(optr, v.to(out.dtype.element_ty), mask=m2)
+        if WSUM:
+            optr = out + qo[:, None] * E + e[None, :]
+            tl.store(optr, acc.to(out.dtype.element_ty), mask=(qo < R)[:, None] & em[None, :])
+
+
+@triton.jit
+def _staged_kernel(
+    vid,  # (B, HD, T, C, H, W), any strides
+    weights,  # (R, K) contiguous (WSUM)
+    inds,  # (R * K, 3) whole positions
+    out,  # (R, E) for wpsum, (R * K, E) for gather; contiguous
+    R, Q, K, HD, T, H, W,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
+    PITCH: tl.constexpr, REG: tl.constexpr,
+):  # fmt: skip
+    """wpsum or gather of BLOCK_Q queries at whole positions. The box that holds every patch of
+    the tile is read once from the video (through the border rule) into a register tensor of
+    REG values, rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel;
+    the patch elements are then gathered from it (through shared memory), one add per element
+    for the address. A tile whose box does not fit, or that spans two (batch, head) slices,
+    reads the video directly."""
+    RPC: tl.constexpr = (REG // PITCH) // C
+    LO: tl.constexpr = (PS // 2) * DIL
+    SPAN: tl.constexpr = (PS - 1) * DIL
+    if I64:
+        r0 = tl.program_id(0).to(tl.int64) * BLOCK_Q
+    else:
+        r0 = tl.program_id(0) * BLOCK_Q
+    # the box of the tile's positions
+    r = r0 + tl.arange(0, BLOCK_Q)
+    kk = tl.arange(0, KP)
+    m = (r < R)[:, None] & (kk < K)[None, :]
+    t, y, x = _load_pos(inds, r[:, None] * K + kk[None, :], m, True, tl.float32)
+    big = 1 << 30
+    tmin = tl.min(tl.where(m, t, big))
+    ymin = tl.min(tl.where(m, y, big))
+    xmin = tl.min(tl.where(m, x, big))
+    nt = tl.max(tl.where(m, t, -big)) - tmin + PT
+    nh = tl.max(tl.where(m, y, -big)) - ymin + 1 + SPAN
+    nw = tl.max(tl.where(m, x, -big)) - xmin + 1 + SPAN
+    bh = r0 // Q
+    fits = (bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q) & (nw <= PITCH) & (nt * nh <= RPC)
+    vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+    if fits:
+        i = tl.arange(0, REG)
+        row = i // PITCH
+        col = i - row * PITCH
+        rc = row // RPC
+        rr = row - rc * RPC
+        # rr // nh by a float reciprocal (exact: rr < 2^12 and the quotient is truncated)
+        rt = ((rr.to(tl.float32) + 0.5) * (1.0 / nh.to(tl.float32))).to(tl.int32)
+        ry = rr - rt * nh
+        ok = (rc < C) & (rt < nt) & (col < nw)
+        off, valid = _offset(
+            tmin + rt, ymin - LO + ry, xmin - LO + col, T, H, W, s_t, s_y, s_x, BORDER, I64
+        )
+        region = tl.load(vbase + rc.to(tl.int64) * s_c + off, mask=ok & valid, other=0.0)
+        _tile_pass(
+            vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
+            s_y, s_x, tmin, ymin, xmin, nh, C, PS, PT, DIL, BORDER, I64, ACC, WSUM, True,
+            BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+        )  # fmt: skip
+    else:
+        _tile_pass(
+            vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
+            s_y, s_x, tmin, ymin, xmin, nh, C, PS, PT, DIL, BORDER, I64, ACC, WSUM, False,
+            BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+        )  # fmt: skip
+
+
+@triton.jit
 def _wpsum_bwd_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     weights,  # (R, K) contiguous
@@ -477,11 +602,23 @@ def _fold_kernel(
 # wpsum tile (block_e; None: the power of two up to 128 that pads E least), its elements
 # (queries x block_e) and warps, forward and backward. Defaults: the best of the sweep on the
 # H100 (BENCHMARKS.md): wpsum K14 ps7 C3 1.20 -> 0.73 ms, its backward 4.05 -> 3.42 ms.
+#
+# The staged kernel (gather and wpsum at whole positions with few channels): on or off, queries
+# per program, neighbours per gather, patch elements per chunk, region row pitch (pixels) and
+# size (values), warps; per op ("gather1": gather of one neighbour, as iunfold runs it).
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
+    "staged": True,
+    "staged_wpsum": (32, 4, 32, 71, 8192, 4),
+    "staged_gather": (32, 4, 32, 71, 8192, 4),
+    "staged_gather1": (64, 1, 64, 71, 2048, 4),
 }  # fmt: skip
+
+# The staged kernel under the interpreter: small tiles and a small region, so that the tests'
+# tiny frames take both the staged and the direct path.
+STAGED_INTERPRET = (4, 2, 16, 9, 256, 4)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -556,12 +693,41 @@ def _modes(shape6, geom, whole: bool, *big) -> dict:
     return dict(BORDER=border, I64=n >= 2**31)
 
 
+def _staged(op, vid, weights, inds, out, geom) -> bool:
+    """Run the staged kernel for ``op`` ("wpsum" or "gather") when it applies (whole positions,
+    fewer than CHANNELS_LAST_MIN channels, a region of at least one row per channel); return
+    whether it ran."""
+    b, hd, t, c, h, w = vid.shape
+    q, k = inds.shape[2:4]
+    if vid.device.type == "cuda":
+        name = "gather1" if op == "gather" and k == 1 else op
+        block_q, kb, block_e, pitch, reg, warps = CONFIG["staged_" + name]
+    else:
+        block_q, kb, block_e, pitch, reg, warps = STAGED_INTERPRET
+    if (
+        not CONFIG["staged"] or inds.is_floating_point() or c >= CHANNELS_LAST_MIN
+        or (reg // pitch) // c < 1
+    ):  # fmt: skip
+        return False
+    r = b * hd * q
+    e = geom.pt * c * geom.ps * geom.ps
+    _staged_kernel[(triton.cdiv(r, block_q),)](
+        vid, vid if weights is None else weights.contiguous(), _inds(inds), out,
+        r, q, k, hd, t, h, w, *vid.stride(),
+        C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, True, out),
+        ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
+        KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
+        num_warps=warps,
+    )  # fmt: skip
+    return True
+
+
 def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4]
     out = vid.new_empty(b, hd, q, k, geom.pt, c, geom.ps, geom.ps)
     whole = not inds.is_floating_point()
-    if out.numel():
+    if out.numel() and not _staged("gather", vid, None, inds, out, geom):
         block = CONFIG["flat_block"]
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, block), b * hd)
         src = _reads(vid)
@@ -644,7 +810,7 @@ def wpsum(vid, weights, inds, geom) -> torch.Tensor:
     if k == 0:
         return out.zero_()
     whole = not inds.is_floating_point()
-    if r:
+    if r and not _staged("wpsum", vid, weights, inds, out, geom):
         block_e, block_q, warps = _tile(e, vid.device, "wpsum")
         grid = (triton.cdiv(r, block_q), triton.cdiv(e, block_e))
         src = _reads(vid)
