@@ -154,13 +154,14 @@ def staged_sweep(results, args):
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
-    tiles = [(16, 4, 32, 71, 8192, 4), (32, 2, 32, 71, 8192, 4), (32, 4, 32, 71, 8192, 4),
-             (32, 8, 32, 71, 8192, 8), (32, 4, 64, 71, 8192, 4), (32, 4, 32, 65, 8192, 4),
-             (32, 4, 32, 72, 8192, 4), (64, 2, 32, 103, 16384, 4), (64, 4, 32, 103, 16384, 8),
-             (64, 2, 64, 103, 16384, 8)]  # fmt: skip
-    configs = [(op, dict(staged=False)) for op in ("gather", "wpsum")]
-    configs += [(op, {"staged": True, f"staged_{op}": tile}) for op in ("gather", "wpsum")
-                for tile in tiles]  # fmt: skip
+    tiles = {
+        "gather": [(32, 8, 32, 71, 8192, 8), (32, 4, 32, 71, 8192, 4), (16, 8, 64, 71, 8192, 8)],
+        "wpsum": [(32, 1, 32, 71, 8192, 4), (32, 1, 64, 71, 8192, 4), (32, 2, 64, 71, 8192, 4),
+                  (32, 4, 64, 71, 8192, 4), (32, 4, 64, 71, 8192, 8), (16, 4, 64, 71, 8192, 4),
+                  (64, 1, 64, 103, 16384, 8), (64, 2, 32, 103, 16384, 8)],
+    }  # fmt: skip
+    configs = [(op, dict(staged=False)) for op in tiles]
+    configs += [(op, {"staged": True, f"staged_{op}": tile}) for op in tiles for tile in tiles[op]]
     _run_sweep(results, args, configs, default, KNN[:1])
     # iunfold with few channels runs the staged gather of one neighbour
     x = torch.rand(1, 1, 3, 1024, 1024, device="cuda")

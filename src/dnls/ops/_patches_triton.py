@@ -351,7 +351,8 @@ def _tile_pass(
         em = e < E
         dt, c, oy, ox = _element(e, C, PS, DIL)
         eoff = ((c * RPC + dt * nh + oy + LO) * PITCH + ox + LO).to(tl.int32)
-        acc = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
+        # each row sums its own neighbours; the KB rows of a query are added at the end
+        acc = tl.zeros((ROWS, BLOCK_E), dtype=ACC)
         for k0 in range(0, K, KB):
             kq = k0 + ks
             m = (q < R) & (kq < K)
@@ -373,14 +374,14 @@ def _tile_pass(
                 )  # fmt: skip
             if WSUM:
                 w = tl.load(weights + n, mask=m, other=0.0).to(ACC)
-                p = tl.where(m2, w[:, None] * v, 0.0)
-                acc += tl.sum(tl.reshape(p, (BLOCK_Q, KB, BLOCK_E)), axis=1)
+                acc += tl.where(m2, w[:, None] * v, 0.0)
             else:
                 optr = out + n[:, None] * E + e[None, :]
                 tl.store(optr, v.to(out.dtype.element_ty), mask=m2)
         if WSUM:
+            res = tl.sum(tl.reshape(acc, (BLOCK_Q, KB, BLOCK_E)), axis=1)
             optr = out + qo[:, None] * E + e[None, :]
-            tl.store(optr, acc.to(out.dtype.element_ty), mask=(qo < R)[:, None] & em[None, :])
+            tl.store(optr, res.to(out.dtype.element_ty), mask=(qo < R)[:, None] & em[None, :])
 
 
 @triton.jit
