@@ -155,22 +155,24 @@ def staged_sweep(results, args):
 
     default = dict(kernels.CONFIG)
     tiles = {
-        "gather": [(32, 8, 32, 71, 8192, 8), (32, 4, 32, 71, 8192, 4), (16, 8, 64, 71, 8192, 8)],
-        "wpsum": [(32, 1, 32, 71, 8192, 4), (32, 1, 64, 71, 8192, 4), (32, 2, 64, 71, 8192, 4),
-                  (32, 4, 64, 71, 8192, 4), (32, 4, 64, 71, 8192, 8), (16, 4, 64, 71, 8192, 4),
-                  (64, 1, 64, 103, 16384, 8), (64, 2, 32, 103, 16384, 8)],
+        "gather": [("region", 32, 8, 32, 71, 8192, 8), ("interior", 32, 8, 32, 71, 8192, 8),
+                   ("interior", 32, 4, 32, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4)],
+        "wpsum": [("region", 32, 1, 64, 71, 8192, 4), ("interior", 32, 1, 32, 71, 8192, 4),
+                  ("interior", 32, 1, 64, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4),
+                  ("interior", 32, 2, 64, 71, 8192, 4), ("interior", 64, 1, 32, 71, 8192, 8),
+                  ("interior", 8, 2, 64, 71, 8192, 4)],
     }  # fmt: skip
-    configs = [(op, dict(staged=False)) for op in tiles]
-    configs += [(op, {"staged": True, f"staged_{op}": tile}) for op in tiles for tile in tiles[op]]
+    configs = [(op, {f"staged_{op}": None}) for op in tiles]
+    configs += [(op, {f"staged_{op}": tile}) for op in tiles for tile in tiles[op]]
     _run_sweep(results, args, configs, default, KNN[:1])
     # iunfold with few channels runs the staged gather of one neighbour
     x = torch.rand(1, 1, 3, 1024, 1024, device="cuda")
-    kernels.CONFIG.update(default, staged=False)
+    kernels.CONFIG.update(default, staged_gather1=None)
     expect = dnls.iunfold(x, ps=7, border="zero")
-    for tile in [None, (64, 1, 64, 71, 2048, 4), (64, 1, 32, 71, 2048, 4),
-                 (64, 1, 64, 71, 2048, 8), (32, 1, 64, 39, 1024, 4), (128, 1, 32, 135, 4096, 4),
-                 (128, 1, 64, 135, 4096, 8)]:  # fmt: skip
-        cfg = dict(staged=False) if tile is None else dict(staged=True, staged_gather1=tile)
+    for tile in [None, ("region", 32, 1, 64, 39, 1024, 4), ("region", 32, 1, 32, 39, 1024, 4),
+                 ("region", 16, 1, 64, 23, 1024, 4), ("interior", 32, 1, 64, 39, 1024, 4),
+                 ("interior", 64, 1, 64, 39, 1024, 4)]:  # fmt: skip
+        cfg = dict(staged_gather1=tile)
         kernels.CONFIG.update(default)
         kernels.CONFIG.update(cfg)
         err = max_rel(dnls.iunfold(x, ps=7, border="zero"), expect)
@@ -186,7 +188,7 @@ def _run_sweep(results, args, configs, default, rows=None):
     for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
         # forward outputs to check each configuration against: the direct kernels'
-        kernels.CONFIG.update(default, staged=False)
+        kernels.CONFIG.update(default, staged_gather=None, staged_wpsum=None)
         expect = {name: ops[name]() for name in ("gather", "wpsum")}
         for name, cfg in configs:
             kernels.CONFIG.update(default)

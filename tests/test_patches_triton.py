@@ -207,20 +207,30 @@ def test_channels_last_layout(monkeypatch):
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold (tile kernel)")
 
 
-@pytest.mark.parametrize("region", [(4, 2, 16, 16, 4096, 4), (4, 2, 16, 9, 64, 4)])
-def test_staged_and_direct_paths(monkeypatch, region):
-    """gather and wpsum at whole positions with a region every tile's box fits in (the staged
-    path, except tiles that span two slices) and with one no box fits in (the direct path)."""
+@pytest.mark.parametrize(
+    "cfg",
+    [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
+     ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4)],
+)  # fmt: skip
+@pytest.mark.parametrize("central", [False, True])
+def test_staged_modes(monkeypatch, cfg, central):
+    """gather and wpsum at whole positions through the staged kernel: a region every tile's box
+    fits in (the staged path, except tiles that span two slices), one no box fits in (the
+    direct path), and the interior mode (tiles inside the frame skip the border rule); positions
+    over the whole frame or only where every patch lies inside it."""
     from dnls.ops import _patches_triton
 
-    monkeypatch.setattr(_patches_triton, "STAGED_INTERPRET", region)
-    if CUDA:
-        monkeypatch.setitem(_patches_triton.CONFIG, "staged_gather", region)
-        monkeypatch.setitem(_patches_triton.CONFIG, "staged_wpsum", region)
-    shape = (2, 2, 4, 7, 6)
+    for op in ("gather", "wpsum"):
+        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, op, cfg)
+        monkeypatch.setitem(_patches_triton.CONFIG, f"staged_{op}", cfg)
+    shape = (2, 2, 4, 12, 11)
     case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=15)
     vid = rand_video(shape, seed=16).to(DEVICE)
-    inds = make_inds(case).to(DEVICE)
+    inds = make_inds(case)
+    if central:  # frame 0, rows and columns 2..8: a pt 2, ps 3, dilation 2 patch stays inside
+        inds[..., 0] = 0
+        inds[..., 1:] = inds[..., 1:] % 7 + 2
+    inds = inds.to(DEVICE)
     weights = rand_video(inds.shape[:4], seed=17).to(DEVICE)
     for border in ("reflect", "zero"):
         geom = dict(ps=3, pt=2, dilation=2, border=border)

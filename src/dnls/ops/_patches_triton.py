@@ -327,17 +327,33 @@ def _wpsum_kernel(
 
 
 @triton.jit
+def _tile_pos(inds, n, m, Q, g_start, g_t0, g_h0, g_w0, g_nh, g_nw, STRIDE: tl.constexpr,
+              GRID: tl.constexpr):  # fmt: skip
+    """Whole position of patch ``n``: loaded, or (GRID, one patch per query) the query's point
+    of the grid: queries ``g_start + n % Q`` of a region from ``(g_t0, g_h0, g_w0)`` with
+    ``g_nh x g_nw`` points per frame, ``STRIDE`` apart."""
+    if GRID:
+        qi = (g_start + tl.where(m, n, 0) % Q).to(tl.int32)
+        t = g_t0 + qi // (g_nh * g_nw)
+        rem = qi % (g_nh * g_nw)
+        return t, g_h0 + (rem // g_nw) * STRIDE, g_w0 + (rem % g_nw) * STRIDE
+    else:
+        return _load_pos(inds, n, m, True, tl.float32)
+
+
+@triton.jit
 def _tile_pass(
     vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c, s_y, s_x,
-    tmin, ymin, xmin, nh,
+    tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
-    STAGED: tl.constexpr, BLOCK_Q: tl.constexpr, KB: tl.constexpr, BLOCK_E: tl.constexpr,
-    PITCH: tl.constexpr, RPC: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_Q: tl.constexpr, KB: tl.constexpr, BLOCK_E: tl.constexpr,
+    PITCH: tl.constexpr, RPC: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
 ):  # fmt: skip
     """The rows ``[r0, r0 + BLOCK_Q)`` of a staged tile: for every chunk of BLOCK_E patch
-    elements, KB neighbours of each query at a time, read from the staged ``region`` (STAGED)
-    or from the video through the border rule; wpsum (WSUM) sums them with the weights, gather
+    elements, KB neighbours of each query at a time, read (MODE) 0: from the video through the
+    border rule, 1: from the staged ``region``, 2: from the video without the border rule (every
+    patch of the tile lies inside the frame); wpsum (WSUM) sums them with the weights, gather
     stores each patch."""
     E: tl.constexpr = PT * C * PS * PS
     LO: tl.constexpr = (PS // 2) * DIL
@@ -350,23 +366,36 @@ def _tile_pass(
         e = e0 + tl.arange(0, BLOCK_E)
         em = e < E
         dt, c, oy, ox = _element(e, C, PS, DIL)
-        eoff = ((c * RPC + dt * nh + oy + LO) * PITCH + ox + LO).to(tl.int32)
+        if MODE == 1:
+            eoff = ((c * RPC + dt * nh + oy + LO) * PITCH + ox + LO).to(tl.int32)
+        if MODE == 2:
+            if I64:
+                eoff = c.to(tl.int64) * s_c + dt.to(tl.int64) * s_t + oy * s_y + ox * s_x
+            else:
+                eoff = c * s_c + dt * s_t + oy * s_y + ox * s_x
         # each row sums its own neighbours; the KB rows of a query are added at the end
         acc = tl.zeros((ROWS, BLOCK_E), dtype=ACC)
         for k0 in range(0, K, KB):
             kq = k0 + ks
             m = (q < R) & (kq < K)
             n = q * K + kq
-            t, y, x = _load_pos(inds, n, m, True, ACC)
+            t, y, x = _tile_pos(inds, n, m, Q, g_start, g_t0, g_h0, g_w0, g_nh, g_nw, STRIDE, GRID)
             m2 = m[:, None] & em[None, :]
-            if STAGED:
+            bh = q // Q
+            vrow = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+            if MODE == 1:
                 base = ((t - tmin) * nh + y - ymin) * PITCH + x - xmin
                 idx = tl.where(m2, base[:, None] + eoff[None, :], 0)
                 v = tl.gather(region, tl.reshape(idx, (ROWS * BLOCK_E,)), 0)
                 v = tl.reshape(v, (ROWS, BLOCK_E)).to(ACC)
+            elif MODE == 2:
+                if I64:
+                    base = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+                else:
+                    base = t * s_t + y * s_y + x * s_x
+                v = tl.load(vrow[:, None] + (base[:, None] + eoff[None, :]), mask=m2, other=0.0)
+                v = v.to(ACC)
             else:
-                bh = q // Q
-                vrow = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
                 v, _, _ = _read(
                     vrow[:, None] + (c.to(tl.int64) * s_c)[None, :], t[:, None] + dt[None, :],
                     y[:, None] + oy[None, :], x[:, None] + ox[None, :],
@@ -392,16 +421,20 @@ def _staged_kernel(
     out,  # (R, E) for wpsum, (R * K, E) for gather; contiguous
     R, Q, K, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
+    g_start, g_t0, g_h0, g_w0, g_nh, g_nw,  # the query grid (GRID)
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
-    PITCH: tl.constexpr, REG: tl.constexpr,
+    PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
+    INTERIOR: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions. The box that holds every patch of
     the tile is read once from the video (through the border rule) into a register tensor of
     REG values, rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel;
     the patch elements are then gathered from it (through shared memory), one add per element
-    for the address. A tile whose box does not fit, or that spans two (batch, head) slices,
+    for the address. INTERIOR: no region; a tile whose box lies inside the frame reads the
+    video without the border rule (one add per element for the address); the others through
+    it. A tile whose box does not fit, or that spans two (batch, head) slices,
     reads the video directly."""
     RPC: tl.constexpr = (REG // PITCH) // C
     LO: tl.constexpr = (PS // 2) * DIL
@@ -414,7 +447,10 @@ def _staged_kernel(
     r = r0 + tl.arange(0, BLOCK_Q)
     kk = tl.arange(0, KP)
     m = (r < R)[:, None] & (kk < K)[None, :]
-    t, y, x = _load_pos(inds, r[:, None] * K + kk[None, :], m, True, tl.float32)
+    t, y, x = _tile_pos(
+        inds, r[:, None] * K + kk[None, :], m, Q, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
+        STRIDE, GRID,
+    )  # fmt: skip
     big = 1 << 30
     tmin = tl.min(tl.where(m, t, big))
     ymin = tl.min(tl.where(m, y, big))
@@ -425,7 +461,24 @@ def _staged_kernel(
     bh = r0 // Q
     fits = (bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q) & (nw <= PITCH) & (nt * nh <= RPC)
     vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
-    if fits:
+    inside = (tmin >= 0) & (tmin + nt <= T) & (ymin >= LO) & (ymin - LO + nh <= H)
+    inside = inside & (xmin >= LO) & (xmin - LO + nw <= W)
+    if INTERIOR:
+        if inside:
+            _tile_pass(
+                vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
+                s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
+                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 2, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+                STRIDE, GRID,
+            )  # fmt: skip
+        else:
+            _tile_pass(
+                vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
+                s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
+                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 0, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+                STRIDE, GRID,
+            )  # fmt: skip
+    elif fits:
         i = tl.arange(0, REG)
         row = i // PITCH
         col = i - row * PITCH
@@ -441,14 +494,16 @@ def _staged_kernel(
         region = tl.load(vbase + rc.to(tl.int64) * s_c + off, mask=ok & valid, other=0.0)
         _tile_pass(
             vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
-            s_y, s_x, tmin, ymin, xmin, nh, C, PS, PT, DIL, BORDER, I64, ACC, WSUM, True,
-            BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+            s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
+            C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 1, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+            STRIDE, GRID,
         )  # fmt: skip
     else:
         _tile_pass(
             vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
-            s_y, s_x, tmin, ymin, xmin, nh, C, PS, PT, DIL, BORDER, I64, ACC, WSUM, False,
-            BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+            s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
+            C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 0, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+            STRIDE, GRID,
         )  # fmt: skip
 
 
@@ -604,22 +659,24 @@ def _fold_kernel(
 # (queries x block_e) and warps, forward and backward. Defaults: the best of the sweep on the
 # H100 (BENCHMARKS.md): wpsum K14 ps7 C3 1.20 -> 0.73 ms, its backward 4.05 -> 3.42 ms.
 #
-# The staged kernel (gather and wpsum at whole positions with few channels): on or off, queries
-# per program, neighbours per gather, patch elements per chunk, region row pitch (pixels) and
-# size (values), warps; per op ("gather1": gather of one neighbour, as iunfold runs it).
+# The staged kernel (gather and wpsum at whole positions with few channels), per op ("gather1":
+# gather of one neighbour, as iunfold runs it): None (the op's direct kernel), or its mode
+# ("region": staged in registers, "interior": tiles inside the frame skip the border rule),
+# queries per program, neighbours per gather, patch elements per chunk, region row pitch
+# (pixels) and size (values), warps.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
-    "staged": True,
-    "staged_wpsum": (32, 4, 32, 71, 8192, 4),
-    "staged_gather": (32, 4, 32, 71, 8192, 4),
-    "staged_gather1": (64, 1, 64, 71, 2048, 4),
+    "staged_wpsum": None,
+    "staged_gather": ("region", 32, 8, 32, 71, 8192, 8),
+    "staged_gather1": ("region", 32, 1, 64, 39, 1024, 4),
 }  # fmt: skip
 
-# The staged kernel under the interpreter: small tiles and a small region, so that the tests'
-# tiny frames take both the staged and the direct path.
-STAGED_INTERPRET = (4, 2, 16, 9, 256, 4)
+# The staged kernel under the interpreter, per op as on CUDA: small tiles and a small region,
+# so that the tests' tiny frames take both the staged and the direct path.
+STAGED_INTERPRET = {"wpsum": None, "gather": ("region", 4, 2, 16, 9, 256, 4)}
+STAGED_INTERPRET["gather1"] = STAGED_INTERPRET["gather"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -694,31 +751,31 @@ def _modes(shape6, geom, whole: bool, *big) -> dict:
     return dict(BORDER=border, I64=n >= 2**31)
 
 
-def _staged(op, vid, weights, inds, out, geom) -> bool:
+def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     """Run the staged kernel for ``op`` ("wpsum" or "gather") when it applies (whole positions,
     fewer than CHANNELS_LAST_MIN channels, a region of at least one row per channel); return
-    whether it ran."""
+    whether it ran. ``grid``: ``(count, stride, start, t0, h0, w0, nh, nw)`` of an iunfold,
+    whose positions are its grid's points (``inds`` is then None)."""
     b, hd, t, c, h, w = vid.shape
-    q, k = inds.shape[2:4]
-    if vid.device.type == "cuda":
-        name = "gather1" if op == "gather" and k == 1 else op
-        block_q, kb, block_e, pitch, reg, warps = CONFIG["staged_" + name]
-    else:
-        block_q, kb, block_e, pitch, reg, warps = STAGED_INTERPRET
+    q, k = inds.shape[2:4] if grid is None else (grid[0], 1)
+    name = "gather1" if op == "gather" and k == 1 else op
+    cfg = CONFIG["staged_" + name] if vid.device.type == "cuda" else STAGED_INTERPRET[name]
     if (
-        not CONFIG["staged"] or inds.is_floating_point() or c >= CHANNELS_LAST_MIN
-        or (reg // pitch) // c < 1
+        cfg is None or (inds is not None and inds.is_floating_point())
+        or c >= CHANNELS_LAST_MIN or (cfg[5] // cfg[4]) // c < 1
     ):  # fmt: skip
         return False
+    mode, block_q, kb, block_e, pitch, reg, warps = cfg
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
+    stride, *gpar = (1, 0, 0, 0, 0, 1, 1) if grid is None else grid[1:]
     _staged_kernel[(triton.cdiv(r, block_q),)](
-        vid, vid if weights is None else weights.contiguous(), _inds(inds), out,
-        r, q, k, hd, t, h, w, *vid.stride(),
+        vid, vid if weights is None else weights.contiguous(),
+        vid if inds is None else _inds(inds), out, r, q, k, hd, t, h, w, *vid.stride(), *gpar,
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, True, out),
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
-        num_warps=warps,
+        STRIDE=stride, GRID=grid is not None, INTERIOR=mode == "interior", num_warps=warps,
     )  # fmt: skip
     return True
 
@@ -742,13 +799,15 @@ def gather(vid: torch.Tensor, inds: torch.Tensor, geom) -> torch.Tensor:
 
 
 def unfold(vid, geom, stride: int, region, start: int, count: int) -> torch.Tensor:
-    """iunfold of ``vid (B, T, C, H, W)``: ``(B, count, pt, C, ps, ps)``."""
+    """iunfold of ``vid (B, T, C, H, W)``: ``(B, count, pt, C, ps, ps)``; few channels take
+    the staged gather (positions from the grid), many the tile kernel."""
     b, t, c, h, w = vid.shape
     out = vid.new_empty(b, count, geom.pt, c, geom.ps, geom.ps)
     t0, _, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     e = geom.pt * c * geom.ps * geom.ps
-    if out.numel():
+    grid = (count, stride, start, t0, h0, w0, nh, nw)
+    if out.numel() and not _staged("gather", vid[:, None], None, None, out, geom, grid):
         modes = _modes((b, 1, t, c, h, w), geom, True, out, vid)
         block_e = min(64, next_power_of_2(e))
         block_q = 64 if vid.device.type == "cuda" else 16

@@ -136,11 +136,7 @@ def _iunfold_op(
     if backend(vid.device, "gather") == "triton":
         from . import _patches_triton as kernels
 
-        # The tile kernel wins with many channels (H100: 0.34 ms against 0.57 for the flat
-        # gather, B4 C64 256x256 ps3); with few, the flat gather does (0.64 against 0.86 ms,
-        # C3 1024x1024 ps7).
-        if vid.shape[2] >= kernels.CHANNELS_LAST_MIN:
-            return kernels.unfold(vid, geom, stride, tuple(region), start, count)
+        return kernels.unfold(vid, geom, stride, tuple(region), start, count)
     inds = _grid_pos(vid.shape, stride, region, start, count, vid.device)
     return _run(vid.device, "gather", _gather_ref, vid.unsqueeze(1), inds, geom)[:, 0, :, 0]
 
