@@ -4,8 +4,8 @@ scatter against the reference path, forward and backward.
 
 Each row reports the median CUDA-event time, the peak memory above the inputs, the bytes the op
 must move (inputs read once, outputs written once) and the bandwidth that makes, as a fraction
-of the device's measured copy bandwidth (``--copy-bw``, 2.9 TB/s on the H100). Every result is
-first checked against its baseline at the real size.
+of the device's copy bandwidth (measured in the same run, or ``--copy-bw``; 2.9 TB/s on the
+H100). Every result is first checked against its baseline at the real size.
 
     python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep,stagedsweep] [--json out.json]
 """
@@ -319,8 +319,17 @@ def main() -> None:
     parser.add_argument("--rows", default="fold,knn")
     parser.add_argument("--json", default=None)
     parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
-    parser.add_argument("--copy-bw", type=float, default=2.9e12, help="measured copy B/s")
+    parser.add_argument(
+        "--copy-bw",
+        type=float,
+        default=None,
+        help="copy bandwidth in B/s (default: measured here, a 1 GiB copy)",
+    )
     args = parser.parse_args()
+    if args.copy_bw is None:
+        src, dst = torch.empty(2**28, device="cuda"), torch.empty(2**28, device="cuda")
+        args.copy_bw = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+        del src, dst
     # COMMIT first: the device's copy of the tree may carry a stale .git
     commit = (
         os.environ.get("COMMIT")
@@ -329,7 +338,8 @@ def main() -> None:
         ).stdout.strip()
     )
     gpu = torch.cuda.get_device_name()
-    print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}")  # noqa: T201
+    print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}, "  # noqa: T201
+          f"copy {args.copy_bw / 1e12:.2f} TB/s")  # fmt: skip
     results: list[dict] = []
     rows = args.rows.split(",")
     if "fold" in rows:
@@ -344,7 +354,8 @@ def main() -> None:
         staged_sweep(results, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(gpu=gpu, commit=commit, results=results), f, indent=1)
+            meta = dict(gpu=gpu, commit=commit, copy_bw=args.copy_bw)
+            json.dump(dict(**meta, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -663,20 +663,24 @@ def _fold_kernel(
 # gather of one neighbour, as iunfold runs it): None (the op's direct kernel), or its mode
 # ("region": staged in registers, "interior": tiles inside the frame skip the border rule),
 # queries per program, neighbours per gather, patch elements per chunk, region row pitch
-# (pixels) and size (values), warps.
+# (pixels) and size (values), warps. Defaults: the best of the sweep on the H200 at 0c3da0b
+# (BENCHMARKS.md): wpsum K14 ps7 C3 0.78 -> 0.46 ms, gather 1.14 -> 1.04 ms, iunfold C3 1024²
+# ps7 0.79 ms (the tile kernel) -> 0.24 ms.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
-    "staged_wpsum": None,
-    "staged_gather": ("region", 32, 8, 32, 71, 8192, 8),
-    "staged_gather1": ("region", 32, 1, 64, 39, 1024, 4),
+    "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
+    "staged_gather": ("interior", 16, 1, 128, 71, 8192, 4),
+    "staged_gather1": ("region", 32, 1, 32, 39, 1024, 4),
 }  # fmt: skip
 
 # The staged kernel under the interpreter, per op as on CUDA: small tiles and a small region,
 # so that the tests' tiny frames take both the staged and the direct path.
-STAGED_INTERPRET = {"wpsum": None, "gather": ("region", 4, 2, 16, 9, 256, 4)}
-STAGED_INTERPRET["gather1"] = STAGED_INTERPRET["gather"]
+STAGED_INTERPRET = {
+    "wpsum": ("interior", 4, 2, 16, 9, 256, 4), "gather": ("interior", 4, 2, 16, 9, 256, 4),
+    "gather1": ("region", 4, 1, 16, 9, 256, 4),
+}  # fmt: skip
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
