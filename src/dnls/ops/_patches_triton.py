@@ -428,14 +428,15 @@ def _staged_kernel(
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
     INTERIOR: tl.constexpr,
 ):  # fmt: skip
-    """wpsum or gather of BLOCK_Q queries at whole positions. The box that holds every patch of
-    the tile is read once from the video (through the border rule) into a register tensor of
-    REG values, rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel;
-    the patch elements are then gathered from it (through shared memory), one add per element
-    for the address. INTERIOR: no region; a tile whose box lies inside the frame reads the
-    video without the border rule (one add per element for the address); the others through
-    it. A tile whose box does not fit, or that spans two (batch, head) slices,
-    reads the video directly."""
+    """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
+    grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
+    is read once from the video, through the border rule, into a register tensor of REG values,
+    rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel, and the patch
+    elements are gathered from it (through shared memory), one add per element for the address.
+    INTERIOR: a tile whose box lies inside the frame reads the video without the border rule,
+    one add per element for the address. Other tiles (a box that does not fit or is not inside;
+    in region mode, a tile over two (batch, head) slices) read the video through the border
+    rule."""
     RPC: tl.constexpr = (REG // PITCH) // C
     LO: tl.constexpr = (PS // 2) * DIL
     SPAN: tl.constexpr = (PS - 1) * DIL
