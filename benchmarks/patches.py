@@ -7,7 +7,8 @@ must move (inputs read once, outputs written once) and the bandwidth that makes,
 of the device's copy bandwidth (measured in the same run, or ``--copy-bw``; 2.9 TB/s on the
 H100). Every result is first checked against its baseline at the real size.
 
-    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep,stagedsweep] [--json out.json]
+    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep,stagedsweep,layout,profile]
+                                 [--json out.json]
 """
 
 from __future__ import annotations
@@ -182,6 +183,40 @@ def staged_sweep(results, args):
     kernels.CONFIG.update(default)
 
 
+def profile_rows(results, args):
+    """The K14 row's gather, scatter, wpsum and wpsum forward+backward, each run twice after a
+    warm-up, for a profiler around this script (ncu -k regex:... --clock-control none)."""
+    for _, vid, inds, ps in _knn_inputs(args, KNN[:1]):
+        ops = _knn_ops(vid, inds, ps)
+        for fn in ops.values():
+            fn()
+        torch.cuda.synchronize()
+        for name, fn in ops.items():
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            print(f"profiled {name}", flush=True)  # noqa: T201
+
+
+def layout_rows(results, args):
+    """scatter's accumulation buffer channels-first (the default below 8 channels) against
+    channels-last, on the knn rows."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = kernels.CHANNELS_LAST_MIN
+    for label, vid, inds, ps in _knn_inputs(args):
+        patches = dnls.gather(vid, inds, ps=ps)
+        expect = dnls.scatter(patches, inds, shape=vid.shape)[0]
+        for cl_min in (1, 4096):
+            kernels.CHANNELS_LAST_MIN = cl_min
+            err = max_rel(dnls.scatter(patches, inds, shape=vid.shape)[0], expect)
+            ms = bench(lambda: dnls.scatter(patches, inds, shape=vid.shape), 100)  # noqa: B023
+            layout = "channels-last" if cl_min == 1 else "channels-first"
+            print(f"scatter {label} {layout}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
+            results.append(dict(op="scatter layout", case=label, layout=layout, ms=ms, err=err))
+        kernels.CHANNELS_LAST_MIN = default
+
+
 def _run_sweep(results, args, configs, default, rows=None):
     from dnls.ops import _patches_triton as kernels
 
@@ -352,6 +387,10 @@ def main() -> None:
         knn_sweep(results, args)
     if "stagedsweep" in rows:
         staged_sweep(results, args)
+    if "layout" in rows:
+        layout_rows(results, args)
+    if "profile" in rows:
+        profile_rows(results, args)
     if args.json:
         with open(args.json, "w") as f:
             meta = dict(gpu=gpu, commit=commit, copy_bw=args.copy_bw)
