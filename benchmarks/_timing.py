@@ -22,3 +22,19 @@ def peak_mb(fn: Callable) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def kernel_ms(fn: Callable, reps: int = 5) -> float:
+    """GPU time of the kernels ``fn`` launches, per call, in ms (torch profiler): the median
+    CUDA-event time of :func:`bench` also holds the host's time where it launches more slowly
+    than the GPU runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / reps / 1000

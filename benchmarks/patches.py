@@ -22,7 +22,7 @@ import _timing
 import torch
 import torch.nn.functional as F
 import triton.testing
-from _timing import peak_mb
+from _timing import kernel_ms, peak_mb
 
 import dnls
 
@@ -47,7 +47,11 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
 
-def record(results, name, case, provider, ms, mb, nbytes, copy_bw, extra=""):
+def record(results, name, case, provider, ms, mb, nbytes, copy_bw, extra="", fn=None):
+    """One row; with ``fn``, also the GPU time of its kernels (``kernel_ms``)."""
+    if fn is not None:
+        kms = kernel_ms(fn)
+        extra = f"kernels {kms:.3f} ms ({nbytes / (kms * 1e-3) / copy_bw:.0%}) {extra}"
     gbs = nbytes / ms / 1e6
     row = dict(
         op=name, case=case, provider=provider, ms=round(ms, 4), peak_mb=round(mb, 1),
@@ -84,7 +88,7 @@ def fold_case(results, args, b, c, hw, ps):
     for prov, fn in (("dnls", lambda: dnls.iunfold(vid, **kw)),
                      ("torch", lambda: F.unfold(x, ps, padding=pad))):  # fmt: skip
         record(results, "iunfold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
-               f"rel err {err:.1e}" if prov == "dnls" else "")  # fmt: skip
+               f"rel err {err:.1e}" if prov == "dnls" else "", fn)  # fmt: skip
     # --- fold (forward); also iunfold's backward
     patches = torch.rand(b, q, 1, c, ps, ps, device="cuda")
     cols = patches.reshape(b, q, e).transpose(1, 2).contiguous()
@@ -94,7 +98,7 @@ def fold_case(results, args, b, c, hw, ps):
     for prov, fn in (("dnls", lambda: dnls.ifold(patches, shape=vid.shape, border="zero")),
                      ("torch", lambda: F.fold(cols, (hw, hw), ps, padding=pad))):  # fmt: skip
         record(results, "ifold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
-               f"rel err {err:.1e}" if prov == "dnls" else "")  # fmt: skip
+               f"rel err {err:.1e}" if prov == "dnls" else "", fn)  # fmt: skip
     # --- forward + backward of unfold
     xg = x.detach().requires_grad_()
     vg = xg[:, None]
@@ -303,7 +307,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     nbytes = vbytes + ibytes + 4 * b * q * k * e
     fn = lambda: dnls.gather(vid, inds, ps=ps)  # noqa: E731
     record(results, "gather", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
-           f"rel err {err:.1e}")  # fmt: skip
+           f"rel err {err:.1e}", fn)  # fmt: skip
     record(results, "gather", case, "reference",
            ref_ms(lambda: dnls.gather(vid, inds[:, :, sl], ps=ps)), float("nan"), nbytes,
            args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
@@ -312,7 +316,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     del ours
     vs, _ = dnls.scatter(patches, inds, shape=vid.shape)
     fn = lambda: dnls.scatter(patches, inds, shape=vid.shape)  # noqa: E731
-    record(results, "scatter", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw)
+    record(results, "scatter", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw, "", fn)
     record(results, "scatter", case, "reference",
            ref_ms(lambda: dnls.scatter(patches[:, :, sl], inds[:, :, sl], shape=vid.shape)),
            float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
@@ -327,7 +331,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     nbytes = vbytes + ibytes + 4 * b * q * e
     fn = lambda: dnls.wpsum(vid, weights, inds, ps=ps)  # noqa: E731
     record(results, "wpsum", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
-           f"rel err {err:.1e}")  # fmt: skip
+           f"rel err {err:.1e}", fn)  # fmt: skip
     record(results, "wpsum", case, "reference",
            ref_ms(lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl], ps=ps)),
            float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
@@ -346,7 +350,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     errs = f"grad rel err vid {max_rel(grads[0], refg[0]):.1e}"
     errs += f" w {max_rel(grads[1], refg[1]):.1e}"
     record(results, "wpsum f+b", case, "dnls", bench(fb), peak_mb(fb), fb_bytes,
-           args.copy_bw, errs)  # fmt: skip
+           args.copy_bw, errs, fb)  # fmt: skip
 
 
 def main() -> None:

@@ -239,3 +239,18 @@ def test_staged_modes(monkeypatch, cfg, central):
         check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
         fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731, B023
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
+
+
+def test_scatter_of_one_value_expanded(monkeypatch):
+    """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is
+    read as that value, not materialised; the sums equal the reference's."""
+    shape = (1, 2, 3, 6, 7)
+    case = dict(shape=shape, nheads=1, q=5, k=3, fractional=False, seed=18)
+    inds = make_inds(case).to(DEVICE)
+    patches = torch.full((), 2.5, dtype=torch.float64, device=DEVICE).expand(1, 1, 5, 3, 2, 3, 3, 3)
+    results = []
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", name)
+        results.append(dnls.scatter(patches, inds, shape=shape, border="zero"))
+    for what, a, b in zip(("vid", "counts"), *results, strict=True):
+        assert_close(b, a, dtype=torch.float64, what=f"scatter of one value: {what}")

@@ -235,21 +235,25 @@ def _unfold_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    patches,  # (B * HD, QK, E) contiguous
+    patches,  # (B * HD, QK, E) contiguous; CONST: one value, every element's
     inds,  # (B * HD, QK, 3)
     out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
     QK, T, H, W,
     o_bh, o_t, o_c, o_y, o_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CONST: tl.constexpr,
 ):  # fmt: skip
     """One patch element per lane, added into the video with atomics."""
     bh, idx, mask, n, e = _flat_index(QK, BLOCK, PT * C * PS * PS, I64)
     dt, c, oy, ox = _element(e, C, PS, DIL)
     base = out + bh * o_bh + c.to(tl.int64) * o_c
     t, y, x = _load_pos(inds + bh * QK * 3, n, mask, WHOLE, ACC)
-    val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0).to(ACC)
+    if CONST:
+        val = tl.zeros((BLOCK,), dtype=ACC) + tl.load(patches).to(ACC)
+    else:
+        val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0)
+        val = val.to(ACC)
     _add(base, t + dt, y + oy, x + ox, T, H, W, o_t, o_y, o_x, val, mask, BORDER, I64, WHOLE, ACC)
 
 
@@ -852,14 +856,17 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     q, k = inds.shape[2:4]
     buf, strides = _buffer((b, hd, t, c, h, w), _acc(patches.dtype), patches.device)
     whole = not inds.is_floating_point()
+    # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
+    const = all(s == 0 for s in patches.stride())
     if patches.numel():
         block = CONFIG["flat_block"]
         grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, block), b * hd)
         _scatter_kernel[grid](
-            patches.contiguous(), _inds(inds), buf, q * k, t, h, w, *strides,
+            patches.as_strided((1,), (1,)) if const else patches.contiguous(), _inds(inds), buf,
+            q * k, t, h, w, *strides,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
             **_modes(buf.shape, geom, whole, patches), WHOLE=whole, ACC=_TL_DTYPES[buf.dtype],
-            BLOCK=block, num_warps=CONFIG["flat_warps"],
+            BLOCK=block, CONST=const, num_warps=CONFIG["flat_warps"],
         )  # fmt: skip
     # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
     return buf.to(patches.dtype).contiguous()
