@@ -366,6 +366,8 @@ def _tile_pass(
     q = r0 + rows // KB
     ks = rows % KB
     qo = r0 + tl.arange(0, BLOCK_Q)
+    bh = q // Q
+    vrow = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
     for e0 in tl.static_range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
         em = e < E
@@ -385,8 +387,6 @@ def _tile_pass(
             n = q * K + kq
             t, y, x = _tile_pos(inds, n, m, Q, g_start, g_t0, g_h0, g_w0, g_nh, g_nw, STRIDE, GRID)
             m2 = m[:, None] & em[None, :]
-            bh = q // Q
-            vrow = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
             if MODE == 1:
                 base = ((t - tmin) * nh + y - ymin) * PITCH + x - xmin
                 idx = tl.where(m2, base[:, None] + eoff[None, :], 0)
@@ -464,12 +464,14 @@ def _staged_kernel(
     nh = tl.max(tl.where(m, y, -big)) - ymin + 1 + SPAN
     nw = tl.max(tl.where(m, x, -big)) - xmin + 1 + SPAN
     bh = r0 // Q
-    fits = (bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q) & (nw <= PITCH) & (nt * nh <= RPC)
-    vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
-    inside = (tmin >= 0) & (tmin + nt <= T) & (ymin >= LO) & (ymin - LO + nh <= H)
-    inside = inside & (xmin >= LO) & (xmin - LO + nw <= W)
     if INTERIOR:
-        if inside:
+        staged = (tmin >= 0) & (tmin + nt <= T) & (ymin >= LO) & (ymin - LO + nh <= H)
+        staged = staged & (xmin >= LO) & (xmin - LO + nw <= W)
+    else:
+        staged = bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q
+        staged = staged & (nw <= PITCH) & (nt * nh <= RPC)
+    if staged:
+        if INTERIOR:
             _tile_pass(
                 vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
                 s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
@@ -477,32 +479,26 @@ def _staged_kernel(
                 STRIDE, GRID,
             )  # fmt: skip
         else:
+            vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+            i = tl.arange(0, REG)
+            row = i // PITCH
+            col = i - row * PITCH
+            rc = row // RPC
+            rr = row - rc * RPC
+            # rr // nh by a float reciprocal (exact: rr < 2^12 and the quotient is truncated)
+            rt = ((rr.to(tl.float32) + 0.5) * (1.0 / nh.to(tl.float32))).to(tl.int32)
+            ry = rr - rt * nh
+            ok = (rc < C) & (rt < nt) & (col < nw)
+            off, valid = _offset(
+                tmin + rt, ymin - LO + ry, xmin - LO + col, T, H, W, s_t, s_y, s_x, BORDER, I64
+            )
+            region = tl.load(vbase + rc.to(tl.int64) * s_c + off, mask=ok & valid, other=0.0)
             _tile_pass(
-                vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
+                vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
                 s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
-                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 0, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 1, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
                 STRIDE, GRID,
             )  # fmt: skip
-    elif fits:
-        i = tl.arange(0, REG)
-        row = i // PITCH
-        col = i - row * PITCH
-        rc = row // RPC
-        rr = row - rc * RPC
-        # rr // nh by a float reciprocal (exact: rr < 2^12 and the quotient is truncated)
-        rt = ((rr.to(tl.float32) + 0.5) * (1.0 / nh.to(tl.float32))).to(tl.int32)
-        ry = rr - rt * nh
-        ok = (rc < C) & (rt < nt) & (col < nw)
-        off, valid = _offset(
-            tmin + rt, ymin - LO + ry, xmin - LO + col, T, H, W, s_t, s_y, s_x, BORDER, I64
-        )
-        region = tl.load(vbase + rc.to(tl.int64) * s_c + off, mask=ok & valid, other=0.0)
-        _tile_pass(
-            vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
-            s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
-            C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 1, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
-            STRIDE, GRID,
-        )  # fmt: skip
     else:
         _tile_pass(
             vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
@@ -769,12 +765,11 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     q, k = inds.shape[2:4] if grid is None else (grid[0], 1)
     name = "gather1" if op == "gather" and k == 1 else op
     cfg = CONFIG["staged_" + name] if vid.device.type == "cuda" else STAGED_INTERPRET[name]
-    if (
-        cfg is None or (inds is not None and inds.is_floating_point())
-        or c >= CHANNELS_LAST_MIN or (cfg[5] // cfg[4]) // c < 1
-    ):  # fmt: skip
+    if cfg is None or (inds is not None and inds.is_floating_point()) or c >= CHANNELS_LAST_MIN:
         return False
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
+    if (reg // pitch) // c < 1:
+        return False
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     stride, *gpar = (1, 0, 0, 0, 0, 1, 1) if grid is None else grid[1:]
