@@ -7,8 +7,7 @@ must move (inputs read once, outputs written once) and the bandwidth that makes,
 of the device's copy bandwidth (measured in the same run, or ``--copy-bw``; 2.9 TB/s on the
 H100). Every result is first checked against its baseline at the real size.
 
-    python benchmarks/patches.py [--rows fold,knn,sweep,knnsweep,stagedsweep,layout,profile]
-                                 [--json out.json]
+    python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 """
 
 from __future__ import annotations
@@ -353,6 +352,12 @@ def knn_case(results, args, case, shape, skw, ps, count):
            args.copy_bw, errs, fb)  # fmt: skip
 
 
+ROWS = {
+    "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
+    "stagedsweep": staged_sweep, "layout": layout_rows, "profile": profile_rows,
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="fold,knn")
@@ -381,20 +386,9 @@ def main() -> None:
           f"copy {args.copy_bw / 1e12:.2f} TB/s")  # fmt: skip
     results: list[dict] = []
     rows = args.rows.split(",")
-    if "fold" in rows:
-        fold_rows(results, args)
-    if "knn" in rows:
-        knn_rows(results, args)
-    if "sweep" in rows:
-        fold_sweep(results, args)
-    if "knnsweep" in rows:
-        knn_sweep(results, args)
-    if "stagedsweep" in rows:
-        staged_sweep(results, args)
-    if "layout" in rows:
-        layout_rows(results, args)
-    if "profile" in rows:
-        profile_rows(results, args)
+    for name, run in ROWS.items():  # in this order, whatever the order asked
+        if name in rows:
+            run(results, args)
     if args.json:
         with open(args.json, "w") as f:
             meta = dict(gpu=gpu, commit=commit, copy_bw=args.copy_bw)
