@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._search_triton import _TL_DTYPES, _border, _red
+from ._search_triton import _TL_DTYPES, _border, _query_position, _red
 
 # Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
 # which is exact when no read reaches past a mirror image of the frame (the launcher checks).
@@ -214,11 +214,7 @@ def _unfold_kernel(
     b = tl.program_id(2).to(tl.int64)
     qmask = qq < Qn
     m = qmask[:, None] & (e < PT * C * PS * PS)[None, :]
-    qi = start + tl.where(qmask, qq, 0)
-    t = rt0 + qi // (nh * nw)
-    rem = qi % (nh * nw)
-    y = rh0 + (rem // nw) * STRIDE
-    x = rw0 + (rem % nw) * STRIDE
+    t, y, x = _query_position(start + tl.where(qmask, qq, 0), rt0, rh0, rw0, nh, nw, STRIDE)
     dt, c, oy, ox = _element(e, C, PS, DIL)
     base = vid + b * s_b + (c.to(tl.int64) * s_c)[None, :]
     v, _, _ = _read(
@@ -338,9 +334,7 @@ def _tile_pos(inds, n, m, Q, g_start, g_t0, g_h0, g_w0, g_nh, g_nw, STRIDE: tl.c
     ``g_nh x g_nw`` points per frame, ``STRIDE`` apart."""
     if GRID:
         qi = (g_start + tl.where(m, n, 0) % Q).to(tl.int32)
-        t = g_t0 + qi // (g_nh * g_nw)
-        rem = qi % (g_nh * g_nw)
-        return t, g_h0 + (rem // g_nw) * STRIDE, g_w0 + (rem % g_nw) * STRIDE
+        return _query_position(qi, g_t0, g_h0, g_w0, g_nh, g_nw, STRIDE)
     else:
         return _load_pos(inds, n, m, True, tl.float32)
 
