@@ -181,15 +181,16 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
-# the row kernel's (columns per block, warps, two rows per block) the sweep times
-ROWS_SWEEP = [(32, 1, False), (32, 1, True), (64, 2, False), (64, 2, True), (128, 4, True)]
+# the row kernel's (columns per block, warps, rows per strip) the sweep times
+ROWS_SWEEP = [(32, 1, 1), (32, 1, 2), (32, 1, 3), (32, 1, 4), (64, 2, 2), (64, 2, 4)]
 
 
 def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
-    registers or not; the backward's; the row kernel's block width, warps and row pairing.
-    ``parts``: which of "fwd", "f+b", "rows" to include."""
+    registers or not; the backward's; the row kernel's block width, warps and rows per strip,
+    and its channel loop. ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll" to
+    include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -204,8 +205,13 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         out.append(("rows", dict(rows_edges=False)))
         out.append(("rows", dict(rows_skip=False)))
         out.append(("rows", dict(rows_skip=True)))
-        for bx, warps, pair in ROWS_SWEEP:
-            out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_pair=pair)))
+        for bx, warps, strip in ROWS_SWEEP:
+            out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_strip=strip)))
+        for strip in (1, 2, 3, 4):
+            out.append(("strip", dict(rows_strip=strip)))
+        if row.shape[2] // row.kw.get("nheads", 1) > 3:  # channels not in registers
+            for strip in (2, 4):
+                out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 

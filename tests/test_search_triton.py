@@ -82,31 +82,56 @@ REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the f
 
 
 @pytest.mark.parametrize(
-    ("kw", "pair"),
+    ("kw", "strip"),
     [
-        (dict(ws=3, wt=1, ps=3, k=5), True),
-        (dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero", region=REG), True),
-        (dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero", region=REG), False),
-        (dict(ws=3, ps=3, k=4, pt=2, dilation=2, self_match="exclude", nheads=2), True),
-        (dict(ws=3, ps=3, k=3, stride1=2, region=(1, 3, 1, 4, 3, 37), start=5, count=50), True),
-        (dict(ws=3, ps=3, k=4, self_match="anchor", border="zero", start=57, count=150), True),
-        (dict(ws=3, ps=3, k=4, self_match="anchor", border="zero", start=57, count=150), False),
+        (dict(ws=3, wt=1, ps=3, k=5), 2),
+        (dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero", region=REG), 2),
+        (dict(ws=3, ps=2, k=4, dist="dot", self_match="anchor", border="zero", region=REG), 1),
+        (dict(ws=3, ps=3, k=4, pt=2, dilation=2, self_match="exclude", nheads=2), 2),
+        (dict(ws=3, ps=3, k=3, stride1=2, region=(1, 3, 1, 4, 3, 37), start=5, count=50), 2),
+        (dict(ws=3, ps=3, k=4, self_match="anchor", border="zero", start=57, count=150), 2),
+        (dict(ws=3, ps=3, k=4, self_match="anchor", border="zero", start=57, count=150), 1),
     ],
 )
-def test_row_kernel_equals_reference(monkeypatch, kw, pair):
+def test_row_kernel_equals_reference(monkeypatch, kw, strip):
     """Frames wide enough for the row kernel (reuse across queries): with stride1 = 1 it takes
     whole rows, its edge blocks walking the union of their lanes' slid windows; with stride1 = 2
     it takes the interior columns and the direct kernel the columns where windows slide. With
-    ``pair`` two rows share their patch-row terms where neither window is slid vertically (rows
-    of one frame; the rows whose windows slide vertically run one at a time either way, and
-    dilation 2 never pairs); batches that start or end inside a row leave some lanes of either
-    row idle."""
+    ``strip`` 2 two rows share their patch-row terms where neither window is slid vertically
+    (rows of one frame; the rows whose windows slide vertically run one at a time either way,
+    and dilation 2 never shares); batches that start or end inside a row leave some lanes of
+    either row idle."""
     from dnls.ops import _search_triton as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "rows_pair", pair)
+    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
     shape = (2, 3, 4, 9, 150) if CUDA else (1, 3, 2, 5, 40)
     q = rand_video(shape, seed=11).to(DEVICE)
     k = rand_video(shape, seed=12).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "strip"),
+    [
+        (dict(ws=3, ps=3, k=4), 3),
+        (dict(ws=3, ps=5, k=3, dist="dot", border="zero", self_match="anchor"), 4),
+        (dict(ws=5, ps=4, k=4, start=70, count=300), 4),
+        (dict(ws=3, ps=3, k=4, self_match="exclude"), 8),
+    ],
+)
+def test_row_kernel_strips(monkeypatch, kw, strip):
+    """Strips of 3, 4 (and 8, more rows than the patch: capped at ps) rows sharing their
+    patch-row terms, in frames tall enough for whole strips whose windows are not slid
+    vertically, and strips cut by the frame's edges, the window's slide or the batch's ends
+    (rows one at a time)."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
+    shape = (1, 2, 2, 21, 40) if CUDA else (1, 2, 1, 14, 36)
+    q = rand_video(shape, seed=18).to(DEVICE)
+    k = rand_video(shape, seed=19).to(DEVICE)
     (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)

@@ -520,10 +520,10 @@ def _row_load(base, off, col, col_valid, row_valid, REFLECT: tl.constexpr, ACC: 
     lane's column offset) as ACC: unmasked for reflect borders, else zero outside the frame
     (``row_valid`` an int 0/1 from :func:`_row_offsets`)."""
     if REFLECT:
-        v = tl.load(base + off + col)
+        v = tl.load(base + (off + col))
     else:
         m = (col_valid.to(tl.int32) & row_valid) != 0
-        v = tl.load(base + off + col, mask=m, other=0.0)
+        v = tl.load(base + (off + col), mask=m, other=0.0)
     return v.to(ACC)
 
 
@@ -543,30 +543,90 @@ def _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, 
         if QREG:
             qv = qvals[(dt * NR + r) * C + c]
         else:
-            qv = _row_load(q_b, qrows[dt * NR + r] + c * sq_c, qcol, qxv, qrv[dt * NR + r],
+            qv = _row_load(q_b + c * sq_c, qrows[dt * NR + r], qcol, qxv, qrv[dt * NR + r],
                            REFLECT, ACC)  # fmt: skip
-        kv = _row_load(k_b, krows[dt * NR + r] + c * sk_c, kcol, kxv, krv[dt * NR + r], REFLECT,
+        kv = _row_load(k_b + c * sk_c, krows[dt * NR + r], kcol, kxv, krv[dt * NR + r], REFLECT,
                        ACC)  # fmt: skip
         acc = _pair_term(acc, qv, kv, DOT)
     return acc
 
 
 @triton.jit
-def _channel_terms(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, first, mid,
-                   last, sq_c, sk_c, PS: tl.constexpr, NR: tl.constexpr, C: tl.constexpr,
+def _channel_terms(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
+                   tail, sq_c, sk_c, PS: tl.constexpr, NR: tl.constexpr, C: tl.constexpr,
                    PT: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-                   QREG: tl.constexpr, PAIR: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Add channel ``c``'s patch-row terms: row 0 to ``first``, rows 1 .. PS - 1 to ``mid``
-    and, with PAIR, row PS to ``last``."""
-    first += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, 0, NR,
-                       sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
-    for r in tl.static_range(1, PS):
+                   QREG: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Add channel ``c``'s patch-row terms of a strip of R query rows (``NR = PS + R - 1``
+    patch rows, R <= PS): rows ``0 .. R - 2`` to the tuple ``head``, rows ``R - 1 .. PS - 1``
+    (those of every query row) to ``mid``, rows ``PS .. PS + R - 2`` to the tuple ``tail``."""
+    new_head = ()
+    for r in tl.static_range(R - 1):
+        new_head = new_head + (
+            head[r] + _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
+                                r, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC),
+        )  # fmt: skip
+    for r in tl.static_range(R - 1, PS):
         mid += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, r, NR,
                          sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
-    if PAIR:
-        last += _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, PS,
-                          NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC)  # fmt: skip
-    return first, mid, last
+    new_tail = ()
+    for r in tl.static_range(R - 1):
+        new_tail = new_tail + (
+            tail[r] + _row_term(q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
+                                PS + r, NR, sq_c, sk_c, C, PT, DOT, REFLECT, QREG, ACC),
+        )  # fmt: skip
+    return new_head, mid, new_tail
+
+
+@triton.jit
+def _strip_sums(head, mid, tail, R: tl.constexpr):
+    """The column sums of each query row ``i < R`` of a strip: ``head[i:] + mid + tail[:i]``
+    (suffix sums of the head rows, prefix sums of the tail rows), a tuple of R vectors."""
+    suffix = ()  # suffix[m] = mid + head[R - 2 - m] + ... + head[R - 2]
+    acc = mid
+    for m in tl.static_range(R - 1):
+        acc = acc + head[R - 2 - m]
+        suffix = suffix + (acc,)
+    sums = ()
+    pre = mid  # (a placeholder until i = 1)
+    for i in tl.static_range(R):
+        if i == R - 1:
+            e = mid
+        else:
+            e = suffix[R - 2 - i]
+        if i == 1:
+            pre = tail[0]
+        if i > 1:
+            pre = pre + tail[i - 1]
+        if i > 0:
+            e = e + pre
+        sums = sums + (e,)
+    return sums
+
+
+@triton.jit
+def _slots(keys, ids, i: tl.constexpr, KP: tl.constexpr):
+    """Row ``i``'s KP slots of a strip's flat selection tuples."""
+    rk = ()
+    ri = ()
+    for m in tl.static_range(KP):
+        rk = rk + (keys[i * KP + m],)
+        ri = ri + (ids[i * KP + m],)
+    return rk, ri
+
+
+@triton.jit
+def _set_slots(keys, ids, rk, ri, i: tl.constexpr, KP: tl.constexpr, N: tl.constexpr):
+    """The flat selection tuples (N slots) with row ``i``'s KP slots replaced by ``rk, ri``."""
+    nk = ()
+    ni = ()
+    for m in tl.static_range(N):
+        if m // KP == i:
+            nk = nk + (rk[m - i * KP],)
+            ni = ni + (ri[m - i * KP],)
+        else:
+            nk = nk + (keys[m],)
+            ni = ni + (ids[m],)
+    return nk, ni
 
 
 @triton.jit
@@ -580,17 +640,18 @@ def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
-def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, keys, ids, keys1, ids1,
-                 dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
+                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
                  C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-                 SKIP_OWN: tl.constexpr, QREG: tl.constexpr, PAIR: tl.constexpr,
-                 NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
+                 SKIP_OWN: tl.constexpr, QREG: tl.constexpr, UNROLL: tl.constexpr,
+                 R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
                  BX: tl.constexpr):  # fmt: skip
-    """The whole window for the block's query row (qt, qy), or with PAIR for it and the row
-    below it, whose window is the same one row down: the two share ``PS - 1`` of their
-    ``NR = PS + 1`` patch-row terms (DIL = 1). Returns the selection of each row (``keys1,
-    ids1`` pass through without PAIR).
+    """The whole window for a strip of R query rows of one frame, ``qy .. qy + R - 1`` (lanes
+    masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
+    row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
+    ``NR = PS + R - 1`` patch-row terms and each query costs ``NR / R`` row terms instead of
+    PS. ``keys, ids``: the R rows' selections, KP slots each, one flat tuple.
 
     The block walks ``nd`` displacements ``dx = dmin + i * s1`` per window row; at step ``i``
     each lane is at column ``base + i`` of its own window, a candidate only inside it (lanes
@@ -604,7 +665,7 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
     if QREG:
         for at in tl.static_range(PT * NR):
             for c in tl.static_range(C):
-                v = _row_load(q_b, qrows[at] + c * sq_c, qcol, qxv, qrv[at], REFLECT, ACC)
+                v = _row_load(q_b + c * sq_c, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC)
                 qvals = qvals + (v,)
     for s in range(S):
         tf = tstart + s
@@ -619,40 +680,39 @@ def _rows_select(q_b, k_b, qt, qy, qmask, qmask1, tstart, cy, xc, qcol, qxv, key
                 kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
                 kcol = kxi * sk_x
                 j = (s * WS + a) * WS + col
-                first = tl.zeros((BX,), ACC)
-                e = tl.zeros((BX,), ACC)
-                last = tl.zeros((BX,), ACC)
-                if QREG:  # channels unrolled, query values from registers
+                head = ()
+                tail = ()
+                for _r in tl.static_range(R - 1):
+                    head = head + (tl.zeros((BX,), ACC),)
+                    tail = tail + (tl.zeros((BX,), ACC),)
+                mid = tl.zeros((BX,), ACC)
+                if UNROLL:  # channels unrolled (with QREG, query values from registers)
                     for c in tl.static_range(C):
-                        first, e, last = _channel_terms(
+                        head, mid, tail = _channel_terms(
                             q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
-                            first, e, last, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, PAIR,
+                            head, mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R,
                             ACC,
                         )  # fmt: skip
-                else:  # a loop: unrolled, the hoisted query addresses would not fit registers
+                else:  # a loop
                     for c in range(C):
-                        first, e, last = _channel_terms(
+                        head, mid, tail = _channel_terms(
                             q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
-                            first, e, last, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, PAIR,
+                            head, mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R,
                             ACC,
                         )  # fmt: skip
-                d = _hsum(e + first, lane, BX, PS, DIL)
-                key = -d if DOT else d
-                cand = qmask & inwin
-                if SKIP_OWN:
-                    own = (tf == qt) & (ky == qy) & (dx == 0)
-                    cand = cand & (zero + own.to(tl.int32) == 0)
-                keys, ids = _topk_offer(keys, ids, tl.where(cand, key, float("inf")), j, KP, SKIP)
-                if PAIR:
-                    d1 = _hsum(e + last, lane, BX, PS, DIL)
-                    key1 = -d1 if DOT else d1
-                    cand1 = qmask1 & inwin
-                    if SKIP_OWN:  # the second row's candidate is one row down: ky + 1
-                        cand1 = cand1 & (zero + own.to(tl.int32) == 0)
-                    keys1, ids1 = _topk_offer(
-                        keys1, ids1, tl.where(cand1, key1, float("inf")), j, KP, SKIP
-                    )
-    return keys, ids, keys1, ids1
+                sums = _strip_sums(head, mid, tail, R)
+                if SKIP_OWN:  # row i's own candidate is i rows down: the same test for all
+                    notown = zero + ((tf == qt) & (ky == qy) & (dx == 0)).to(tl.int32) == 0
+                for i in tl.static_range(R):
+                    d = _hsum(sums[i], lane, BX, PS, DIL)
+                    key = -d if DOT else d
+                    cand = qmasks[i] & inwin
+                    if SKIP_OWN:
+                        cand = cand & notown
+                    rk, ri = _slots(keys, ids, i, KP)
+                    rk, ri = _topk_offer(rk, ri, tl.where(cand, key, float("inf")), j, KP, SKIP)
+                    keys, ids = _set_slots(keys, ids, rk, ri, i, KP, R * KP)
+    return keys, ids
 
 
 @triton.jit
@@ -750,6 +810,7 @@ def _search_rows_kernel(
     SKIP_OWN: tl.constexpr,
     ANCHOR: tl.constexpr,
     QREG: tl.constexpr,
+    UNROLL: tl.constexpr,
     R: tl.constexpr,
     SKIP: tl.constexpr,
     ACC: tl.constexpr,
@@ -758,7 +819,7 @@ def _search_rows_kernel(
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
-    A block is BOUT consecutive queries of R (1 or 2) consecutive grid rows. Where no window
+    A block is BOUT consecutive queries of R consecutive grid rows. Where no window
     of the block is slid sideways, every query of a row sees candidate j at the same
     displacement (dt, dy, dx); at the frame's edges the block walks the displacements of all
     its lanes' windows and each lane keeps those in its own (a few more displacements than the
@@ -767,10 +828,11 @@ def _search_rows_kernel(
         e(x') = sum over frames, patch rows and channels of (q(x') - k(x' + dx))^2   (or q k)
     over the BX = BOUT + (PS - 1) * DIL columns it needs, once, and each query's distance is
     the sum of PS of them, d(x) = sum_j e(x + (j - PS//2) * DIL): O(PS) work per query and
-    candidate instead of O(PS^2). Two rows of one frame whose windows are not slid vertically
-    either share PS - 1 of their PS patch-row terms (R = 2): O(PS / 2 + 1) per query.
-    Offsets inside one (batch, head) are int32 (the launcher checks they fit); channels are
-    unrolled (C is a constant) and, with QREG, the query's values stay in registers."""
+    candidate instead of O(PS^2). R rows of one frame whose windows are not slid vertically
+    share PS - R + 1 of their PS patch-row terms each (DIL = 1, R <= PS): (PS + R - 1) / R row
+    terms per query and candidate. Offsets inside one (batch, head) are int32 (the launcher
+    checks they fit); with UNROLL the channel loop is unrolled (C is a constant) and, with
+    QREG, the query's values stay in registers."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, BX)
@@ -810,40 +872,46 @@ def _search_rows_kernel(
         nd = (off_a - off_z) // s1 + WS
         base = (dmin - (cx - qx)) // s1 + lo_steps
         nsingle = R
-        if R == 2:
-            # two rows of one frame (both in the batch) whose windows are not slid vertically:
-            # the second row's window is the first's one row down
+        if R > 1:
+            # R rows of one frame (all in the batch) whose windows are not slid vertically:
+            # each row's window is the one above it one row down
             qt = t0 + grow // nh
             qy = h0 + grow % nh
-            pair = ((grow + 1) % nh != 0) & (qy >= lo) & (qy + 1 <= hi)
-            pair = pair & (g * 2 + 1 < nrows)
-            if pair:
+            strip = (grow % nh + R - 1 < nh) & (qy >= lo) & (qy + R - 1 <= hi)
+            strip = strip & (g * R + R - 1 < nrows)
+            if strip:
                 qi = grow * nw + jq
-                qmask = (lane < BOUT) & (jq < jr) & (qi >= start) & (qi < start + count)
-                qmask1 = (lane < BOUT) & (jq < jr) & (qi + nw >= start) & (qi + nw < start + count)
+                qmasks = ()
+                keys = ()
+                ids = ()
+                for i in tl.static_range(R):
+                    qmasks = qmasks + (
+                        (lane < BOUT) & (jq < jr) & (qi + i * nw >= start)
+                        & (qi + i * nw < start + count),
+                    )  # fmt: skip
+                    ki, ii = _topk_init(zero, NWIN, KP, ACC)
+                    keys = keys + ki
+                    ids = ids + ii
                 tstart = _clamp(qt - (S // 2), 0, T - S)
-                keys, ids = _topk_init(zero, NWIN, KP, ACC)
-                keys1, ids1 = _topk_init(zero, NWIN, KP, ACC)
-                keys, ids, keys1, ids1 = _rows_select(
-                    q_b, k_b, qt, qy, qmask, qmask1, tstart, qy, xc, qcol, qxv, keys, ids, keys1,
-                    ids1, dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1,
-                    lo_steps, WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, True, PS + 1,
-                    SKIP, ACC, BX,
+                keys, ids = _rows_select(
+                    q_b, k_b, qt, qy, qmasks, tstart, qy, xc, qcol, qxv, keys, ids, dmin, nd,
+                    base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS,
+                    PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, R, PS + R - 1, SKIP,
+                    ACC, BX,
                 )  # fmt: skip
-                for r in tl.static_range(2):
-                    kr = keys if r == 0 else keys1
-                    ir = ids if r == 0 else ids1
-                    mr = qmask if r == 0 else qmask1
-                    row = bh.to(tl.int64) * count + (qi + r * nw - start).to(tl.int64)
-                    _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, mr, zero, tstart,
-                                qy + r, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
+                for i in tl.static_range(R):
+                    kr, ir = _slots(keys, ids, i, KP)
+                    row = bh.to(tl.int64) * count + (qi + i * nw - start).to(tl.int64)
+                    _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, qmasks[i], zero,
+                                tstart, qy + i, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
                                 ANCHOR)  # fmt: skip
                     if ANCHOR:
-                        _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, mr, qt, qy + r,
-                                     qx, zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x,
-                                     T, H, W, KOUT, PS, PT, DIL, DOT, REFLECT, ACC, BX)  # fmt: skip
-            nsingle = tl.where(pair, 0, 2)
-        # rows one at a time (all rows when R = 1; rows that cannot pair when R = 2)
+                        _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmasks[i], qt,
+                                     qy + i, qx, zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c,
+                                     sk_y, sk_x, T, H, W, KOUT, PS, PT, DIL, DOT, REFLECT, ACC,
+                                     BX)  # fmt: skip
+            nsingle = tl.where(strip, 0, R)
+        # rows one at a time (all rows when R = 1; the rows of a strip that cannot share)
         for r in range(nsingle):
             grow_r = grow + r
             qi = grow_r * nw + jq
@@ -855,10 +923,10 @@ def _search_rows_kernel(
             cy = _clamp(qy, lo, hi)
             tstart = _clamp(qt - (S // 2), 0, T - S)
             keys, ids = _topk_init(zero, NWIN, KP, ACC)
-            keys, ids, _, _ = _rows_select(
-                q_b, k_b, qt, qy, qmask, qmask, tstart, cy, xc, qcol, qxv, keys, ids, keys, ids,
-                dmin, nd, base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
-                WS, PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, False, PS, SKIP, ACC, BX,
+            keys, ids = _rows_select(
+                q_b, k_b, qt, qy, (qmask,), tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
+                sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS, PT,
+                DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, 1, PS, SKIP, ACC, BX,
             )  # fmt: skip
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
@@ -1167,7 +1235,7 @@ CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
-    "rows_pair": True, "rows_qreg": 48, "rows_skip": True,
+    "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_skip": True,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -1267,20 +1335,21 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
         rows_warps = CONFIG["rows_warps"] or bx // 32
-        pair = 2 if CONFIG["rows_pair"] and p.dilation == 1 else 1
-        nblocks = b * hd * triton.cdiv(nrows, pair) * nxb
+        strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
+        nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
-        qreg = p.pt * (p.ps + pair - 1) * c <= CONFIG["rows_qreg"]
+        qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
             hd, nframes, height, width,
             p.start, p.count, t0, h0, w0, nh, nw,
-            row0, triton.cdiv(nrows, pair), nrows, jl, jr, nxb, nblocks,
+            row0, triton.cdiv(nrows, strip), nrows, jl, jr, nxb, nblocks,
             s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg, R=pair,
+            SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
+            UNROLL=qreg or c <= CONFIG["rows_unroll"], R=strip,
             SKIP=CONFIG["rows_skip"],
             ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, num_warps=rows_warps,
         )  # fmt: skip
