@@ -189,8 +189,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
-    and its channel loop. ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll" to
-    include."""
+    and its channel loop (unrolled, channels outermost). ``parts``: which of "fwd", "f+b",
+    "rows", "strip", "unroll", "cout" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -212,6 +212,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         if row.shape[2] // row.kw.get("nheads", 1) > 3:  # channels not in registers
             for strip in (2, 4):
                 out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))
+            for cout in (0, 3, 8):
+                out.append(("cout", dict(rows_cout=cout)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 

@@ -137,6 +137,33 @@ def test_row_kernel_strips(monkeypatch, kw, strip):
     assert torch.equal(i1, i0)
 
 
+@pytest.mark.parametrize(
+    ("kw", "cout", "strip"),
+    [
+        (dict(ws=5, ps=3, k=4), 2, 2),
+        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="anchor"), 5, 1),
+        (dict(ws=3, wt=1, ps=3, k=3, self_match="exclude", start=33, count=500), 3, 2),
+        (dict(ws=5, ps=3, k=4), 0, 2),
+    ],
+)
+def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip):
+    """With the query's values not in registers, blocks whose windows are not slid sideways
+    walk each window row channels outermost, ``rows_cout`` displacements at a time (the last
+    chunk shorter when it does not divide ws); the edge blocks keep the channel-inner loop.
+    Same selection, ties and order included."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_qreg", 0)
+    monkeypatch.setitem(kernels.CONFIG, "rows_cout", cout)
+    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
+    shape = (1, 3, 3, 9, 150) if CUDA else (1, 3, 2, 8, 70)
+    q = rand_video(shape, seed=20).to(DEVICE)
+    k = rand_video(shape, seed=21).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
 @pytest.mark.parametrize("kw", [dict(ws=5, ps=3, k=3), dict(ws=4, ps=2, k=4, border="zero")])
 def test_row_kernel_narrow_frame(monkeypatch, kw):
     """A frame narrower than one block: the block's windows slide at both edges, and its idle

@@ -640,13 +640,138 @@ def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
+def _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j, PS: tl.constexpr,
+                 DIL: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, R: tl.constexpr,
+                 SKIP: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+    """Offer one displacement's candidate (window index ``j``, a candidate where ``cand``) to
+    each row of a strip, from its patch-row terms ``head, mid, tail``."""
+    sums = _strip_sums(head, mid, tail, R)
+    for i in tl.static_range(R):
+        d = _hsum(sums[i], lane, BX, PS, DIL)
+        key = -d if DOT else d
+        rk, ri = _slots(keys, ids, i, KP)
+        key = tl.where(qmasks[i] & cand, key, float("inf"))
+        rk, ri = _topk_offer(rk, ri, key, j, KP, SKIP)
+        keys, ids = _set_slots(keys, ids, rk, ri, i, KP, R * KP)
+    return keys, ids
+
+
+@triton.jit
+def _zero_terms(lane, R: tl.constexpr, ACC: tl.constexpr):
+    """Empty patch-row terms ``head, mid, tail`` of a strip of R rows."""
+    head = ()
+    tail = ()
+    for _r in tl.static_range(R - 1):
+        head = head + (tl.zeros(lane.shape, ACC),)
+        tail = tail + (tl.zeros(lane.shape, ACC),)
+    return head, tl.zeros(lane.shape, ACC), tail
+
+
+@triton.jit
+def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own, xc,
+                dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr, PS: tl.constexpr,
+                PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                DOT: tl.constexpr, REFLECT: tl.constexpr, QREG: tl.constexpr,
+                UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr,
+                ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+    """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
+    summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
+    is each query's own position (left out)."""
+    lane = tl.arange(0, BX)
+    for bb in range(nd):
+        dx = dmin + bb * s1
+        col = base + bb  # each lane's window column
+        inwin = (col >= 0) & (col < WS)
+        # lanes outside their window may reach past one reflection: clamped (not output)
+        kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
+        kcol = kxi * sk_x
+        head, mid, tail = _zero_terms(lane, R, ACC)
+        if UNROLL:  # channels unrolled (with QREG, query values from registers)
+            for c in tl.static_range(C):
+                head, mid, tail = _channel_terms(
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
+                    tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R, ACC,
+                )  # fmt: skip
+        else:  # a loop
+            for c in range(C):
+                head, mid, tail = _channel_terms(
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
+                    tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R, ACC,
+                )  # fmt: skip
+        cand = inwin & ((lane * 0 + (own & (dx == 0)).to(tl.int32)) == 0)
+        keys, ids = _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j0 + col, PS,
+                                 DIL, KP, DOT, R, SKIP, BX)  # fmt: skip
+    return keys, ids
+
+
+@triton.jit
+def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks,
+                               own, xc, dmin, base, j0, sq_c, sk_c, sk_x, W, s1,
+                               WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
+                               DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                               DOT: tl.constexpr, REFLECT: tl.constexpr, R: tl.constexpr,
+                               NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
+                               BX: tl.constexpr, DXB: tl.constexpr):  # fmt: skip
+    """:func:`_window_row` for a block whose windows are not slid sideways (WS displacements),
+    channels outermost, DXB displacements at a time: channel by channel, the query's patch
+    rows are read once into registers and the terms of the DXB displacements accumulate
+    (``DXB x (2R - 1)`` vectors), so each pass reads one channel of the key rows (a small
+    working set, hits in L1) and a query value once per DXB candidates instead of once per
+    candidate; then the DXB candidates are offered in window order."""
+    lane = tl.arange(0, BX)
+    NT: tl.constexpr = 2 * R - 1  # terms per displacement: head, mid, tail
+    for b0 in tl.static_range(0, WS, DXB):
+        kcols = ()
+        kxvs = ()
+        terms = ()
+        for bb in tl.static_range(b0, min(b0 + DXB, WS)):
+            kxi, kxv = _fold(_clamp(xc + (dmin + bb * s1), 1 - W, 2 * W - 2), W, REFLECT)
+            kcols = kcols + (kxi * sk_x,)
+            kxvs = kxvs + (kxv,)
+            for _m in tl.static_range(NT):
+                terms = terms + (tl.zeros(lane.shape, ACC),)
+        for c in range(C):
+            qc = q_b + c * sq_c
+            kc = k_b + c * sk_c
+            qv = ()
+            for at in tl.static_range(PT * NR):
+                qv = qv + (_row_load(qc, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC),)
+            new = ()
+            for u in tl.static_range(min(DXB, WS - b0)):
+                head = ()
+                tail = ()
+                for m in tl.static_range(R - 1):
+                    head = head + (terms[u * NT + m],)
+                    tail = tail + (terms[u * NT + R + m],)
+                head, mid, tail = _channel_terms(
+                    qc, kc, qrows, qrv, krows, krv, qcol, qxv, kcols[u], kxvs[u], qv, 0, head,
+                    terms[u * NT + R - 1], tail, sq_c, sk_c, PS, NR, 1, PT, DOT, REFLECT, True,
+                    R, ACC,
+                )  # fmt: skip
+                new = new + head + (mid,) + tail
+            terms = new
+        for u in tl.static_range(min(DXB, WS - b0)):
+            head = ()
+            tail = ()
+            for m in tl.static_range(R - 1):
+                head = head + (terms[u * NT + m],)
+                tail = tail + (terms[u * NT + R + m],)
+            cand = (lane * 0 + (own & (dmin + (b0 + u) * s1 == 0)).to(tl.int32)) == 0
+            keys, ids = _offer_strip(
+                keys, ids, head, terms[u * NT + R - 1], tail, lane, qmasks, cand,
+                j0 + base + b0 + u, PS, DIL, KP, DOT, R, SKIP, BX,
+            )  # fmt: skip
+    return keys, ids
+
+
+@triton.jit
 def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
                  sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
                  C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
                  SKIP_OWN: tl.constexpr, QREG: tl.constexpr, UNROLL: tl.constexpr,
-                 R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
-                 BX: tl.constexpr):  # fmt: skip
+                 COUT: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr,
+                 ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
     """The whole window for a strip of R query rows of one frame, ``qy .. qy + R - 1`` (lanes
     masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
     row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
@@ -656,9 +781,9 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
     The block walks ``nd`` displacements ``dx = dmin + i * s1`` per window row; at step ``i``
     each lane is at column ``base + i`` of its own window, a candidate only inside it (lanes
     whose windows are slid sideways have their own ``base``), so each lane still meets its
-    candidates in window order."""
-    lane = tl.arange(0, BX)
-    zero = lane * 0
+    candidates in window order. With COUT > 0, blocks whose windows are not slid sideways walk
+    each window row channels outermost, COUT displacements at a time
+    (:func:`_window_row_channels_outer`)."""
     half = (PS // 2) * DIL
     qrows, qrv = _row_offsets(qt, qy - half, T, H, sq_t, sq_y, NR, PT, DIL, REFLECT)
     qvals = ()
@@ -672,46 +797,32 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
         for a in range(WS):
             ky = cy + (a - lo_steps) * s1
             krows, krv = _row_offsets(tf, ky - half, T, H, sk_t, sk_y, NR, PT, DIL, REFLECT)
-            for bb in range(nd):
-                dx = dmin + bb * s1
-                col = base + bb  # each lane's window column
-                inwin = (col >= 0) & (col < WS)
-                # lanes outside their window may reach past one reflection: clamped (not output)
-                kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
-                kcol = kxi * sk_x
-                j = (s * WS + a) * WS + col
-                head = ()
-                tail = ()
-                for _r in tl.static_range(R - 1):
-                    head = head + (tl.zeros((BX,), ACC),)
-                    tail = tail + (tl.zeros((BX,), ACC),)
-                mid = tl.zeros((BX,), ACC)
-                if UNROLL:  # channels unrolled (with QREG, query values from registers)
-                    for c in tl.static_range(C):
-                        head, mid, tail = _channel_terms(
-                            q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
-                            head, mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R,
-                            ACC,
-                        )  # fmt: skip
-                else:  # a loop
-                    for c in range(C):
-                        head, mid, tail = _channel_terms(
-                            q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c,
-                            head, mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R,
-                            ACC,
-                        )  # fmt: skip
-                sums = _strip_sums(head, mid, tail, R)
-                if SKIP_OWN:  # row i's own candidate is i rows down: the same test for all
-                    notown = zero + ((tf == qt) & (ky == qy) & (dx == 0)).to(tl.int32) == 0
-                for i in tl.static_range(R):
-                    d = _hsum(sums[i], lane, BX, PS, DIL)
-                    key = -d if DOT else d
-                    cand = qmasks[i] & inwin
-                    if SKIP_OWN:
-                        cand = cand & notown
-                    rk, ri = _slots(keys, ids, i, KP)
-                    rk, ri = _topk_offer(rk, ri, tl.where(cand, key, float("inf")), j, KP, SKIP)
-                    keys, ids = _set_slots(keys, ids, rk, ri, i, KP, R * KP)
+            # the row holding each query's own position (the other rows of a strip: theirs
+            # are as many rows down as the query is)
+            if SKIP_OWN:
+                own = (tf == qt) & (ky == qy)
+            else:
+                own = tf != tf
+            j0 = (s * WS + a) * WS
+            if COUT:
+                if nd == WS:
+                    keys, ids = _window_row_channels_outer(
+                        q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks, own, xc,
+                        dmin, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, DOT,
+                        REFLECT, R, NR, SKIP, ACC, BX, COUT,
+                    )  # fmt: skip
+                else:
+                    keys, ids = _window_row(
+                        q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks,
+                        own, xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C,
+                        KP, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                    )  # fmt: skip
+            else:
+                keys, ids = _window_row(
+                    q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own,
+                    xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, DOT,
+                    REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                )  # fmt: skip
     return keys, ids
 
 
@@ -811,6 +922,7 @@ def _search_rows_kernel(
     ANCHOR: tl.constexpr,
     QREG: tl.constexpr,
     UNROLL: tl.constexpr,
+    COUT: tl.constexpr,
     R: tl.constexpr,
     SKIP: tl.constexpr,
     ACC: tl.constexpr,
@@ -896,8 +1008,8 @@ def _search_rows_kernel(
                 keys, ids = _rows_select(
                     q_b, k_b, qt, qy, qmasks, tstart, qy, xc, qcol, qxv, keys, ids, dmin, nd,
                     base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS,
-                    PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, R, PS + R - 1, SKIP,
-                    ACC, BX,
+                    PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R, PS + R - 1,
+                    SKIP, ACC, BX,
                 )  # fmt: skip
                 for i in tl.static_range(R):
                     kr, ir = _slots(keys, ids, i, KP)
@@ -926,7 +1038,7 @@ def _search_rows_kernel(
             keys, ids = _rows_select(
                 q_b, k_b, qt, qy, (qmask,), tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS, PT,
-                DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, 1, PS, SKIP, ACC, BX,
+                DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP, ACC, BX,
             )  # fmt: skip
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
@@ -1226,16 +1338,19 @@ class _Layout(NamedTuple):
 # windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
 # takes (narrower rows go to the direct kernel), columns per block (at least twice the patch
 # span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
-# worth), two rows per block where they pair, the most query values kept in registers, and
-# whether a block skips the insert of a candidate no lane keeps. 32 columns on one warp,
-# paired, was the best of the sweep at e670514 on W3 (6.65 ms; 64 on two warps 7.90, 128 on
-# four 8.17) and within 1% of it on W1s.
+# worth), rows per strip sharing their patch-row terms, the most query values kept in
+# registers, the most channels whose loop is unrolled when they are not, displacements per
+# channels-outer pass when they are not (0: channels innermost), and whether a block skips the
+# insert of a candidate no lane keeps. Measured on the H200 (BENCHMARKS.md): 32 columns on one
+# warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
+# unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
+# 10.77 ms; 0: 12.85, 8: 12.47).
 # Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
-    "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_skip": True,
+    "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
     "bwd_block_q": 32, "bwd_warps": 4,
 }  # fmt: skip
 
@@ -1349,7 +1464,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp,
             DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
-            UNROLL=qreg or c <= CONFIG["rows_unroll"], R=strip,
+            UNROLL=qreg or c <= CONFIG["rows_unroll"],
+            COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
             SKIP=CONFIG["rows_skip"],
             ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, num_warps=rows_warps,
         )  # fmt: skip
