@@ -172,3 +172,28 @@ def test_backend_variable(monkeypatch):
         backend(torch.device("cpu"), "nothing")
     monkeypatch.setenv("DNLS_BACKEND", "torch")
     assert dnls.search(V, ws=3, k=2)[0].shape == (1, 1, 192, 2)
+
+
+def test_search_positions_skip_the_range_check_until_changed():
+    """The positions ``search`` returns are inside the video by construction, so the ops that
+    read them do not read their range again; an in-place change, a copy, a view, a smaller
+    video or an inference tensor brings the check back."""
+    from dnls import _checks
+
+    _, inds = dnls.search(V, ws=3, k=2)
+    thw = (3, 8, 8)
+    assert _checks._known_inside(inds, thw)
+    assert not _checks._known_inside(inds.clone(), thw)
+    assert not _checks._known_inside(inds[:, :, :5], thw)
+    assert not _checks._known_inside(inds, (3, 7, 8))  # a smaller video: checked again
+    assert dnls.gather(V, inds, ps=3).shape == (1, 1, 192, 2, 1, 4, 3, 3)
+    with pytest.raises(ValueError, match="^inds must be positions inside the video"):
+        dnls.gather(V[..., :6], inds, ps=3)
+    inds[0, 0, 0, 0, 2] = 8  # in place, past the last column
+    assert not _checks._known_inside(inds, thw)
+    with pytest.raises(ValueError, match=r"^inds must be positions inside .*w in \[0, 8\]"):
+        dnls.gather(V, inds, ps=3)
+    with torch.inference_mode():
+        _, inds = dnls.search(V, ws=3, k=2)
+    assert not _checks._known_inside(inds, thw)
+    assert dnls.gather(V, inds, ps=3).shape == (1, 1, 192, 2, 1, 4, 3, 3)

@@ -91,6 +91,9 @@ def test_search_equals_oracle(case):
     ).is_integer()
     assert inds.dtype == (torch.int32 if whole else torch.float32)
     assert dists.shape == ed.shape[:4] if ed.size else dists.numel() == 0
+    # inside the frames (search marks its positions so, and the patch ops trust the mark)
+    t, h, w = case["shape"][1], case["shape"][3], case["shape"][4]
+    assert ((inds >= 0) & (inds <= torch.tensor([t - 1, h - 1, w - 1]).to(inds))).all()
     if ed.size == 0:
         return
     assert_close(dists, ed, what="dists")

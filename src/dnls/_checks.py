@@ -7,6 +7,7 @@ Every error names the argument, the value it got and what was expected. Type pro
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -141,15 +142,45 @@ def check_start_count(start: object, count: object, total: int) -> tuple[int, in
     return start, count
 
 
+# Position tensors known to lie inside a video, as they are now: id -> (weak reference, version
+# counter, (T, H, W)). ``search`` records its outputs, whose positions are inside the frame by
+# construction, so the ops that read them skip the range check (two reductions and a device
+# sync per call). Any in-place change bumps the version counter and brings the check back.
+_INSIDE: dict[int, tuple[weakref.ref, int, tuple[int, int, int]]] = {}
+
+
+def mark_positions(inds: torch.Tensor, thw: tuple[int, int, int]) -> None:
+    """Record that ``inds`` holds positions inside a ``(T, H, W) = thw`` video (the caller
+    guarantees it). Not for inference tensors, which have no version counter."""
+    if torch.compiler.is_compiling() or inds.is_inference():
+        return
+    key = id(inds)
+    ref = weakref.ref(inds, lambda _, key=key: _INSIDE.pop(key, None))
+    _INSIDE[key] = (ref, inds._version, tuple(thw))
+
+
+def _known_inside(inds: torch.Tensor, thw: tuple[int, int, int]) -> bool:
+    entry = _INSIDE.get(id(inds))
+    if entry is None or inds.is_inference():
+        return False
+    ref, version, known = entry
+    return (
+        ref() is inds
+        and inds._version == version
+        and all(k <= n for k, n in zip(known, thw, strict=True))
+    )
+
+
 def check_positions(
     name: str, inds: torch.Tensor, thw: tuple[int, int, int], lead: tuple[int, ...]
 ) -> None:
-    """Index tensor ``lead + (3,)`` of positions ``(t, h, w)`` inside a ``(T, H, W)`` video."""
+    """Index tensor ``lead + (3,)`` of positions ``(t, h, w)`` inside a ``(T, H, W)`` video.
+    The range is not read again for the outputs of ``search`` (:func:`mark_positions`)."""
     if inds.dtype not in INDEX_INT_DTYPES and not inds.is_floating_point():
         fail(name, inds, "int32, int64 or a floating dtype", TypeError)
     if tuple(inds.shape) != (*lead, 3):
         fail(name, inds, f"of shape {(*lead, 3)}")
-    if inds.numel() == 0:
+    if inds.numel() == 0 or (not torch.compiler.is_compiling() and _known_inside(inds, thw)):
         return
     flat = inds.detach().reshape(-1, 3)
     if inds.is_floating_point():

@@ -661,4 +661,7 @@ def search(
         border,
     )
     dists, inds, _ = torch.ops.dnls.search(q6, k6, flows, **p.op_kwargs())
+    # every position is inside kvid's frames (windows slide inward): gather, scatter and wpsum
+    # need not read them again
+    _checks.mark_positions(inds, (nframes, height, width))
     return dists, inds
