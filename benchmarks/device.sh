@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The standard batch of one call on the GPU machine: the CUDA tests of the Triton kernels, then
+# the benchmarks. Each part's output goes to OUTDIR/<part>.txt, headed by the device, the date
+# and the commit (with the number of uncommitted files).
+#
+#   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention
+set -uo pipefail
+out=${1:-${OUT:-/tmp/dnls-device}}
+parts=${2:-tests,search,patches}
+mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)
+commit="$(git rev-parse --short HEAD 2>/dev/null) ($(git status --short 2>/dev/null | wc -l) uncommitted)"
+run() {
+    local name=$1
+    shift
+    { echo "# $gpu, $(date -u +%FT%TZ), commit $commit: $*"; "$@"; } 2>&1 \
+        | grep -v Warning | tee "$out/$name.txt" | tail -25
+}
+for part in ${parts//,/ }; do
+    case $part in
+        tests) run tests python -m pytest -q -p no:cacheprovider tests/test_search_triton.py \
+            tests/test_patches_triton.py tests/test_fold.py tests/test_attention_triton.py ;;
+        search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
+        patches) run patches python benchmarks/patches.py --rows fold,knn ;;
+        attention) run attention python benchmarks/attention.py ;;
+        *) echo "unknown part: $part (tests, search, patches, attention)" >&2; exit 2 ;;
+    esac
+done
