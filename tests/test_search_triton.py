@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import assert_close, rand_video
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_search import make_flows, search_cases
 
 import dnls
@@ -160,6 +161,59 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip):
     q = rand_video(shape, seed=20).to(DEVICE)
     k = rand_video(shape, seed=21).to(DEVICE)
     (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
+@st.composite
+def row_kernel_cases(draw):
+    """Searches the row kernel takes (whole positions, no flows, stride0 = 1, ps > 1), with its
+    launch settings drawn too: rows per strip, displacements per channels-outer pass, the query
+    in registers or not, the channel loop unrolled or not."""
+    wt = draw(st.integers(0, 1))
+    ws = draw(st.integers(2, 5))
+    ps = draw(st.integers(2, 5))
+    nheads = draw(st.sampled_from([1, 1, 2]))
+    h = draw(st.integers(max(ws, ps) + 1, 16 if CUDA else 12))
+    w = draw(st.integers(36, 140 if CUDA else 72))
+    shape = (1, 2 * wt + 1, nheads * draw(st.integers(1, 2)), h, w)
+    nq = shape[1] * h * w
+    start = draw(st.integers(0, nq - 1))
+    kmax = (2 * wt + 1) * ws * ws - 1
+    kw = dict(
+        ws=ws,
+        wt=wt,
+        ps=ps,
+        k=draw(st.integers(1, min(kmax, 6))),
+        dist=draw(st.sampled_from(["l2", "dot"])),
+        self_match=draw(st.sampled_from(["keep", "anchor", "exclude"])),
+        border=draw(st.sampled_from(["reflect", "zero"])),
+        nheads=nheads,
+        start=start,
+        count=draw(st.integers(1, nq - start)),
+    )
+    config = dict(
+        rows_strip=draw(st.integers(1, 4)),
+        rows_cout=draw(st.integers(0, 5)),
+        rows_qreg=draw(st.sampled_from([0, 48])),
+        rows_unroll=draw(st.sampled_from([0, 64])),
+    )
+    return shape, kw, config, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None)
+@given(row_kernel_cases())
+def test_row_kernel_random_configs(case):
+    """Random searches under random launch settings of the row kernel equal the reference."""
+    from dnls.ops import _search_triton as kernels
+
+    shape, kw, config, seed = case
+    q = rand_video(shape, seed=seed).to(DEVICE)
+    k = rand_video(shape, seed=seed + 1).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in config.items():
+            mp.setitem(kernels.CONFIG, key, value)
+        (d0, i0), (d1, i1) = both(mp, q, k, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)
 
