@@ -307,6 +307,11 @@ def knn_case(results, args, case, shape, skw, ps, count):
     fn = lambda: dnls.gather(vid, inds, ps=ps)  # noqa: E731
     record(results, "gather", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
            f"rel err {err:.1e}", fn)  # fmt: skip
+    # the same positions copied: not marked by search, so their range is checked on each call
+    copied = inds.clone()
+    fn = lambda: dnls.gather(vid, copied, ps=ps)  # noqa: E731
+    record(results, "gather", case, "checked", bench(fn), peak_mb(fn), nbytes,
+           args.copy_bw, "positions range-checked", fn)  # fmt: skip
     record(results, "gather", case, "reference",
            ref_ms(lambda: dnls.gather(vid, inds[:, :, sl], ps=ps)), float("nan"), nbytes,
            args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
