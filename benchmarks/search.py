@@ -181,6 +181,9 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     return res
 
 
+# sweep parts timed forward+backward (the others: forward)
+BACKWARD_PARTS = ("f+b", "clast")
+
 # the row kernel's (columns per block, warps, rows per strip) the sweep times
 ROWS_SWEEP = [(32, 1, 1), (32, 1, 2), (32, 1, 3), (32, 1, 4), (64, 2, 2), (64, 2, 4)]
 
@@ -189,8 +192,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
-    and its channel loop (unrolled, channels outermost). ``parts``: which of "fwd", "f+b",
-    "rows", "strip", "unroll", "cout" to include."""
+    and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
+    channels-last accumulators. ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll",
+    "cout", "clast" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -200,6 +204,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     for block_q in (16, 32, 64):
         for warps in (1, 2, 4):
             out.append(("f+b", dict(bwd_block_q=block_q, bwd_warps=warps)))
+    if row.kw["ps"] == 1:
+        for m in (0, 8):
+            out.append(("clast", dict(bwd_clast_min=m)))
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
@@ -225,9 +232,9 @@ def _run_config(name: str, part: str, cfg: dict) -> None:
     os.environ["DNLS_BACKEND"] = "triton"
     kernels.CONFIG.update(cfg)
     row = ROWS[name]
-    vid = torch.rand(row.shape, device="cuda", requires_grad=part == "f+b")
+    vid = torch.rand(row.shape, device="cuda", requires_grad=part in BACKWARD_PARTS)
     d, _ = dnls.search(vid, **row.kw)
-    if part == "f+b":
+    if part in BACKWARD_PARTS:
         d.sum().backward()
     torch.cuda.synchronize()
 
@@ -265,7 +272,7 @@ def sweeps(gpu: str, names: list[str], parts: str) -> None:
         for part, cfg in sweep_configs(row, parts):
             kernels.CONFIG.update(defaults)
             kernels.CONFIG.update(cfg)
-            if part != "f+b":
+            if part not in BACKWARD_PARTS:
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
             else:
                 ms = bench(fwd_bwd, 300)

@@ -327,6 +327,42 @@ def test_backward_one_pixel_batches(monkeypatch):
         assert_close(b, a, what=f"grad {name}")
 
 
+@pytest.mark.parametrize(
+    ("kw", "deterministic"),
+    [
+        (dict(ws=3, wt=1, ps=1, k=4, dist="dot", nheads=2), False),
+        (dict(ws=3, wt=1, ps=1, k=3, self_match="anchor", stride0=2, start=3, count=12), False),
+        (dict(ws=3, wt=1, ps=1, k=4, dist="dot", nheads=2), True),
+    ],
+)
+def test_backward_channels_last_accumulators(monkeypatch, kw, deterministic):
+    """One-pixel patches with at least ``bwd_clast_min`` channels accumulate their gradients
+    channels-last (float or fixed point); the gradients come back contiguous and equal the
+    reference's."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "bwd_clast_min", 8)
+    shape = (1, 3, 32, 10, 12) if CUDA else (1, 3, 16, 4, 5)
+    # float32: float64 takes the (exact) reference path under deterministic algorithms
+    dtype = torch.float32 if deterministic else torch.float64
+    q = rand_video(shape, dtype, seed=25).to(DEVICE).requires_grad_()
+    k = rand_video(shape, dtype, seed=26).to(DEVICE).requires_grad_()
+    old = torch.are_deterministic_algorithms_enabled()
+    grads = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        torch.use_deterministic_algorithms(deterministic and backend == "triton")
+        try:
+            dists, _ = dnls.search(q, k, **kw)
+            w = torch.linspace(1, 2, dists.shape[-1], device=DEVICE)
+            grads.append(torch.autograd.grad((dists * w).sum(), (q, k)))
+        finally:
+            torch.use_deterministic_algorithms(old)
+    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
+        assert b.is_contiguous()
+        assert_close(b, a, dtype=dtype, what=f"grad {name}", scale=10 if deterministic else 1)
+
+
 def test_frames_past_int32_take_the_reference():
     """A frame whose offsets would pass int32 inside the kernels takes the reference path
     (the predicate, on a small video and on a meta tensor of 2^32 elements)."""

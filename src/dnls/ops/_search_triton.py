@@ -1084,7 +1084,7 @@ def _search_bwd_kernel(
     gi_ptr,  # (B*HD, count, K, 3) gradient of float positions (HAS_GI only)
     widx_ptr,  # (B*HD, count, K) window indices, -1 for the query itself
     gq_ptr,
-    gk_ptr,  # out: (B, HD, T, C, H, W) contiguous accumulators, zeroed
+    gk_ptr,  # out: (B, HD, T, C, H, W) accumulators, zeroed, (b, hd) slices of T*C*H*W
     gf_ptr,  # out: (B, T, S, 2, H, W) contiguous accumulator (FLOW_GRAD only)
     sq_b,
     sq_h,
@@ -1104,6 +1104,10 @@ def _search_bwd_kernel(
     sf_c,
     sf_y,
     sf_x,  # strides of flows
+    sa_t,
+    sa_c,
+    sa_y,
+    sa_x,  # strides of the accumulators gq, gk in a (b, hd) slice (channel-first or -last)
     HD,
     T,
     C,
@@ -1156,7 +1160,7 @@ def _search_bwd_kernel(
     hd = pid_bh % HD
     q_base = q_ptr + b.to(tl.int64) * sq_b + hd.to(tl.int64) * sq_h
     k_base = k_ptr + b.to(tl.int64) * sk_b + hd.to(tl.int64) * sk_h
-    # accumulators are contiguous (B, HD, T, C, H, W)
+    # each (b, hd) slice of the accumulators is one block of T * C * H * W
     g_base = pid_bh.to(tl.int64) * T * C * H * W
     gq_base = gq_ptr + g_base
     gk_base = gk_ptr + g_base
@@ -1180,7 +1184,7 @@ def _search_bwd_kernel(
     pmask = ii < PS
     cc = tl.arange(0, BLOCK_C)
     q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
-    gq_sp, _ = _spatial(qy, qx, offs, pmask, W, 1, H, W, REFLECT)
+    gq_sp, _ = _spatial(qy, qx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
     if GQ_REG:
         gq_sum = tl.zeros((BLOCK_Q, BLOCK_C, PSP, PSP), ACC)
 
@@ -1212,7 +1216,7 @@ def _search_bwd_kernel(
         kx = tl.where(own, qx.to(POS), kx)
         if WHOLE:
             k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            gk_sp, _ = _spatial(ky, kx, offs, pmask, W, 1, H, W, REFLECT)
+            gk_sp, _ = _spatial(ky, kx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
         else:
             y0f = tl.floor(ky)
             x0f = tl.floor(kx)
@@ -1224,10 +1228,10 @@ def _search_bwd_kernel(
             sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
             sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
             sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            gp00, _ = _spatial(y0, x0, offs, pmask, W, 1, H, W, REFLECT)
-            gp01, _ = _spatial(y0, x0 + 1, offs, pmask, W, 1, H, W, REFLECT)
-            gp10, _ = _spatial(y0 + 1, x0, offs, pmask, W, 1, H, W, REFLECT)
-            gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, W, 1, H, W, REFLECT)
+            gp00, _ = _spatial(y0, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            gp01, _ = _spatial(y0, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            gp10, _ = _spatial(y0 + 1, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
         g4 = g[:, None, None, None]
         gpos_y = tl.zeros((BLOCK_Q,), ACC)
         gpos_x = tl.zeros((BLOCK_Q,), ACC)
@@ -1236,8 +1240,8 @@ def _search_bwd_kernel(
             kti, ktv = _border(tf + dt, T, REFLECT)
             q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
             k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
-            gq_fr = (gq_base + qti.to(tl.int64) * (C * H * W))[:, None, None, None]
-            gk_fr = (gk_base + kti.to(tl.int64) * (C * H * W))[:, None, None, None]
+            gq_fr = (gq_base + qti.to(tl.int64) * sa_t)[:, None, None, None]
+            gk_fr = (gk_base + kti.to(tl.int64) * sa_t)[:, None, None, None]
             qv4 = (qtv & qmask)[:, None, None, None]
             kv4 = (ktv & qmask)[:, None, None, None]
             for c0 in range(0, C, BLOCK_C):
@@ -1245,7 +1249,7 @@ def _search_bwd_kernel(
                 cm = (ch < C)[None, :, None, None]
                 qc = (ch * sq_c)[None, :, None, None]
                 kc = (ch * sk_c)[None, :, None, None]
-                gc = (ch * (H * W))[None, :, None, None]
+                gc = (ch * sa_c)[None, :, None, None]
                 qm = q_m & cm & qv4
                 qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
                 if WHOLE:
@@ -1295,7 +1299,7 @@ def _search_bwd_kernel(
     if GQ_REG:
         # the query's own pixel (frame qt, in range): a plain store, in the results' order
         ch = cc[None, :, None, None]
-        at = gq_base + qt.to(tl.int64)[:, None, None, None] * (C * H * W) + ch * (H * W) + gq_sp
+        at = gq_base + qt.to(tl.int64)[:, None, None, None] * sa_t + ch * sa_c + gq_sp
         m = q_m & (ch < C) & qmask[:, None, None, None]
         if FIXED:
             tl.store(at, _fixed(gq_sum, scale), mask=m)
@@ -1345,13 +1349,15 @@ class _Layout(NamedTuple):
 # warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
 # unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
 # 10.77 ms; 0: 12.85, 8: 12.47).
-# Backward: queries per program and warps. Sweeps: benchmarks/search.py (BENCHMARKS.md).
+# Backward: queries per program and warps, and the fewest channels for which one-pixel patches
+# accumulate the gradients channels-last (0: never; not yet timed).
+# Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "bwd_block_q": 32, "bwd_warps": 4,
+    "bwd_block_q": 32, "bwd_warps": 4, "bwd_clast_min": 0,
 }  # fmt: skip
 
 
@@ -1485,8 +1491,14 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
     scale = _fixed_point_scale(gd, gi if flow_grad and ginds is not None else None, qvid, kvid, p)
     buf = acc if scale is None else torch.int64
-    gq = torch.zeros(qvid.shape, dtype=buf, device=dev)
-    gk = torch.zeros(kvid.shape, dtype=buf, device=dev)
+    # one-pixel patches with many channels: channels-last accumulators, so that each query's
+    # channels are added into one run of memory (a few sectors per warp's atomic adds)
+    last = p.ps == 1 and c >= CONFIG["bwd_clast_min"] > 0
+    shape = (b, hd, nframes, height, width, c) if last else qvid.shape
+    gq = torch.zeros(shape, dtype=buf, device=dev)
+    gk = torch.zeros(shape, dtype=buf, device=dev)
+    if last:
+        gq, gk = gq.permute(0, 1, 2, 5, 3, 4), gk.permute(0, 1, 2, 5, 3, 4)
     gf = torch.zeros(flows.shape, dtype=buf, device=dev) if flow_grad else gq
     widx = widx.contiguous()
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
@@ -1495,7 +1507,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     if p.count > 0 and b * hd > 0 and p.nk > 0:
         _search_bwd_kernel[grid](
             qvid, kvid, fl, gd, gi, widx, gq, gk, gf,
-            *qvid.stride(), *kvid.stride(), *fstrides,
+            *qvid.stride(), *kvid.stride(), *fstrides, *gq.stride()[2:],
             hd, nframes, c, height, width,
             p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
             float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
@@ -1512,7 +1524,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
         gq, gk = gq.double() / scale, gk.double() / scale
         gf = gf.double() / scale if flow_grad else gf
     gflows = gf.to(flows.dtype) if flow_grad else qvid.new_empty(0)
-    return gq.to(qvid.dtype), gk.to(kvid.dtype), gflows
+    return gq.to(qvid.dtype).contiguous(), gk.to(kvid.dtype).contiguous(), gflows
 
 
 def _fixed_point_scale(gd, gi, qvid, kvid, p) -> float | None:
