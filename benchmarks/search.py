@@ -193,8 +193,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
-    channels-last accumulators. ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll",
-    "cout", "clast" to include."""
+    channels-last accumulators; the row kernel's per-lane candidate buffer. ``parts``: which
+    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "buffer" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -216,6 +216,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
             out.append(("rows", dict(rows_bx=bx, rows_warps=warps, rows_strip=strip)))
         for strip in (1, 2, 3, 4):
             out.append(("strip", dict(rows_strip=strip)))
+        for nb in (0, 2, 4, 8):
+            out.append(("buffer", dict(rows_buffer=nb)))
         if row.shape[2] // row.kw.get("nheads", 1) > 3:  # channels not in registers
             for strip in (2, 4):
                 out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))

@@ -197,6 +197,7 @@ def row_kernel_cases(draw):
         rows_cout=draw(st.integers(0, 5)),
         rows_qreg=draw(st.sampled_from([0, 48])),
         rows_unroll=draw(st.sampled_from([0, 64])),
+        rows_buffer=draw(st.sampled_from([0, 0, 2, 3])),
     )
     return shape, kw, config, draw(st.integers(0, 2**16))
 
@@ -243,6 +244,29 @@ def test_row_kernel_skips_unkept_candidates(monkeypatch, skip, dist):
     q = rand_video(shape, seed=17).to(DEVICE)
     kw = dict(ws=3, wt=1 if CUDA else 0, ps=3, k=4, dist=dist, self_match="exclude")
     (d0, i0), (d1, i1) = both(monkeypatch, q, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "buffer", "strip"),
+    [
+        (dict(ws=5, ps=3, k=4), 2, 2),
+        (dict(ws=3, wt=1, ps=3, k=3, dist="dot", self_match="exclude"), 4, 1),
+        (dict(ws=5, ps=2, k=6, border="zero", self_match="anchor", start=20, count=300), 1, 2),
+    ],
+)
+def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
+    """Each lane buffering ``rows_buffer`` candidates below its bound before inserting them:
+    the same selection, ties and order included (the buffer is inserted in window order)."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_buffer", buffer)
+    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
+    shape = (1, 3, 3, 9, 70) if CUDA else (1, 3, 1, 8, 40)
+    q = rand_video(shape, seed=27).to(DEVICE)
+    k = rand_video(shape, seed=28).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)
 

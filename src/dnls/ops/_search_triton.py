@@ -604,29 +604,96 @@ def _strip_sums(head, mid, tail, R: tl.constexpr):
 
 
 @triton.jit
-def _slots(keys, ids, i: tl.constexpr, KP: tl.constexpr):
-    """Row ``i``'s KP slots of a strip's flat selection tuples."""
+def _slots(keys, ids, i: tl.constexpr, RS: tl.constexpr):
+    """Row ``i``'s RS slots of a strip's flat selection tuples."""
     rk = ()
     ri = ()
-    for m in tl.static_range(KP):
-        rk = rk + (keys[i * KP + m],)
-        ri = ri + (ids[i * KP + m],)
+    for m in tl.static_range(RS):
+        rk = rk + (keys[i * RS + m],)
+        ri = ri + (ids[i * RS + m],)
     return rk, ri
 
 
 @triton.jit
-def _set_slots(keys, ids, rk, ri, i: tl.constexpr, KP: tl.constexpr, N: tl.constexpr):
-    """The flat selection tuples (N slots) with row ``i``'s KP slots replaced by ``rk, ri``."""
+def _set_slots(keys, ids, rk, ri, i: tl.constexpr, RS: tl.constexpr, N: tl.constexpr):
+    """The flat selection tuples (N slots) with row ``i``'s RS slots replaced by ``rk, ri``."""
     nk = ()
     ni = ()
     for m in tl.static_range(N):
-        if m // KP == i:
-            nk = nk + (rk[m - i * KP],)
-            ni = ni + (ri[m - i * KP],)
+        if m // RS == i:
+            nk = nk + (rk[m - i * RS],)
+            ni = ni + (ri[m - i * RS],)
         else:
             nk = nk + (keys[m],)
             ni = ni + (ids[m],)
     return nk, ni
+
+
+@triton.jit
+def _row_init(zero, NWIN, KP: tl.constexpr, NB: tl.constexpr, ACC: tl.constexpr):
+    """One query row's selection state: KP empty slots (:func:`_topk_init`) and, with a buffer
+    (NB > 0), NB empty buffer slots and a last slot holding the buffer's count (in ``ids``;
+    its key is unused), ``KP + NB + 1`` slots in all."""
+    keys, ids = _topk_init(zero, NWIN, KP, ACC)
+    if NB > 0:
+        for _b in tl.static_range(NB + 1):
+            keys = keys + (tl.zeros(zero.shape, ACC) + float("inf"),)
+        for _b in tl.static_range(NB):
+            ids = ids + (zero + NWIN,)
+        ids = ids + (zero,)
+    return keys, ids
+
+
+@triton.jit
+def _flush_row(rk, ri, KP: tl.constexpr, NB: tl.constexpr):
+    """Insert a row's buffered candidates (in the order they came, so ties still go to the
+    earlier one) into its KP sorted slots and empty the buffer."""
+    if NB > 0:
+        sk = ()
+        si = ()
+        for m in tl.static_range(KP):
+            sk = sk + (rk[m],)
+            si = si + (ri[m],)
+        for b in tl.static_range(NB):
+            sk, si = _topk_insert(sk, si, rk[KP + b], ri[KP + b], KP)
+        for b in tl.static_range(NB + 1):
+            sk = sk + (tl.zeros_like(rk[KP + b]) + float("inf"),)
+        for b in tl.static_range(NB):
+            si = si + (ri[KP + b],)
+        rk, ri = sk, si + (ri[KP + NB] * 0,)
+    return rk, ri
+
+
+@triton.jit
+def _offer_row(rk, ri, key, j, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl.constexpr):
+    """Offer candidate ``(key, j)`` to one query row. Without a buffer: :func:`_topk_offer`.
+    With one (NB > 0): each lane whose key is below its last sorted slot appends it to its
+    buffer, and when some lane's buffer is full every lane's buffer is inserted. The bound is
+    the sorted slots' (buffered candidates are not in it yet): looser, never wrong. A lane
+    pays for the inserts of its own buffered candidates, NB at a time, instead of an insert
+    whenever any lane of the block keeps a candidate."""
+    if NB == 0:
+        rk, ri = _topk_offer(rk, ri, key, j, KP, SKIP)
+    else:
+        take = key < rk[KP - 1]
+        if tl.sum(take.to(tl.int32), 0) > 0:
+            cnt = ri[KP + NB]
+            nk = ()
+            ni = ()
+            for m in tl.static_range(KP):
+                nk = nk + (rk[m],)
+                ni = ni + (ri[m],)
+            for b in tl.static_range(NB):
+                hit = take & (cnt == b)
+                nk = nk + (tl.where(hit, key, rk[KP + b]),)
+                ni = ni + (tl.where(hit, j, ri[KP + b]),)
+            cnt = cnt + take.to(tl.int32)
+            nk = nk + (rk[KP + NB],)
+            ni = ni + (cnt,)
+            if tl.max(cnt, 0) == NB:
+                nk, ni = _flush_row(nk, ni, KP, NB)
+            rk, ri = nk, ni
+    return rk, ri
 
 
 @triton.jit
@@ -641,18 +708,19 @@ def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 @triton.jit
 def _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j, PS: tl.constexpr,
-                 DIL: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, R: tl.constexpr,
-                 SKIP: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+                 DIL: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, RS: tl.constexpr,
+                 DOT: tl.constexpr, R: tl.constexpr, SKIP: tl.constexpr,
+                 BX: tl.constexpr):  # fmt: skip
     """Offer one displacement's candidate (window index ``j``, a candidate where ``cand``) to
     each row of a strip, from its patch-row terms ``head, mid, tail``."""
     sums = _strip_sums(head, mid, tail, R)
     for i in tl.static_range(R):
         d = _hsum(sums[i], lane, BX, PS, DIL)
         key = -d if DOT else d
-        rk, ri = _slots(keys, ids, i, KP)
+        rk, ri = _slots(keys, ids, i, RS)
         key = tl.where(qmasks[i] & cand, key, float("inf"))
-        rk, ri = _topk_offer(rk, ri, key, j, KP, SKIP)
-        keys, ids = _set_slots(keys, ids, rk, ri, i, KP, R * KP)
+        rk, ri = _offer_row(rk, ri, key, j, KP, NB, SKIP)
+        keys, ids = _set_slots(keys, ids, rk, ri, i, RS, R * RS)
     return keys, ids
 
 
@@ -671,7 +739,8 @@ def _zero_terms(lane, R: tl.constexpr, ACC: tl.constexpr):
 def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own, xc,
                 dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr, PS: tl.constexpr,
                 PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
-                DOT: tl.constexpr, REFLECT: tl.constexpr, QREG: tl.constexpr,
+                NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
+                QREG: tl.constexpr,
                 UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr,
                 ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
@@ -700,7 +769,7 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
                 )  # fmt: skip
         cand = inwin & ((lane * 0 + (own & (dx == 0)).to(tl.int32)) == 0)
         keys, ids = _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j0 + col, PS,
-                                 DIL, KP, DOT, R, SKIP, BX)  # fmt: skip
+                                 DIL, KP, NB, RS, DOT, R, SKIP, BX)  # fmt: skip
     return keys, ids
 
 
@@ -709,7 +778,8 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
                                own, xc, dmin, base, j0, sq_c, sk_c, sk_x, W, s1,
                                WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
                                DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
-                               DOT: tl.constexpr, REFLECT: tl.constexpr, R: tl.constexpr,
+                               NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr,
+                               REFLECT: tl.constexpr, R: tl.constexpr,
                                NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
                                BX: tl.constexpr, DXB: tl.constexpr):  # fmt: skip
     """:func:`_window_row` for a block whose windows are not slid sideways (WS displacements),
@@ -759,7 +829,7 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
             cand = (lane * 0 + (own & (dmin + (b0 + u) * s1 == 0)).to(tl.int32)) == 0
             keys, ids = _offer_strip(
                 keys, ids, head, terms[u * NT + R - 1], tail, lane, qmasks, cand,
-                j0 + base + b0 + u, PS, DIL, KP, DOT, R, SKIP, BX,
+                j0 + base + b0 + u, PS, DIL, KP, NB, RS, DOT, R, SKIP, BX,
             )  # fmt: skip
     return keys, ids
 
@@ -768,10 +838,11 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
 def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
                  sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-                 C: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-                 SKIP_OWN: tl.constexpr, QREG: tl.constexpr, UNROLL: tl.constexpr,
-                 COUT: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr,
-                 ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+                 C: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, RS: tl.constexpr,
+                 DOT: tl.constexpr, REFLECT: tl.constexpr, SKIP_OWN: tl.constexpr,
+                 QREG: tl.constexpr, UNROLL: tl.constexpr, COUT: tl.constexpr, R: tl.constexpr,
+                 NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
+                 BX: tl.constexpr):  # fmt: skip
     """The whole window for a strip of R query rows of one frame, ``qy .. qy + R - 1`` (lanes
     masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
     row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
@@ -808,20 +879,20 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
                 if nd == WS:
                     keys, ids = _window_row_channels_outer(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks, own, xc,
-                        dmin, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, DOT,
-                        REFLECT, R, NR, SKIP, ACC, BX, COUT,
+                        dmin, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB, RS,
+                        DOT, REFLECT, R, NR, SKIP, ACC, BX, COUT,
                     )  # fmt: skip
                 else:
                     keys, ids = _window_row(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks,
                         own, xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C,
-                        KP, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                        KP, NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
                     )  # fmt: skip
             else:
                 keys, ids = _window_row(
                     q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own,
-                    xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, DOT,
-                    REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                    xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB,
+                    RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
                 )  # fmt: skip
     return keys, ids
 
@@ -916,6 +987,8 @@ def _search_rows_kernel(
     DIL: tl.constexpr,
     C: tl.constexpr,
     KP: tl.constexpr,
+    NB: tl.constexpr,
+    RS: tl.constexpr,
     DOT: tl.constexpr,
     REFLECT: tl.constexpr,
     SKIP_OWN: tl.constexpr,
@@ -1001,18 +1074,19 @@ def _search_rows_kernel(
                         (lane < BOUT) & (jq < jr) & (qi + i * nw >= start)
                         & (qi + i * nw < start + count),
                     )  # fmt: skip
-                    ki, ii = _topk_init(zero, NWIN, KP, ACC)
+                    ki, ii = _row_init(zero, NWIN, KP, NB, ACC)
                     keys = keys + ki
                     ids = ids + ii
                 tstart = _clamp(qt - (S // 2), 0, T - S)
                 keys, ids = _rows_select(
                     q_b, k_b, qt, qy, qmasks, tstart, qy, xc, qcol, qxv, keys, ids, dmin, nd,
                     base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS,
-                    PS, PT, DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R, PS + R - 1,
-                    SKIP, ACC, BX,
+                    PS, PT, DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R,
+                    PS + R - 1, SKIP, ACC, BX,
                 )  # fmt: skip
                 for i in tl.static_range(R):
-                    kr, ir = _slots(keys, ids, i, KP)
+                    kr, ir = _slots(keys, ids, i, RS)
+                    kr, ir = _flush_row(kr, ir, KP, NB)
                     row = bh.to(tl.int64) * count + (qi + i * nw - start).to(tl.int64)
                     _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, qmasks[i], zero,
                                 tstart, qy + i, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
@@ -1034,12 +1108,14 @@ def _search_rows_kernel(
             qy = h0 + grow_r % nh
             cy = _clamp(qy, lo, hi)
             tstart = _clamp(qt - (S // 2), 0, T - S)
-            keys, ids = _topk_init(zero, NWIN, KP, ACC)
+            keys, ids = _row_init(zero, NWIN, KP, NB, ACC)
             keys, ids = _rows_select(
                 q_b, k_b, qt, qy, (qmask,), tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS, PT,
-                DIL, C, KP, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP, ACC, BX,
+                DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP, ACC,
+                BX,
             )  # fmt: skip
+            keys, ids = _flush_row(keys, ids, KP, NB)
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
                         s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
@@ -1345,7 +1421,8 @@ class _Layout(NamedTuple):
 # worth), rows per strip sharing their patch-row terms, the most query values kept in
 # registers, the most channels whose loop is unrolled when they are not, displacements per
 # channels-outer pass when they are not (0: channels innermost), and whether a block skips the
-# insert of a candidate no lane keeps. Measured on the H200 (BENCHMARKS.md): 32 columns on one
+# insert of a candidate no lane keeps, and the candidates each lane buffers before inserting
+# (0: inserted at once; not yet timed). Measured on the H200 (BENCHMARKS.md): 32 columns on one
 # warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
 # unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
 # 10.77 ms; 0: 12.85, 8: 12.47).
@@ -1357,6 +1434,7 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
+    "rows_buffer": 0,
     "bwd_block_q": 32, "bwd_warps": 4, "bwd_clast_min": 0,
 }  # fmt: skip
 
@@ -1460,6 +1538,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
         qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
+        nb = CONFIG["rows_buffer"]
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
             *qvid.stride(), *kvid.stride(),
@@ -1467,8 +1546,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             p.start, p.count, t0, h0, w0, nh, nw,
             row0, triton.cdiv(nrows, strip), nrows, jl, jr, nxb, nblocks,
             s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp,
-            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp, NB=nb,
+            RS=kp + nb + 1 if nb else kp, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
             UNROLL=qreg or c <= CONFIG["rows_unroll"],
             COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
