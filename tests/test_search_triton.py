@@ -202,10 +202,11 @@ def row_kernel_cases(draw):
     return shape, kw, config, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=EXAMPLES // 2, deadline=None)
+@settings(max_examples=4 if CUDA else 5, deadline=None)
 @given(row_kernel_cases())
 def test_row_kernel_random_configs(case):
-    """Random searches under random launch settings of the row kernel equal the reference."""
+    """Random searches under random launch settings of the row kernel equal the reference (few
+    examples: on a GPU each setting compiles its own kernel, tens of seconds)."""
     from dnls.ops import _search_triton as kernels
 
     shape, kw, config, seed = case
