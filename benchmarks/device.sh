@@ -4,6 +4,9 @@
 # and the commit (with the number of uncommitted files).
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention
+#
+# TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
+# compiles on first use, up to a minute each for the search row kernels.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}
@@ -19,8 +22,9 @@ run() {
 }
 for part in ${parts//,/ }; do
     case $part in
-        tests) run tests python -m pytest -q -p no:cacheprovider tests/test_search_triton.py \
-            tests/test_patches_triton.py tests/test_fold.py tests/test_attention_triton.py ;;
+        tests) run tests python -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+            tests/test_search_triton.py tests/test_patches_triton.py tests/test_fold.py \
+            tests/test_attention_triton.py ;;
         search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
         attention) run attention python benchmarks/attention.py ;;
