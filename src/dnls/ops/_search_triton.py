@@ -649,11 +649,7 @@ def _flush_row(rk, ri, KP: tl.constexpr, NB: tl.constexpr):
     """Insert a row's buffered candidates (in the order they came, so ties still go to the
     earlier one) into its KP sorted slots and empty the buffer."""
     if NB > 0:
-        sk = ()
-        si = ()
-        for m in tl.static_range(KP):
-            sk = sk + (rk[m],)
-            si = si + (ri[m],)
+        sk, si = _slots(rk, ri, 0, KP)
         for b in tl.static_range(NB):
             sk, si = _topk_insert(sk, si, rk[KP + b], ri[KP + b], KP)
         for b in tl.static_range(NB + 1):
@@ -678,11 +674,7 @@ def _offer_row(rk, ri, key, j, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl.cons
         take = key < rk[KP - 1]
         if tl.sum(take.to(tl.int32), 0) > 0:
             cnt = ri[KP + NB]
-            nk = ()
-            ni = ()
-            for m in tl.static_range(KP):
-                nk = nk + (rk[m],)
-                ni = ni + (ri[m],)
+            nk, ni = _slots(rk, ri, 0, KP)
             for b in tl.static_range(NB):
                 hit = take & (cnt == b)
                 nk = nk + (tl.where(hit, key, rk[KP + b]),)
@@ -740,9 +732,8 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
                 dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr, PS: tl.constexpr,
                 PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
                 NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-                QREG: tl.constexpr,
-                UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, SKIP: tl.constexpr,
-                ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+                QREG: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr,
+                SKIP: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
     summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
     is each query's own position (left out)."""
@@ -774,6 +765,18 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
 
 
 @triton.jit
+def _terms_at(terms, u: tl.constexpr, R: tl.constexpr):
+    """Displacement ``u``'s patch-row terms ``head, mid, tail`` in the flat tuple ``terms``
+    (``2R - 1`` per displacement, in that order)."""
+    head = ()
+    tail = ()
+    for m in tl.static_range(R - 1):
+        head = head + (terms[u * (2 * R - 1) + m],)
+        tail = tail + (terms[u * (2 * R - 1) + R + m],)
+    return head, terms[u * (2 * R - 1) + R - 1], tail
+
+
+@triton.jit
 def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks,
                                own, xc, dmin, base, j0, sq_c, sk_c, sk_x, W, s1,
                                WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
@@ -789,7 +792,6 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
     working set, hits in L1) and a query value once per DXB candidates instead of once per
     candidate; then the DXB candidates are offered in window order."""
     lane = tl.arange(0, BX)
-    NT: tl.constexpr = 2 * R - 1  # terms per displacement: head, mid, tail
     for b0 in tl.static_range(0, WS, DXB):
         kcols = ()
         kxvs = ()
@@ -798,7 +800,7 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
             kxi, kxv = _fold(_clamp(xc + (dmin + bb * s1), 1 - W, 2 * W - 2), W, REFLECT)
             kcols = kcols + (kxi * sk_x,)
             kxvs = kxvs + (kxv,)
-            for _m in tl.static_range(NT):
+            for _m in tl.static_range(2 * R - 1):  # head, mid, tail
                 terms = terms + (tl.zeros(lane.shape, ACC),)
         for c in range(C):
             qc = q_b + c * sq_c
@@ -808,28 +810,19 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
                 qv = qv + (_row_load(qc, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC),)
             new = ()
             for u in tl.static_range(min(DXB, WS - b0)):
-                head = ()
-                tail = ()
-                for m in tl.static_range(R - 1):
-                    head = head + (terms[u * NT + m],)
-                    tail = tail + (terms[u * NT + R + m],)
+                head, mid, tail = _terms_at(terms, u, R)
                 head, mid, tail = _channel_terms(
                     qc, kc, qrows, qrv, krows, krv, qcol, qxv, kcols[u], kxvs[u], qv, 0, head,
-                    terms[u * NT + R - 1], tail, sq_c, sk_c, PS, NR, 1, PT, DOT, REFLECT, True,
-                    R, ACC,
+                    mid, tail, sq_c, sk_c, PS, NR, 1, PT, DOT, REFLECT, True, R, ACC,
                 )  # fmt: skip
                 new = new + head + (mid,) + tail
             terms = new
         for u in tl.static_range(min(DXB, WS - b0)):
-            head = ()
-            tail = ()
-            for m in tl.static_range(R - 1):
-                head = head + (terms[u * NT + m],)
-                tail = tail + (terms[u * NT + R + m],)
+            head, mid, tail = _terms_at(terms, u, R)
             cand = (lane * 0 + (own & (dmin + (b0 + u) * s1 == 0)).to(tl.int32)) == 0
             keys, ids = _offer_strip(
-                keys, ids, head, terms[u * NT + R - 1], tail, lane, qmasks, cand,
-                j0 + base + b0 + u, PS, DIL, KP, NB, RS, DOT, R, SKIP, BX,
+                keys, ids, head, mid, tail, lane, qmasks, cand, j0 + base + b0 + u, PS, DIL,
+                KP, NB, RS, DOT, R, SKIP, BX,
             )  # fmt: skip
     return keys, ids
 
@@ -847,7 +840,8 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
     masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
     row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
     ``NR = PS + R - 1`` patch-row terms and each query costs ``NR / R`` row terms instead of
-    PS. ``keys, ids``: the R rows' selections, KP slots each, one flat tuple.
+    PS. ``keys, ids``: the R rows' selection states (:func:`_row_init`, RS slots each), one
+    flat tuple.
 
     The block walks ``nd`` displacements ``dx = dmin + i * s1`` per window row; at step ``i``
     each lane is at column ``base + i`` of its own window, a candidate only inside it (lanes
