@@ -82,6 +82,20 @@ def test_backward_equals_reference(monkeypatch, dist, ps):
 REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the frame's
 
 
+def assert_rows_match(mp, config, shape, seed, **kw):
+    """Under the row-kernel settings ``config``, a cross search of two random videos equals the
+    reference: distances within tolerance, positions identical."""
+    from dnls.ops import _search_triton as kernels
+
+    for key, value in config.items():
+        mp.setitem(kernels.CONFIG, key, value)
+    q = rand_video(shape, seed=seed).to(DEVICE)
+    k = rand_video(shape, seed=seed + 1).to(DEVICE)
+    (d0, i0), (d1, i1) = both(mp, q, k, **kw)
+    assert_close(d1, d0, what="dists")
+    assert torch.equal(i1, i0)
+
+
 @pytest.mark.parametrize(
     ("kw", "strip"),
     [
@@ -102,15 +116,8 @@ def test_row_kernel_equals_reference(monkeypatch, kw, strip):
     (rows of one frame; the rows whose windows slide vertically run one at a time either way,
     and dilation 2 never shares); batches that start or end inside a row leave some lanes of
     either row idle."""
-    from dnls.ops import _search_triton as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
     shape = (2, 3, 4, 9, 150) if CUDA else (1, 3, 2, 5, 40)
-    q = rand_video(shape, seed=11).to(DEVICE)
-    k = rand_video(shape, seed=12).to(DEVICE)
-    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
+    assert_rows_match(monkeypatch, dict(rows_strip=strip), shape, 11, **kw)
 
 
 @pytest.mark.parametrize(
@@ -127,15 +134,8 @@ def test_row_kernel_strips(monkeypatch, kw, strip):
     patch-row terms, in frames tall enough for whole strips whose windows are not slid
     vertically, and strips cut by the frame's edges, the window's slide or the batch's ends
     (rows one at a time)."""
-    from dnls.ops import _search_triton as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
     shape = (1, 2, 2, 21, 40) if CUDA else (1, 2, 1, 14, 36)
-    q = rand_video(shape, seed=18).to(DEVICE)
-    k = rand_video(shape, seed=19).to(DEVICE)
-    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
+    assert_rows_match(monkeypatch, dict(rows_strip=strip), shape, 18, **kw)
 
 
 @pytest.mark.parametrize(
@@ -152,17 +152,9 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip):
     walk each window row channels outermost, ``rows_cout`` displacements at a time (the last
     chunk shorter when it does not divide ws); the edge blocks keep the channel-inner loop.
     Same selection, ties and order included."""
-    from dnls.ops import _search_triton as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "rows_qreg", 0)
-    monkeypatch.setitem(kernels.CONFIG, "rows_cout", cout)
-    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
+    config = dict(rows_qreg=0, rows_cout=cout, rows_strip=strip)
     shape = (1, 3, 3, 9, 150) if CUDA else (1, 3, 2, 8, 70)
-    q = rand_video(shape, seed=20).to(DEVICE)
-    k = rand_video(shape, seed=21).to(DEVICE)
-    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
+    assert_rows_match(monkeypatch, config, shape, 20, **kw)
 
 
 @st.composite
@@ -207,17 +199,9 @@ def row_kernel_cases(draw):
 def test_row_kernel_random_configs(case):
     """Random searches under random launch settings of the row kernel equal the reference (few
     examples: on a GPU each setting compiles its own kernel, tens of seconds)."""
-    from dnls.ops import _search_triton as kernels
-
     shape, kw, config, seed = case
-    q = rand_video(shape, seed=seed).to(DEVICE)
-    k = rand_video(shape, seed=seed + 1).to(DEVICE)
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in config.items():
-            mp.setitem(kernels.CONFIG, key, value)
-        (d0, i0), (d1, i1) = both(mp, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
+        assert_rows_match(mp, config, shape, seed, **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(ws=5, ps=3, k=3), dict(ws=4, ps=2, k=4, border="zero")])
@@ -260,16 +244,8 @@ def test_row_kernel_skips_unkept_candidates(monkeypatch, skip, dist):
 def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
     """Each lane buffering ``rows_buffer`` candidates below its bound before inserting them:
     the same selection, ties and order included (the buffer is inserted in window order)."""
-    from dnls.ops import _search_triton as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "rows_buffer", buffer)
-    monkeypatch.setitem(kernels.CONFIG, "rows_strip", strip)
     shape = (1, 3, 3, 9, 70) if CUDA else (1, 3, 1, 8, 40)
-    q = rand_video(shape, seed=27).to(DEVICE)
-    k = rand_video(shape, seed=28).to(DEVICE)
-    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
+    assert_rows_match(monkeypatch, dict(rows_buffer=buffer, rows_strip=strip), shape, 27, **kw)
 
 
 @pytest.mark.parametrize("bx", [32, 64, 128])
