@@ -185,7 +185,8 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 BACKWARD_PARTS = ("f+b", "clast")
 
 # the row kernel's (columns per block, warps, rows per strip) the sweep times
-ROWS_SWEEP = [(32, 1, 1), (32, 1, 2), (32, 1, 3), (32, 1, 4), (64, 2, 2), (64, 2, 4)]
+# (strips of 3 and 4 rows at 32 columns: the part "strip")
+ROWS_SWEEP = [(32, 1, 1), (32, 1, 2), (64, 2, 1), (64, 2, 2), (128, 4, 2)]
 
 
 def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
