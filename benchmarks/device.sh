@@ -18,7 +18,7 @@ run() {
     local name=$1
     shift
     { echo "# $gpu, $(date -u +%FT%TZ), commit $commit: $*"; "$@"; } 2>&1 \
-        | grep -v Warning | tee "$out/$name.txt" | tail -25
+        | grep --line-buffered -v Warning | tee "$out/$name.txt" | tail -25
 }
 for part in ${parts//,/ }; do
     case $part in
