@@ -182,7 +182,7 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 
 
 # sweep parts timed forward+backward (the others: forward)
-BACKWARD_PARTS = ("f+b", "clast")
+BACKWARD_PARTS = ("f+b", "clast", "gq")
 
 # the row kernel's (columns per block, warps, rows per strip) the sweep times
 # (strips of 3 and 4 rows at 32 columns: the part "strip")
@@ -194,8 +194,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
-    channels-last accumulators; the row kernel's per-lane candidate buffer. ``parts``: which
-    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "buffer" to include."""
+    channels-last accumulators, otherwise its query gradient summed in registers or not; the
+    row kernel's per-lane candidate buffer. ``parts``: which of "fwd", "f+b", "rows", "strip",
+    "unroll", "cout", "clast", "gq", "buffer" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -209,6 +210,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         for m in (0, 8):
             out.append(("clast", dict(bwd_clast_min=m)))
     if row.kw["ps"] > 1:
+        for gq in (False, True):
+            for block_q in (16, 32):
+                out.append(("gq", dict(bwd_gq_sum=gq, bwd_block_q=block_q)))
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
         out.append(("rows", dict(rows_skip=False)))

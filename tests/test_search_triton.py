@@ -55,11 +55,15 @@ def test_dtypes(monkeypatch, dtype, k):
         assert torch.equal(i1, i0)
 
 
-@pytest.mark.parametrize("ps", [1, 3])
+@pytest.mark.parametrize(("ps", "gq_sum"), [(1, True), (3, False), (3, True)])
 @pytest.mark.parametrize("dist", ["l2", "dot"])
-def test_backward_equals_reference(monkeypatch, dist, ps):
-    """Gradients to both videos and the flows; one-pixel patches sum each query's gradient in
-    registers (no other query touches its pixel), larger ones by atomic adds."""
+def test_backward_equals_reference(monkeypatch, dist, ps, gq_sum):
+    """Gradients to both videos and the flows. Each query's gradient is summed over its
+    results in registers, then stored (one-pixel patches: no other query touches its pixel)
+    or added once (``bwd_gq_sum``); or added result by result."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "bwd_gq_sum", gq_sum)
     shape = (1, 3, 2, 16, 14) if CUDA else (1, 3, 1, 5, 5)
     q = rand_video(shape, seed=4).to(DEVICE).requires_grad_()
     k = rand_video(shape, seed=5).to(DEVICE).requires_grad_()
@@ -76,6 +80,39 @@ def test_backward_equals_reference(monkeypatch, dist, ps):
         loss = (dists * weight).sum() + inds.double().sum()
         grads.append(torch.autograd.grad(loss, (q, k, flows)))
     for name, a, b in zip(("qvid", "kvid", "flows"), *grads, strict=True):
+        assert_close(b, a, what=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    ("channels", "ps", "gq_sum", "fractional"),
+    [(9, 3, True, True), (9, 3, False, True), (80, 1, True, True), (3, 7, True, False)],
+)
+def test_backward_channel_tiles(monkeypatch, channels, ps, gq_sum, fractional):
+    """Channels in several tiles (4 per tile at ps 3, 64 at ps 1, 1 at ps 7): with the query's
+    gradient summed per tile, each tile adds (or, one-pixel patches, stores) its own channels,
+    and the positions' gradient (to fractional flows) is the sum over the tiles. Whole-pixel
+    flows take the whole-position path."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "bwd_gq_sum", gq_sum)
+    shape = (1, 3, channels, 9, 10) if CUDA else (1, 3, channels, 5, 4)
+    q = rand_video(shape, seed=27).to(DEVICE).requires_grad_()
+    k = rand_video(shape, seed=28).to(DEVICE).requires_grad_()
+    g = torch.Generator().manual_seed(29)
+    flows = ((torch.rand(shape[0], shape[1], 3, 2, *shape[3:], generator=g) - 0.5) * 3).double()
+    if fractional:
+        flows = flows.to(DEVICE).requires_grad_()
+    else:
+        flows = flows.round().long().to(DEVICE)
+    kw = dict(ws=3, wt=1, ps=ps, k=3, self_match="anchor")
+    inputs = (q, k, flows) if fractional else (q, k)
+    grads = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        dists, inds = dnls.search(q, k, flows=flows, **kw)
+        loss = (dists * torch.linspace(1, 2, 3, device=DEVICE)).sum() + inds.double().sum()
+        grads.append(torch.autograd.grad(loss, inputs))
+    for name, a, b in zip(("qvid", "kvid", "flows"), *grads, strict=False):
         assert_close(b, a, what=f"grad {name}")
 
 

@@ -1213,7 +1213,7 @@ def _search_bwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PSP: tl.constexpr,
-    GQ_REG: tl.constexpr,
+    GQ: tl.constexpr,
 ):
     """For each (query, result): g = dL/d dist, q and k the two patches.
         l2:  dL/dq += 2 g (q - k),  dL/dk = -2 g (q - k);   dot: dL/dq += g k,  dL/dk = g q
@@ -1221,9 +1221,10 @@ def _search_bwd_kernel(
     border rule: the adjoint of the read); dL/dpos = <dL/dk, dk/dpos> (+ the gradient of the
     returned position) goes to the flow of the candidate's frame where the window was not slid.
     Accumulation is by atomic adds: float ones, or int64 fixed-point ones (FIXED) for the
-    deterministic mode. With GQ_REG (one-pixel patches of one frame, all channels in one
-    tile) no other query touches a query's pixel: its dL/dq is summed in registers over the
-    results and stored once."""
+    deterministic mode. The query's patch is the same for all its results: with GQ > 0 (patches
+    of one frame) the channel tiles are the outer loop and each tile's dL/dq is summed in
+    registers over the results, then added once (GQ=1: K times fewer adds into gq) or, for
+    one-pixel patches in one tile, which no other query touches, stored once (GQ=2)."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HD
@@ -1255,126 +1256,134 @@ def _search_bwd_kernel(
     cc = tl.arange(0, BLOCK_C)
     q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
     gq_sp, _ = _spatial(qy, qx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-    if GQ_REG:
-        gq_sum = tl.zeros((BLOCK_Q, BLOCK_C, PSP, PSP), ACC)
-
-    for kk in range(K):
-        g = tl.load(gd_ptr + row * K + kk, mask=qmask, other=0).to(ACC)
-        wi = tl.load(widx_ptr + row * K + kk, mask=qmask, other=-1)
-        own = wi < 0
-        sid = tl.where(own, 0, wi)
-        s_ = sid // (WS * WS)
-        tf = tl.where(own, qt, tstart + s_)
-        moves = qmask & (own == 0) & (tf != qt)
-        cy, cx, free_y, free_x = _centre(
-            flow_ptr,
-            pix_off,
-            s_,
-            moves,
-            qy.to(POS),
-            qx.to(POS),
-            lo,
-            hi_y,
-            hi_x,
-            sf_s,
-            sf_c,
-            HAS_FLOW,
-            POS,
-        )
-        ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
-        ky = tl.where(own, qy.to(POS), ky)
-        kx = tl.where(own, qx.to(POS), kx)
-        if WHOLE:
-            k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            gk_sp, _ = _spatial(ky, kx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+    # GQ > 0: one channel tile at a time (channels ct + cc), its dL/dq summed over the results
+    for ct in range(0, C if GQ > 0 else 1, BLOCK_C):
+        if GQ > 0:
+            gq_sum = tl.zeros((BLOCK_Q, BLOCK_C, PSP, PSP), ACC)
+            c_lo = ct
+            c_hi = tl.minimum(ct + BLOCK_C, C)
         else:
-            y0f = tl.floor(ky)
-            x0f = tl.floor(kx)
-            fy = (ky - y0f).to(ACC)[:, None, None, None]
-            fx = (kx - x0f).to(ACC)[:, None, None, None]
-            y0 = y0f.to(tl.int32)
-            x0 = x0f.to(tl.int32)
-            sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-            gp00, _ = _spatial(y0, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-            gp01, _ = _spatial(y0, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-            gp10, _ = _spatial(y0 + 1, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-            gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-        g4 = g[:, None, None, None]
-        gpos_y = tl.zeros((BLOCK_Q,), ACC)
-        gpos_x = tl.zeros((BLOCK_Q,), ACC)
-        for dt in tl.static_range(PT):
-            qti, qtv = _border(qt + dt, T, REFLECT)
-            kti, ktv = _border(tf + dt, T, REFLECT)
-            q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
-            k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
-            gq_fr = (gq_base + qti.to(tl.int64) * sa_t)[:, None, None, None]
-            gk_fr = (gk_base + kti.to(tl.int64) * sa_t)[:, None, None, None]
-            qv4 = (qtv & qmask)[:, None, None, None]
-            kv4 = (ktv & qmask)[:, None, None, None]
-            for c0 in range(0, C, BLOCK_C):
-                ch = c0 + cc
-                cm = (ch < C)[None, :, None, None]
-                qc = (ch * sq_c)[None, :, None, None]
-                kc = (ch * sk_c)[None, :, None, None]
-                gc = (ch * sa_c)[None, :, None, None]
-                qm = q_m & cm & qv4
-                qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
-                if WHOLE:
-                    km = k_m & cm & kv4
-                    kv = tl.load(k_fr + kc + k_sp, mask=km, other=0.0).to(ACC)
-                else:
-                    km = cm & kv4
-                    v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
-                    v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
-                    v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
-                    v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
-                    top = v00 * (1 - fx) + v01 * fx
-                    bot = v10 * (1 - fx) + v11 * fx
-                    kv = top * (1 - fy) + bot * fy
-                if DOT:
-                    gqp = g4 * kv
-                    gkp = g4 * qv
-                else:
-                    gqp = 2 * g4 * (qv - kv)
-                    gkp = -gqp
-                if GQ_REG:
-                    gq_sum += tl.where(qm, gqp, 0.0)
-                else:
-                    _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
-                if WHOLE:
-                    _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
-                else:
-                    gk_at = gk_fr + gc
-                    _accumulate(gk_at + gp00, gkp * (1 - fy) * (1 - fx), m00 & km, scale, FIXED)
-                    _accumulate(gk_at + gp01, gkp * (1 - fy) * fx, m01 & km, scale, FIXED)
-                    _accumulate(gk_at + gp10, gkp * fy * (1 - fx), m10 & km, scale, FIXED)
-                    _accumulate(gk_at + gp11, gkp * fy * fx, m11 & km, scale, FIXED)
-                    if FLOW_GRAD:
-                        dky = bot - top
-                        dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
-                        gpos_y += tl.sum(tl.sum(tl.sum(gkp * dky, axis=3), axis=2), axis=1)
-                        gpos_x += tl.sum(tl.sum(tl.sum(gkp * dkx, axis=3), axis=2), axis=1)
-        if FLOW_GRAD:
-            if HAS_GI:
-                gi_off = (row * K + kk) * 3
-                gpos_y += tl.load(gi_ptr + gi_off + 1, mask=qmask, other=0).to(ACC)
-                gpos_x += tl.load(gi_ptr + gi_off + 2, mask=qmask, other=0).to(ACC)
-            # the flow accumulator is laid out contiguously as the flows
-            gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
-            _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
-            _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
-    if GQ_REG:
-        # the query's own pixel (frame qt, in range): a plain store, in the results' order
-        ch = cc[None, :, None, None]
-        at = gq_base + qt.to(tl.int64)[:, None, None, None] * sa_t + ch * sa_c + gq_sp
-        m = q_m & (ch < C) & qmask[:, None, None, None]
-        if FIXED:
-            tl.store(at, _fixed(gq_sum, scale), mask=m)
-        else:
-            tl.store(at, gq_sum, mask=m)
+            c_lo = 0
+            c_hi = C
+        for kk in range(K):
+            g = tl.load(gd_ptr + row * K + kk, mask=qmask, other=0).to(ACC)
+            wi = tl.load(widx_ptr + row * K + kk, mask=qmask, other=-1)
+            own = wi < 0
+            sid = tl.where(own, 0, wi)
+            s_ = sid // (WS * WS)
+            tf = tl.where(own, qt, tstart + s_)
+            moves = qmask & (own == 0) & (tf != qt)
+            cy, cx, free_y, free_x = _centre(
+                flow_ptr,
+                pix_off,
+                s_,
+                moves,
+                qy.to(POS),
+                qx.to(POS),
+                lo,
+                hi_y,
+                hi_x,
+                sf_s,
+                sf_c,
+                HAS_FLOW,
+                POS,
+            )
+            ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
+            ky = tl.where(own, qy.to(POS), ky)
+            kx = tl.where(own, qx.to(POS), kx)
+            if WHOLE:
+                k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                gk_sp, _ = _spatial(ky, kx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            else:
+                y0f = tl.floor(ky)
+                x0f = tl.floor(kx)
+                fy = (ky - y0f).to(ACC)[:, None, None, None]
+                fx = (kx - x0f).to(ACC)[:, None, None, None]
+                y0 = y0f.to(tl.int32)
+                x0 = x0f.to(tl.int32)
+                sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                gp00, _ = _spatial(y0, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                gp01, _ = _spatial(y0, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                gp10, _ = _spatial(y0 + 1, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            g4 = g[:, None, None, None]
+            gpos_y = tl.zeros((BLOCK_Q,), ACC)
+            gpos_x = tl.zeros((BLOCK_Q,), ACC)
+            for dt in tl.static_range(PT):
+                qti, qtv = _border(qt + dt, T, REFLECT)
+                kti, ktv = _border(tf + dt, T, REFLECT)
+                q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
+                k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
+                gq_fr = (gq_base + qti.to(tl.int64) * sa_t)[:, None, None, None]
+                gk_fr = (gk_base + kti.to(tl.int64) * sa_t)[:, None, None, None]
+                qv4 = (qtv & qmask)[:, None, None, None]
+                kv4 = (ktv & qmask)[:, None, None, None]
+                for c0 in range(c_lo, c_hi, BLOCK_C):
+                    ch = c0 + cc
+                    cm = (ch < C)[None, :, None, None]
+                    qc = (ch * sq_c)[None, :, None, None]
+                    kc = (ch * sk_c)[None, :, None, None]
+                    gc = (ch * sa_c)[None, :, None, None]
+                    qm = q_m & cm & qv4
+                    qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
+                    if WHOLE:
+                        km = k_m & cm & kv4
+                        kv = tl.load(k_fr + kc + k_sp, mask=km, other=0.0).to(ACC)
+                    else:
+                        km = cm & kv4
+                        v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
+                        v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
+                        v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
+                        v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
+                        top = v00 * (1 - fx) + v01 * fx
+                        bot = v10 * (1 - fx) + v11 * fx
+                        kv = top * (1 - fy) + bot * fy
+                    if DOT:
+                        gqp = g4 * kv
+                        gkp = g4 * qv
+                    else:
+                        gqp = 2 * g4 * (qv - kv)
+                        gkp = -gqp
+                    if GQ > 0:
+                        gq_sum += tl.where(qm, gqp, 0.0)
+                    else:
+                        _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
+                    if WHOLE:
+                        _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
+                    else:
+                        gk_at = gk_fr + gc
+                        _accumulate(gk_at + gp00, gkp * (1 - fy) * (1 - fx), m00 & km, scale, FIXED)
+                        _accumulate(gk_at + gp01, gkp * (1 - fy) * fx, m01 & km, scale, FIXED)
+                        _accumulate(gk_at + gp10, gkp * fy * (1 - fx), m10 & km, scale, FIXED)
+                        _accumulate(gk_at + gp11, gkp * fy * fx, m11 & km, scale, FIXED)
+                        if FLOW_GRAD:
+                            dky = bot - top
+                            dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
+                            gpos_y += tl.sum(tl.sum(tl.sum(gkp * dky, axis=3), axis=2), axis=1)
+                            gpos_x += tl.sum(tl.sum(tl.sum(gkp * dkx, axis=3), axis=2), axis=1)
+            if FLOW_GRAD:
+                if HAS_GI and ct == 0:  # once: GQ > 0 passes here once per channel tile
+                    gi_off = (row * K + kk) * 3
+                    gpos_y += tl.load(gi_ptr + gi_off + 1, mask=qmask, other=0).to(ACC)
+                    gpos_x += tl.load(gi_ptr + gi_off + 2, mask=qmask, other=0).to(ACC)
+                # the flow accumulator is laid out contiguously as the flows
+                gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
+                _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
+                _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
+        if GQ > 0:
+            # the query's own patch (frame qt, in range), in the results' order
+            ch = (ct + cc)[None, :, None, None]
+            at = gq_base + qt.to(tl.int64)[:, None, None, None] * sa_t + ch * sa_c + gq_sp
+            m = q_m & (ch < C) & qmask[:, None, None, None]
+            if GQ == 1:
+                _accumulate(at, gq_sum, m, scale, FIXED)
+            elif FIXED:
+                tl.store(at, _fixed(gq_sum, scale), mask=m)
+            else:
+                tl.store(at, gq_sum, mask=m)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -1420,8 +1429,9 @@ class _Layout(NamedTuple):
 # warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
 # unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
 # 10.77 ms; 0: 12.85, 8: 12.47).
-# Backward: queries per program and warps, and the fewest channels for which one-pixel patches
-# accumulate the gradients channels-last (0: never; not yet timed).
+# Backward: queries per program and warps, the fewest channels for which one-pixel patches
+# accumulate the gradients channels-last (0: never; not yet timed), and whether patches of one
+# frame sum each query's gradient over its results before adding it (not yet timed).
 # Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
@@ -1429,7 +1439,7 @@ CONFIG = {
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
     "rows_buffer": 0,
-    "bwd_block_q": 32, "bwd_warps": 4, "bwd_clast_min": 0,
+    "bwd_block_q": 32, "bwd_warps": 4, "bwd_clast_min": 0, "bwd_gq_sum": True,
 }  # fmt: skip
 
 
@@ -1577,6 +1587,10 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     t0, h0, w0, nh, nw, fl, fstrides, psp, block_c = _Layout.of(qvid, flows, p)
     block_q = CONFIG["bwd_block_q"]
     grid = (triton.cdiv(p.count, block_q), b * hd)
+    # patches of one frame: the query's gradient summed over its results in registers
+    gq_mode = 0
+    if p.pt == 1:
+        gq_mode = 2 if p.ps == 1 else int(CONFIG["bwd_gq_sum"])
     if p.count > 0 and b * hd > 0 and p.nk > 0:
         _search_bwd_kernel[grid](
             qvid, kvid, fl, gd, gi, widx, gq, gk, gf,
@@ -1591,7 +1605,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
             HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
             BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
-            GQ_REG=p.ps == 1 and p.pt == 1 and c <= block_c, num_warps=CONFIG["bwd_warps"],
+            GQ=gq_mode, num_warps=CONFIG["bwd_warps"],
         )  # fmt: skip
     if scale is not None:
         gq, gk = gq.double() / scale, gk.double() / scale
