@@ -296,18 +296,28 @@ def sweeps(gpu: str, names: list[str], parts: str) -> None:
 
 
 def profile(names: list[str]) -> None:
-    """Each row's forward once after a warm-up call, between cudaProfilerStart and Stop: run
-    under ``ncu --profile-from-start off`` to read the hardware counters of those kernels."""
+    """Each row's forward (``W3``), or backward (``W3:bwd``), once after a warm-up call, between
+    cudaProfilerStart and Stop: run under ``ncu --profile-from-start off`` to read the hardware
+    counters of those kernels."""
     os.environ["DNLS_BACKEND"] = "triton"
-    for name in names:
+    for spec in names:
+        name, _, part = spec.partition(":")
         row = ROWS[name]
-        vid = torch.rand(row.shape, device="cuda")
-        dnls.search(vid, **row.kw)
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        dnls.search(vid, **row.kw)
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        backward = part == "bwd"
+        vid = torch.rand(row.shape, device="cuda", requires_grad=backward)
+        for profiled in (False, True):  # a warm-up call, then the profiled one
+            if backward:
+                d, _ = dnls.search(vid, **row.kw)
+            torch.cuda.synchronize()
+            if profiled:
+                torch.cuda.profiler.start()
+            if backward:
+                d.sum().backward()
+            else:
+                dnls.search(vid, **row.kw)
+            torch.cuda.synchronize()
+            if profiled:
+                torch.cuda.profiler.stop()
 
 
 def variants(names: list[str]) -> None:
@@ -337,7 +347,7 @@ def main() -> None:
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
     parser.add_argument("--sweep-parts", default="fwd,f+b,rows", help="kernels the sweep covers")
-    parser.add_argument("--profile", default="", help="rows to run once for ncu, then stop")
+    parser.add_argument("--profile", default="", help="rows to run once for ncu (W3:bwd: backward)")
     parser.add_argument("--variants", default="", help="rows to time with one setting changed")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
