@@ -1443,6 +1443,14 @@ CONFIG = {
 }  # fmt: skip
 
 
+def _channels_last(vid: torch.Tensor) -> torch.Tensor:
+    """``vid`` (B, HD, T, C, H, W) as a view of a channels-last copy, unless its channels are
+    already innermost."""
+    if vid.stride(3) == 1 or vid.shape[3] == 1:
+        return vid
+    return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+
+
 def _channels_first(vid: torch.Tensor) -> torch.Tensor:
     """``vid`` (B, HD, T, C, H, W), copied channel-first when its channels are innermost."""
     if vid.shape[3] > 1 and vid.stride(3) == 1 and vid.stride(5) > 1:
@@ -1574,9 +1582,13 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     gi = ginds.contiguous() if (flow_grad and ginds is not None) else gd
     scale = _fixed_point_scale(gd, gi if flow_grad and ginds is not None else None, qvid, kvid, p)
     buf = acc if scale is None else torch.int64
-    # one-pixel patches with many channels: channels-last accumulators, so that each query's
-    # channels are added into one run of memory (a few sectors per warp's atomic adds)
+    # one-pixel patches with many channels: channels-last accumulators and reads, so that each
+    # query's channels are read from and added into one run of memory (a few sectors per warp)
     last = p.ps == 1 and c >= CONFIG["bwd_clast_min"] > 0
+    if last:
+        same = kvid is qvid
+        qvid = _channels_last(qvid)
+        kvid = qvid if same else _channels_last(kvid)
     shape = (b, hd, nframes, height, width, c) if last else qvid.shape
     gq = torch.zeros(shape, dtype=buf, device=dev)
     gk = torch.zeros(shape, dtype=buf, device=dev)
