@@ -194,9 +194,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
-    channels-last accumulators, otherwise its query gradient summed in registers or not; the
-    row kernel's per-lane candidate buffer. ``parts``: which of "fwd", "f+b", "rows", "strip",
-    "unroll", "cout", "clast", "gq", "buffer" to include."""
+    channels-last accumulators; its query gradient summed in registers or not and its passes
+    at precomputed key offsets; the row kernel's per-lane candidate buffer. ``parts``: which
+    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer" to include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -209,10 +209,12 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     if row.kw["ps"] == 1:
         for m in (0, 8):
             out.append(("clast", dict(bwd_clast_min=m)))
-    if row.kw["ps"] > 1:
-        for gq in (False, True):
-            for block_q in (16, 32):
-                out.append(("gq", dict(bwd_gq_sum=gq, bwd_block_q=block_q)))
+    # the backward's query gradient added per result or summed first (at key offsets decoded
+    # per element), and the two passes at precomputed key offsets (whole positions)
+    for gq in (False, True) if row.kw["ps"] > 1 else (True,):
+        out.append(("gq", dict(bwd_keys=False, bwd_gq_sum=gq, bwd_block_q=32, bwd_warps=4)))
+    for block_q, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
+        out.append(("gq", dict(bwd_keys=True, bwd_block_q=block_q, bwd_warps=warps)))
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
         out.append(("rows", dict(rows_skip=False)))

@@ -116,6 +116,43 @@ def test_backward_channel_tiles(monkeypatch, channels, ps, gq_sum, fractional):
         assert_close(b, a, what=f"grad {name}")
 
 
+@pytest.mark.parametrize(
+    ("kw", "keys", "deterministic"),
+    [
+        (dict(ws=3, ps=3, k=4), True, False),
+        (dict(ws=3, ps=3, k=4), False, False),
+        (dict(ws=5, ps=3, k=3, dist="dot", border="zero", nheads=2), True, False),
+        (dict(ws=3, ps=2, k=3, dilation=2, stride0=2, self_match="anchor"), True, False),
+        (dict(ws=3, ps=3, k=4, wt=1, stride1=2), True, True),
+        (dict(ws=3, ps=1, k=3, nheads=2, dist="dot"), True, False),
+    ],
+)
+def test_backward_whole_positions(monkeypatch, kw, keys, deterministic):
+    """Whole positions: the first pass takes the results whose key patch lies inside the frame
+    at precomputed key offsets, the second the others (near the borders, through the border
+    rule); together they equal the reference's gradients, float or fixed point."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "bwd_keys", keys)
+    shape = (1, 3, 4, 12, 11) if CUDA else (1, 3, 4, 7, 6)
+    dtype = torch.float32 if deterministic else torch.float64
+    q = rand_video(shape, dtype, seed=30).to(DEVICE).requires_grad_()
+    k = rand_video(shape, dtype, seed=31).to(DEVICE).requires_grad_()
+    old = torch.are_deterministic_algorithms_enabled()
+    grads = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DNLS_BACKEND", backend)
+        torch.use_deterministic_algorithms(deterministic and backend == "triton")
+        try:
+            dists, _ = dnls.search(q, k, **kw)
+            w = torch.linspace(1, 2, dists.shape[-1], device=DEVICE)
+            grads.append(torch.autograd.grad((dists * w).sum(), (q, k)))
+        finally:
+            torch.use_deterministic_algorithms(old)
+    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
+        assert_close(b, a, dtype=dtype, what=f"grad {name}", scale=10 if deterministic else 1)
+
+
 REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the frame's
 
 

@@ -1146,6 +1146,77 @@ def _accumulate(ptr, val, mask, scale, FIXED: tl.constexpr):
 
 
 @triton.jit
+def _patch_sum(x):
+    """Per query: the sum of a (BQ, BC, PSP, PSP) tile over its channels and pixels."""
+    return tl.sum(tl.sum(tl.sum(x, axis=3), axis=2), axis=1)
+
+
+@triton.jit
+def _result_key(widx_ptr, at, rmask, qt, qy, qx, tstart, pix_off, flow_ptr, lo, hi_y, hi_x,
+                sf_s, sf_c, lo_steps, s1, WS: tl.constexpr, HAS_FLOW: tl.constexpr,
+                POS: tl.constexpr):  # fmt: skip
+    """The results at ``at`` (window indices, -1 for the query itself) of the queries at (qt,
+    qy, qx): window slot, frame, whether the window centre moved with a flow, position (ky,
+    kx) and whether the centre was left where the flow put it (free_y, free_x)."""
+    wi = tl.load(widx_ptr + at, mask=rmask, other=-1)
+    own = wi < 0
+    sid = tl.where(own, 0, wi)
+    s_ = sid // (WS * WS)
+    tf = tl.where(own, qt, tstart + s_)
+    moves = rmask & (own == 0) & (tf != qt)
+    cy, cx, free_y, free_x = _centre(
+        flow_ptr, pix_off, s_, moves, qy.to(POS), qx.to(POS), lo, hi_y, hi_x, sf_s, sf_c,
+        HAS_FLOW, POS,
+    )  # fmt: skip
+    ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
+    ky = tl.where(own, qy.to(POS), ky)
+    kx = tl.where(own, qx.to(POS), kx)
+    return s_, tf, moves, ky, kx, free_y, free_x
+
+
+@triton.jit
+def _search_bwd_keys_kernel(
+    widx_ptr,  # (B*HD, count, K) window indices, -1 for the query itself
+    ko_ptr,  # out: (B*HD, count, K) key offsets, -1 where the key patch leaves the frame
+    flow_ptr,  # (B, T, S, 2, H, W) integer flows, or unused
+    sk_t, sk_y, sk_x,  # strides of the key video
+    sf_b, sf_t, sf_s, sf_c, sf_y, sf_x,  # strides of the flows
+    HD, T, H, W,
+    start, count, t0, h0, w0, nh, nw, stride0,  # query grid
+    s1, lo_steps, hi_steps, S, K,  # window
+    WS: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr, HAS_FLOW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """For whole positions (patches of one frame): the offset of each result's key pixel in
+    its (b, hd) slice of the key video, where the key patch lies inside the frame, else -1.
+    One lane per (query, result); the backward's first pass reads these offsets instead of
+    decoding the window index per patch element."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HD
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < count.to(tl.int64) * K
+    qi = start + tl.where(m, idx // K, 0).to(tl.int32)
+    qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
+    tstart, lo, hi_y, hi_x = _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, tl.int32)
+    pix_off = (
+        b.to(tl.int64) * sf_b
+        + qt.to(tl.int64) * sf_t
+        + qy.to(tl.int64) * sf_y
+        + qx.to(tl.int64) * sf_x
+    )
+    at = pid_bh.to(tl.int64) * count * K + idx
+    _, tf, _, ky, kx, _, _ = _result_key(
+        widx_ptr, at, m, qt, qy, qx, tstart, pix_off, flow_ptr, lo, hi_y, hi_x, sf_s, sf_c,
+        lo_steps, s1, WS, HAS_FLOW, tl.int32,
+    )  # fmt: skip
+    r0 = (PS // 2) * DIL
+    r1 = (PS - 1 - PS // 2) * DIL
+    inside = (ky >= r0) & (ky + r1 < H) & (kx >= r0) & (kx + r1 < W) & (tf >= 0) & (tf < T)
+    off = tf.to(tl.int64) * sk_t + ky.to(tl.int64) * sk_y + kx.to(tl.int64) * sk_x
+    tl.store(ko_ptr + at, tl.where(inside, off, -1), mask=m)
+
+
+@triton.jit
 def _search_bwd_kernel(
     q_ptr,
     k_ptr,
@@ -1153,6 +1224,7 @@ def _search_bwd_kernel(
     gd_ptr,  # (B*HD, count, K) gradient of the distances
     gi_ptr,  # (B*HD, count, K, 3) gradient of float positions (HAS_GI only)
     widx_ptr,  # (B*HD, count, K) window indices, -1 for the query itself
+    ko_ptr,  # (B*HD, count, K) key offsets of _search_bwd_keys_kernel (KEYS only)
     gq_ptr,
     gk_ptr,  # out: (B, HD, T, C, H, W) accumulators, zeroed, (b, hd) slices of T*C*H*W
     gf_ptr,  # out: (B, T, S, 2, H, W) contiguous accumulator (FLOW_GRAD only)
@@ -1214,6 +1286,7 @@ def _search_bwd_kernel(
     BLOCK_C: tl.constexpr,
     PSP: tl.constexpr,
     GQ: tl.constexpr,
+    KEYS: tl.constexpr,
 ):
     """For each (query, result): g = dL/d dist, q and k the two patches.
         l2:  dL/dq += 2 g (q - k),  dL/dk = -2 g (q - k);   dot: dL/dq += g k,  dL/dk = g q
@@ -1265,119 +1338,145 @@ def _search_bwd_kernel(
         else:
             c_lo = 0
             c_hi = C
+        if KEYS == 1:  # this tile's query values, pointers and in-patch offsets (one frame)
+            ch = (ct + cc)[None, :, None, None]
+            cm = ch < C
+            qm_t = q_m & cm & qmask[:, None, None, None]
+            q_at = q_base + qt.to(tl.int64)[:, None, None, None] * sq_t + ch * sq_c + q_sp
+            qv_t = tl.load(q_at, mask=qm_t, other=0.0).to(ACC)
+            k_c = k_base + ch * sk_c
+            gk_c = gk_base + ch * sa_c  # the accumulators have the key video's strides here
+            e_k = ((offs * sk_y)[:, None] + (offs * sk_x)[None, :])[None, None, :, :]
+            e_m = (pmask[:, None] & pmask[None, :])[None, None, :, :] & cm
+        if KEYS == 2:
+            brow = lane < 0  # rows with a result the first pass left
         for kk in range(K):
-            g = tl.load(gd_ptr + row * K + kk, mask=qmask, other=0).to(ACC)
-            wi = tl.load(widx_ptr + row * K + kk, mask=qmask, other=-1)
-            own = wi < 0
-            sid = tl.where(own, 0, wi)
-            s_ = sid // (WS * WS)
-            tf = tl.where(own, qt, tstart + s_)
-            moves = qmask & (own == 0) & (tf != qt)
-            cy, cx, free_y, free_x = _centre(
-                flow_ptr,
-                pix_off,
-                s_,
-                moves,
-                qy.to(POS),
-                qx.to(POS),
-                lo,
-                hi_y,
-                hi_x,
-                sf_s,
-                sf_c,
-                HAS_FLOW,
-                POS,
-            )
-            ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
-            ky = tl.where(own, qy.to(POS), ky)
-            kx = tl.where(own, qx.to(POS), kx)
-            if WHOLE:
-                k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-                gk_sp, _ = _spatial(ky, kx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+            at = row * K + kk
+            if KEYS == 1:
+                # first pass: the results whose key patch lies inside the frame, at the key
+                # offsets of _search_bwd_keys_kernel (one add per element for its address)
+                ko = tl.load(ko_ptr + at, mask=qmask, other=-1)
+                fm = qmask & (ko >= 0)
+                g4 = tl.load(gd_ptr + at, mask=fm, other=0).to(ACC)[:, None, None, None]
+                ko4 = ko[:, None, None, None]
+                km = fm[:, None, None, None] & e_m
+                kv = tl.load(k_c + ko4 + e_k, mask=km, other=0.0).to(ACC)
+                if DOT:
+                    gqp = g4 * kv
+                    gkp = g4 * qv_t
+                else:
+                    gqp = 2 * g4 * (qv_t - kv)
+                    gkp = -gqp
+                gq_sum += tl.where(km, gqp, 0.0)
+                _accumulate(gk_c + ko4 + e_k, gkp, km, scale, FIXED)
             else:
-                y0f = tl.floor(ky)
-                x0f = tl.floor(kx)
-                fy = (ky - y0f).to(ACC)[:, None, None, None]
-                fx = (kx - x0f).to(ACC)[:, None, None, None]
-                y0 = y0f.to(tl.int32)
-                x0 = x0f.to(tl.int32)
-                sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-                sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-                sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-                sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
-                gp00, _ = _spatial(y0, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-                gp01, _ = _spatial(y0, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-                gp10, _ = _spatial(y0 + 1, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-                gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
-            g4 = g[:, None, None, None]
-            gpos_y = tl.zeros((BLOCK_Q,), ACC)
-            gpos_x = tl.zeros((BLOCK_Q,), ACC)
-            for dt in tl.static_range(PT):
-                qti, qtv = _border(qt + dt, T, REFLECT)
-                kti, ktv = _border(tf + dt, T, REFLECT)
-                q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
-                k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
-                gq_fr = (gq_base + qti.to(tl.int64) * sa_t)[:, None, None, None]
-                gk_fr = (gk_base + kti.to(tl.int64) * sa_t)[:, None, None, None]
-                qv4 = (qtv & qmask)[:, None, None, None]
-                kv4 = (ktv & qmask)[:, None, None, None]
-                for c0 in range(c_lo, c_hi, BLOCK_C):
-                    ch = c0 + cc
-                    cm = (ch < C)[None, :, None, None]
-                    qc = (ch * sq_c)[None, :, None, None]
-                    kc = (ch * sk_c)[None, :, None, None]
-                    gc = (ch * sa_c)[None, :, None, None]
-                    qm = q_m & cm & qv4
-                    qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
+                if KEYS == 2:
+                    # second pass: the results the first one left (key patch leaves the frame)
+                    ko = tl.load(ko_ptr + at, mask=qmask, other=0)
+                    rmask = qmask & (ko < 0)
+                    brow = brow | rmask
+                    run = tl.max(rmask.to(tl.int32), axis=0) > 0
+                else:
+                    rmask = qmask
+                    run = K > 0
+                if run:
+                    g = tl.load(gd_ptr + at, mask=rmask, other=0).to(ACC)
+                    s_, tf, moves, ky, kx, free_y, free_x = _result_key(
+                        widx_ptr, at, rmask, qt, qy, qx, tstart, pix_off, flow_ptr, lo,
+                        hi_y, hi_x, sf_s, sf_c, lo_steps, s1, WS, HAS_FLOW, POS,
+                    )  # fmt: skip
                     if WHOLE:
-                        km = k_m & cm & kv4
-                        kv = tl.load(k_fr + kc + k_sp, mask=km, other=0.0).to(ACC)
+                        k_sp, k_m = _spatial(ky, kx, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                        gk_sp, _ = _spatial(ky, kx, offs, pmask, sa_y, sa_x, H, W, REFLECT)
                     else:
-                        km = cm & kv4
-                        v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
-                        v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
-                        v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
-                        v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
-                        top = v00 * (1 - fx) + v01 * fx
-                        bot = v10 * (1 - fx) + v11 * fx
-                        kv = top * (1 - fy) + bot * fy
-                    if DOT:
-                        gqp = g4 * kv
-                        gkp = g4 * qv
-                    else:
-                        gqp = 2 * g4 * (qv - kv)
-                        gkp = -gqp
-                    if GQ > 0:
-                        gq_sum += tl.where(qm, gqp, 0.0)
-                    else:
-                        _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
-                    if WHOLE:
-                        _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
-                    else:
-                        gk_at = gk_fr + gc
-                        _accumulate(gk_at + gp00, gkp * (1 - fy) * (1 - fx), m00 & km, scale, FIXED)
-                        _accumulate(gk_at + gp01, gkp * (1 - fy) * fx, m01 & km, scale, FIXED)
-                        _accumulate(gk_at + gp10, gkp * fy * (1 - fx), m10 & km, scale, FIXED)
-                        _accumulate(gk_at + gp11, gkp * fy * fx, m11 & km, scale, FIXED)
-                        if FLOW_GRAD:
-                            dky = bot - top
-                            dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
-                            gpos_y += tl.sum(tl.sum(tl.sum(gkp * dky, axis=3), axis=2), axis=1)
-                            gpos_x += tl.sum(tl.sum(tl.sum(gkp * dkx, axis=3), axis=2), axis=1)
-            if FLOW_GRAD:
-                if HAS_GI and ct == 0:  # once: GQ > 0 passes here once per channel tile
-                    gi_off = (row * K + kk) * 3
-                    gpos_y += tl.load(gi_ptr + gi_off + 1, mask=qmask, other=0).to(ACC)
-                    gpos_x += tl.load(gi_ptr + gi_off + 2, mask=qmask, other=0).to(ACC)
-                # the flow accumulator is laid out contiguously as the flows
-                gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
-                _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
-                _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
+                        y0f = tl.floor(ky)
+                        x0f = tl.floor(kx)
+                        fy = (ky - y0f).to(ACC)[:, None, None, None]
+                        fx = (kx - x0f).to(ACC)[:, None, None, None]
+                        y0 = y0f.to(tl.int32)
+                        x0 = x0f.to(tl.int32)
+                        sp00, m00 = _spatial(y0, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                        sp01, m01 = _spatial(y0, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                        sp10, m10 = _spatial(y0 + 1, x0, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                        sp11, m11 = _spatial(y0 + 1, x0 + 1, offs, pmask, sk_y, sk_x, H, W, REFLECT)
+                        gp00, _ = _spatial(y0, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                        gp01, _ = _spatial(y0, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                        gp10, _ = _spatial(y0 + 1, x0, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                        gp11, _ = _spatial(y0 + 1, x0 + 1, offs, pmask, sa_y, sa_x, H, W, REFLECT)
+                    g4 = g[:, None, None, None]
+                    gpos_y = tl.zeros((BLOCK_Q,), ACC)
+                    gpos_x = tl.zeros((BLOCK_Q,), ACC)
+                    for dt in tl.static_range(PT):
+                        qti, qtv = _border(qt + dt, T, REFLECT)
+                        kti, ktv = _border(tf + dt, T, REFLECT)
+                        q_fr = (q_base + qti.to(tl.int64) * sq_t)[:, None, None, None]
+                        k_fr = (k_base + kti.to(tl.int64) * sk_t)[:, None, None, None]
+                        gq_fr = (gq_base + qti.to(tl.int64) * sa_t)[:, None, None, None]
+                        gk_fr = (gk_base + kti.to(tl.int64) * sa_t)[:, None, None, None]
+                        qv4 = (qtv & rmask)[:, None, None, None]
+                        kv4 = (ktv & rmask)[:, None, None, None]
+                        for c0 in range(c_lo, c_hi, BLOCK_C):
+                            ch = c0 + cc
+                            cm = (ch < C)[None, :, None, None]
+                            qc = (ch * sq_c)[None, :, None, None]
+                            kc = (ch * sk_c)[None, :, None, None]
+                            gc = (ch * sa_c)[None, :, None, None]
+                            qm = q_m & cm & qv4
+                            qv = tl.load(q_fr + qc + q_sp, mask=qm, other=0.0).to(ACC)
+                            if WHOLE:
+                                km = k_m & cm & kv4
+                                kv = tl.load(k_fr + kc + k_sp, mask=km, other=0.0).to(ACC)
+                            else:
+                                km = cm & kv4
+                                v00 = tl.load(k_fr + kc + sp00, mask=m00 & km, other=0.0).to(ACC)
+                                v01 = tl.load(k_fr + kc + sp01, mask=m01 & km, other=0.0).to(ACC)
+                                v10 = tl.load(k_fr + kc + sp10, mask=m10 & km, other=0.0).to(ACC)
+                                v11 = tl.load(k_fr + kc + sp11, mask=m11 & km, other=0.0).to(ACC)
+                                top = v00 * (1 - fx) + v01 * fx
+                                bot = v10 * (1 - fx) + v11 * fx
+                                kv = top * (1 - fy) + bot * fy
+                            if DOT:
+                                gqp = g4 * kv
+                                gkp = g4 * qv
+                            else:
+                                gqp = 2 * g4 * (qv - kv)
+                                gkp = -gqp
+                            if GQ > 0:
+                                gq_sum += tl.where(qm, gqp, 0.0)
+                            else:
+                                _accumulate(gq_fr + gc + gq_sp, gqp, qm, scale, FIXED)
+                            if WHOLE:
+                                _accumulate(gk_fr + gc + gk_sp, gkp, km, scale, FIXED)
+                            else:
+                                gk_at = gk_fr + gc
+                                _accumulate(gk_at + gp00, gkp * (1 - fy) * (1 - fx), m00 & km,
+                                            scale, FIXED)  # fmt: skip
+                                _accumulate(gk_at + gp01, gkp * (1 - fy) * fx, m01 & km, scale,
+                                            FIXED)  # fmt: skip
+                                _accumulate(gk_at + gp10, gkp * fy * (1 - fx), m10 & km, scale,
+                                            FIXED)  # fmt: skip
+                                _accumulate(gk_at + gp11, gkp * fy * fx, m11 & km, scale, FIXED)
+                                if FLOW_GRAD:
+                                    dky = bot - top
+                                    dkx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
+                                    gpos_y += _patch_sum(gkp * dky)
+                                    gpos_x += _patch_sum(gkp * dkx)
+                    if FLOW_GRAD:
+                        if HAS_GI and ct == 0:  # once: GQ > 0 passes here once per channel tile
+                            gi_off = (row * K + kk) * 3
+                            gpos_y += tl.load(gi_ptr + gi_off + 1, mask=rmask, other=0).to(ACC)
+                            gpos_x += tl.load(gi_ptr + gi_off + 2, mask=rmask, other=0).to(ACC)
+                        # the flow accumulator is laid out contiguously as the flows
+                        gf_off = (((b.to(tl.int64) * T + qt) * S + s_) * 2 * H + qy) * W + qx
+                        _accumulate(gf_ptr + gf_off, gpos_y, moves & free_y, scale, FIXED)
+                        _accumulate(gf_ptr + gf_off + H * W, gpos_x, moves & free_x, scale, FIXED)
         if GQ > 0:
             # the query's own patch (frame qt, in range), in the results' order
             ch = (ct + cc)[None, :, None, None]
             at = gq_base + qt.to(tl.int64)[:, None, None, None] * sa_t + ch * sa_c + gq_sp
             m = q_m & (ch < C) & qmask[:, None, None, None]
+            if KEYS == 2:  # only the rows the second pass took
+                m = m & brow[:, None, None, None]
             if GQ == 1:
                 _accumulate(at, gq_sum, m, scale, FIXED)
             elif FIXED:
@@ -1429,9 +1528,12 @@ class _Layout(NamedTuple):
 # warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
 # unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
 # 10.77 ms; 0: 12.85, 8: 12.47).
-# Backward: queries per program and warps, the fewest channels for which one-pixel patches
-# accumulate the gradients channels-last (0: never; not yet timed), and whether patches of one
-# frame sum each query's gradient over its results before adding it (not yet timed).
+# Backward: queries per program and warps (16 on 4: offline, sm_90, the key-offset pass of W3
+# takes 156 registers and 27 instructions per patch element; 32 on 4: 254 and 31), the fewest
+# channels for which one-pixel patches accumulate the gradients channels-last (0: never; not
+# yet timed), whether patches of one frame sum each query's gradient over its results before
+# adding it, and whether whole positions take the two passes at precomputed key offsets (163
+# instructions per element without; neither timed yet).
 # Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
@@ -1439,7 +1541,7 @@ CONFIG = {
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
     "rows_buffer": 0,
-    "bwd_block_q": 32, "bwd_warps": 4, "bwd_clast_min": 0, "bwd_gq_sum": True,
+    "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 0, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
 
@@ -1603,22 +1705,45 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     gq_mode = 0
     if p.pt == 1:
         gq_mode = 2 if p.ps == 1 else int(CONFIG["bwd_gq_sum"])
+    # whole positions: a first pass over the results whose key patch lies inside the frame,
+    # at key offsets computed once per result; a second one over the others
+    keys = whole and gq_mode > 0 and CONFIG["bwd_keys"]
+    if keys and kvid.stride()[2:] != gk.stride()[2:] and not last:
+        kvid = kvid.contiguous()  # the passes address the key video and gk with one offset
+    keys = keys and kvid.stride()[2:] == gk.stride()[2:]
     if p.count > 0 and b * hd > 0 and p.nk > 0:
-        _search_bwd_kernel[grid](
-            qvid, kvid, fl, gd, gi, widx, gq, gk, gf,
-            *qvid.stride(), *kvid.stride(), *fstrides, *gq.stride()[2:],
-            hd, nframes, c, height, width,
-            p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
-            float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
-            p.nk, 1.0 if scale is None else scale,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation,
-            DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-            WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
-            HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
-            POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
-            GQ=gq_mode, num_warps=CONFIG["bwd_warps"],
-        )  # fmt: skip
+        ko = gd
+        if keys:
+            span = sum(
+                (n - 1) * st for n, st in zip(kvid.shape[2:], kvid.stride()[2:], strict=True)
+            )
+            ko_dtype = torch.int32 if span < 2**31 else torch.int64
+            ko = torch.empty(b * hd, p.count, p.nk, dtype=ko_dtype, device=dev)
+            kgrid = (triton.cdiv(p.count * p.nk, 256), b * hd)
+            _search_bwd_keys_kernel[kgrid](
+                widx, ko, fl, kvid.stride(2), kvid.stride(4), kvid.stride(5), *fstrides,
+                hd, nframes, height, width,
+                p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+                float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nk,
+                WS=p.ws, PS=p.ps, DIL=p.dilation, HAS_FLOW=flows is not None, BLOCK=256,
+            )  # fmt: skip
+        for pass_ in (1, 2) if keys else (0,):
+            _search_bwd_kernel[grid](
+                qvid, kvid, fl, gd, gi, widx, ko, gq, gk, gf,
+                *qvid.stride(), *kvid.stride(), *fstrides, *gq.stride()[2:],
+                hd, nframes, c, height, width,
+                p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+                float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots,
+                p.nk, 1.0 if scale is None else scale,
+                WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation,
+                DOT=p.dist == "dot", REFLECT=p.border == "reflect",
+                WHOLE=whole, HAS_FLOW=flows is not None, FLOW_GRAD=flow_grad,
+                HAS_GI=flow_grad and ginds is not None, FIXED=scale is not None,
+                POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
+                BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
+                # the second pass adds to the first's query gradient
+                GQ=1 if pass_ == 2 else gq_mode, KEYS=pass_, num_warps=CONFIG["bwd_warps"],
+            )  # fmt: skip
     if scale is not None:
         gq, gk = gq.double() / scale, gk.double() / scale
         gf = gf.double() / scale if flow_grad else gf
