@@ -410,13 +410,14 @@ def test_backward_one_pixel_batches(monkeypatch):
         (dict(ws=3, wt=1, ps=1, k=4, dist="dot", nheads=2), True),
     ],
 )
-def test_backward_channels_last_accumulators(monkeypatch, kw, deterministic):
-    """One-pixel patches with at least ``bwd_clast_min`` channels accumulate their gradients
-    channels-last (float or fixed point); the gradients come back contiguous and equal the
-    reference's."""
+@pytest.mark.parametrize("clast_min", [0, 8])
+def test_backward_channels_last_accumulators(monkeypatch, kw, deterministic, clast_min):
+    """One-pixel patches with at least ``bwd_clast_min`` channels (0: never) read and
+    accumulate channels-last (float or fixed point); the gradients come back contiguous and
+    equal the reference's either way."""
     from dnls.ops import _search_triton as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "bwd_clast_min", 8)
+    monkeypatch.setitem(kernels.CONFIG, "bwd_clast_min", clast_min)
     shape = (1, 3, 32, 10, 12) if CUDA else (1, 3, 16, 4, 5)
     # float32: float64 takes the (exact) reference path under deterministic algorithms
     dtype = torch.float32 if deterministic else torch.float64

@@ -1528,12 +1528,13 @@ class _Layout(NamedTuple):
 # warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
 # unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
 # 10.77 ms; 0: 12.85, 8: 12.47).
-# Backward: queries per program and warps (16 on 4: offline, sm_90, the key-offset pass of W3
-# takes 156 registers and 27 instructions per patch element; 32 on 4: 254 and 31), the fewest
-# channels for which one-pixel patches accumulate the gradients channels-last (0: never; not
-# yet timed), whether patches of one frame sum each query's gradient over its results before
-# adding it, and whether whole positions take the two passes at precomputed key offsets (163
-# instructions per element without; neither timed yet).
+# Backward: queries per program and warps, the fewest channels for which one-pixel patches
+# read and accumulate channels-last (0: never), whether patches of one frame sum each query's
+# gradient over its results before adding it, and whether whole positions take the two passes
+# at precomputed key offsets. Measured on the H200 (BENCHMARKS.md), forward+backward: W3 30.49
+# ms per-result adds, 28.34 summed, 14.17 two passes at 16 queries on 4 warps (32 on 4: 14.32;
+# offline, sm_90: 156 registers and 27 instructions per patch element, against 163 without the
+# key offsets); W2 3.82 ms channels-first, 2.12 channels-last from 8 channels.
 # Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
@@ -1541,7 +1542,7 @@ CONFIG = {
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
     "rows_buffer": 0,
-    "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 0, "bwd_gq_sum": True, "bwd_keys": True,
+    "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
 
