@@ -241,6 +241,33 @@ def test_staged_modes(monkeypatch, cfg, central):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_tiles_inside_and_at_the_border(monkeypatch, dilation):
+    """Whole positions: scatter's tile kernel and wpsum's backward address the patches of a
+    program by offsets where they all lie inside the video, else through the border rule (most
+    positions are inside, a few at the edges, so both kinds of program run). Outputs and
+    gradients equal the reference's."""
+    b, t, c, h, w = shape = (1, 3, 3, 14, 15)
+    g = torch.Generator().manual_seed(40)
+    size = (b, 1, 24, 3)
+    reach = dilation
+    tt = torch.randint(0, t - 1, size, generator=g)
+    yy = torch.randint(reach, h - reach, size, generator=g)
+    xx = torch.randint(reach, w - reach, size, generator=g)
+    yy[0, 0, -2:] = 0  # the last programs reach past the frame's top-left corner
+    xx[0, 0, -1] = w - 1
+    inds = torch.stack([tt, yy, xx], -1).int().to(DEVICE)
+    patches = rand_video((*size, 2, c, 3, 3), seed=41).to(DEVICE)
+    vid = rand_video(shape, seed=42).to(DEVICE)
+    weights = rand_video(size, seed=43).to(DEVICE)
+    for border in ("reflect", "zero"):
+        sc = dict(dilation=dilation, border=border)
+        fn = lambda p: dnls.scatter(p, inds, shape=shape, **sc)  # noqa: E731, B023
+        check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+        fn = lambda v, w: dnls.wpsum(v, w, inds, ps=3, pt=2, **sc)  # noqa: E731, B023
+        check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+
+
 def test_scatter_of_one_value_expanded(monkeypatch):
     """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is
     read as that value, not materialised; the sums equal the reference's."""

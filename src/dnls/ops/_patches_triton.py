@@ -254,6 +254,64 @@ def _scatter_kernel(
 
 
 @triton.jit
+def _inside(t, y, x, T, H, W, PT: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
+    """Whether the whole-pixel patches at (t, y, x) lie inside the video (no border rule)."""
+    r0 = (PS // 2) * DIL
+    r1 = (PS - 1 - PS // 2) * DIL
+    return (t >= 0) & (t + PT - 1 < T) & (y >= r0) & (y + r1 < H) & (x >= r0) & (x + r1 < W)
+
+
+@triton.jit
+def _scatter_tile_kernel(
+    patches,  # (B * HD, QK, E) contiguous; CONST: one value, every element's
+    inds,  # (B * HD, QK, 3) whole positions
+    out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
+    QK, T, H, W,
+    o_bh, o_t, o_c, o_y, o_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CONST: tl.constexpr,
+):  # fmt: skip
+    """Whole positions: BLOCK_N patches per program, BLOCK_E of their elements at a time, added
+    into the video with atomics. Each patch's position is read once. Where every patch of the
+    program lies inside the video, an element's address is its patch's offset plus its own;
+    otherwise each element goes through the border rule."""
+    E: tl.constexpr = PT * C * PS * PS
+    bh = tl.program_id(1).to(tl.int64)
+    if I64:
+        n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    else:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < QK
+    t, y, x = _load_pos(inds + bh * QK * 3, n, nm, True, ACC)
+    inside = tl.where(nm, _inside(t, y, x, T, H, W, PT, PS, DIL), 1)
+    fast = tl.min(inside.to(tl.int32), axis=0) > 0
+    base = out + bh * o_bh
+    if I64:
+        poff = t.to(tl.int64) * o_t + y.to(tl.int64) * o_y + x.to(tl.int64) * o_x
+    else:
+        poff = t * o_t + y * o_y + x * o_x
+    src = patches + (bh * QK + n) * E
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        m = nm[:, None] & (e < E)[None, :]
+        if CONST:
+            val = tl.zeros((BLOCK_N, BLOCK_E), dtype=ACC) + tl.load(patches).to(ACC)
+        else:
+            val = tl.load(src[:, None] + e[None, :], mask=m, other=0.0).to(ACC)
+        dt, c, oy, ox = _element(e, C, PS, DIL)
+        if fast:
+            eoff = dt * o_t + c * o_c + oy * o_y + ox * o_x
+            _red(base + poff[:, None] + eoff[None, :], val, m)
+        else:
+            _add(
+                base + (c.to(tl.int64) * o_c)[None, :], t[:, None] + dt[None, :],
+                y[:, None] + oy[None, :], x[:, None] + ox[None, :], T, H, W, o_t, o_y, o_x,
+                val, m, BORDER, I64, True, ACC,
+            )  # fmt: skip
+
+
+@triton.jit
 def _gather_dpos_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     inds,  # (N, 3) floating positions
@@ -519,7 +577,8 @@ def _wpsum_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
-    (reductions over E) and the video gradient (atomic adds)."""
+    (reductions over E) and the video gradient (atomic adds). At whole positions, a neighbour
+    whose patches all lie inside the video is read and added at offsets (no border rule)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = r < R
     bh = r // Q
@@ -529,9 +588,16 @@ def _wpsum_bwd_kernel(
         n = r * K + kk
         w = tl.load(weights + n, mask=rmask, other=0.0).to(ACC)
         t, y, x = _load_pos(inds, n, rmask, WHOLE, ACC)
-        acc_w = tl.zeros((BLOCK_Q,), dtype=ACC)
-        acc_y = tl.zeros((BLOCK_Q,), dtype=ACC)
-        acc_x = tl.zeros((BLOCK_Q,), dtype=ACC)
+        if WHOLE:
+            # where every patch of the tile lies inside the video: offsets, no border rule
+            inside = tl.where(rmask, _inside(t, y, x, T, H, W, PT, PS, DIL), 1)
+            fast = tl.min(inside.to(tl.int32), axis=0) > 0
+            pv = vbase + t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+            po = gbase + t.to(tl.int64) * o_t + y.to(tl.int64) * o_y + x.to(tl.int64) * o_x
+        # summed per lane over the chunks, across lanes once after them
+        acc_w = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
+        acc_y = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
+        acc_x = tl.zeros((BLOCK_Q, BLOCK_E), dtype=ACC)
         for e0 in range(0, PT * C * PS * PS, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             m = rmask[:, None] & (e < PT * C * PS * PS)[None, :]
@@ -539,28 +605,43 @@ def _wpsum_bwd_kernel(
             c64 = c.to(tl.int64)
             g = tl.load(grad + r[:, None] * (PT * C * PS * PS) + e[None, :], mask=m, other=0.0)
             g = g.to(ACC)
+            wg = g * w[:, None]
             tt = t[:, None] + dt[None, :]
             yy = y[:, None] + oy[None, :]
             xx = x[:, None] + ox[None, :]
-            v, dy, dx = _read(
-                vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
-                T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
-            )  # fmt: skip
-            acc_w += tl.sum(g * v, axis=1)
-            wg = g * w[:, None]
-            if not WHOLE:
-                acc_y += tl.sum(wg * dy, axis=1)
-                acc_x += tl.sum(wg * dx, axis=1)
-            _add(
-                gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
-                T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
-            )  # fmt: skip
-        tl.store(gw + n, acc_w.to(gw.dtype.element_ty), mask=rmask)
+            if WHOLE:
+                if fast:
+                    ev = dt * s_t + c * s_c + oy * s_y + ox * s_x
+                    v = tl.load(pv[:, None] + ev[None, :], mask=m, other=0.0).to(ACC)
+                    eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
+                    _red(po[:, None] + eo[None, :], wg, m)
+                else:
+                    v, _, _ = _read(
+                        vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
+                        T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
+                    )  # fmt: skip
+                    _add(
+                        gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
+                        T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
+                    )  # fmt: skip
+            else:
+                v, dy, dx = _read(
+                    vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
+                    T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
+                )  # fmt: skip
+                acc_y += wg * dy
+                acc_x += wg * dx
+                _add(
+                    gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
+                    T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
+                )  # fmt: skip
+            acc_w += g * v
+        tl.store(gw + n, tl.sum(acc_w, axis=1).to(gw.dtype.element_ty), mask=rmask)
         if not WHOLE:
             ty = gpos.dtype.element_ty
             tl.store(gpos + n * 3, tl.zeros((BLOCK_Q,), dtype=ty), mask=rmask)
-            tl.store(gpos + n * 3 + 1, acc_y.to(ty), mask=rmask)
-            tl.store(gpos + n * 3 + 2, acc_x.to(ty), mask=rmask)
+            tl.store(gpos + n * 3 + 1, tl.sum(acc_y, axis=1).to(ty), mask=rmask)
+            tl.store(gpos + n * 3 + 2, tl.sum(acc_x, axis=1).to(ty), mask=rmask)
 
 
 @triton.jit
@@ -661,8 +742,12 @@ def _fold_kernel(
 # (pixels) and size (values), warps. Defaults: the best of the sweep on the H200 at 0c3da0b
 # (BENCHMARKS.md): wpsum K14 ps7 C3 0.78 -> 0.46 ms, gather 1.14 -> 1.04 ms, iunfold C3 1024²
 # ps7 0.79 ms (the tile kernel) -> 0.24 ms.
+#
+# scatter at whole positions with few channels: (patches per program, elements per chunk,
+# warps) of its tile kernel, or None for the flat kernel (one element per lane, its position
+# decoded per element). Not timed yet.
 CONFIG = {
-    "flat_block": 1024, "flat_warps": 4,
+    "flat_block": 1024, "flat_warps": 4, "scatter_tile": (16, 32, 4),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
@@ -847,9 +932,21 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     whole = not inds.is_floating_point()
     # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
-    if patches.numel():
+    e = geom.pt * c * geom.ps * geom.ps
+    tile = CONFIG["scatter_tile"] if patches.device.type == "cuda" else (4, 16, 4)
+    if patches.numel() and whole and c < CHANNELS_LAST_MIN and tile:
+        block_n, block_e, warps = tile
+        block_e = min(block_e, next_power_of_2(e))
+        _scatter_tile_kernel[(triton.cdiv(q * k, block_n), b * hd)](
+            patches.as_strided((1,), (1,)) if const else patches.contiguous(), _inds(inds), buf,
+            q * k, t, h, w, *strides,
+            C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+            **_modes(buf.shape, geom, whole, patches), ACC=_TL_DTYPES[buf.dtype],
+            BLOCK_N=block_n, BLOCK_E=block_e, CONST=const, num_warps=warps,
+        )  # fmt: skip
+    elif patches.numel():
         block = CONFIG["flat_block"]
-        grid = (triton.cdiv(q * k * geom.pt * c * geom.ps * geom.ps, block), b * hd)
+        grid = (triton.cdiv(q * k * e, block), b * hd)
         _scatter_kernel[grid](
             patches.as_strided((1,), (1,)) if const else patches.contiguous(), _inds(inds), buf,
             q * k, t, h, w, *strides,
