@@ -135,14 +135,17 @@ def fold_sweep(results, args):
 
 
 def knn_sweep(results, args):
-    """Launch configurations of the flat gather/scatter kernels and of the wpsum tiles, forward
-    and backward, on the knn rows' real positions."""
+    """Launch configurations of the flat gather/scatter kernels, of scatter's tile kernel and
+    of the wpsum tiles, forward and backward, on the knn rows' real positions."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
     configs = [("gather", dict(flat_block=b, flat_warps=w)) for b in (512, 1024, 2048)
                for w in (4, 8)]  # fmt: skip
-    configs += [("scatter", cfg) for _, cfg in configs]
+    configs += [("scatter", dict(cfg, scatter_tile=None)) for _, cfg in configs]
+    # scatter's tile kernel (whole positions, few channels): patches, elements, warps
+    for tile in ((8, 32, 4), (16, 32, 4), (32, 32, 4), (16, 64, 4), (32, 32, 8), (64, 32, 8)):
+        configs.append(("scatter", dict(scatter_tile=tile)))
     for block_e in (32, 64, 128):
         for tile in (1024, 4096):
             for w in (4, 8):
@@ -226,8 +229,8 @@ def _run_sweep(results, args, configs, default, rows=None):
     for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
         # forward outputs to check each configuration against: the direct kernels'
-        kernels.CONFIG.update(default, staged_gather=None, staged_wpsum=None)
-        expect = {name: ops[name]() for name in ("gather", "wpsum")}
+        kernels.CONFIG.update(default, staged_gather=None, staged_wpsum=None, scatter_tile=None)
+        expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum")}
         for name, cfg in configs:
             kernels.CONFIG.update(default)
             kernels.CONFIG.update(cfg)
