@@ -19,6 +19,13 @@ distances are never written (except for ``k=None``, where they are the output). 
 (whole positions, no flows) shares column sums across the queries of a grid row, windows slid
 at the frame's edges included, and patch-row terms between two rows whose windows are one row
 apart.
+
+The backward adds each result's patch gradients into the key video with atomics and sums each
+query's own gradient over its results in registers (patches of one frame). At whole positions
+it runs in two passes: a small kernel first decodes every result's window index into the key
+pixel's offset (-1 where the key patch leaves the frame; 4 bytes per query and result, as the
+window indices), so the first pass addresses an element with one add; the second takes the
+results near the borders through the border rule.
 """
 
 from __future__ import annotations
