@@ -6,7 +6,9 @@
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
-# compiles on first use, up to a minute each for the search row kernels.
+# compiles on first use, up to a minute each for the search row kernels. The tests run in
+# parallel (pytest-xdist, TEST_WORKERS processes, default 8) where it is installed, or where
+# its wheels lie in .whl/ (the device machine has no package index: carry .whl there).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}
@@ -20,9 +22,17 @@ run() {
     { echo "# $gpu, $(date -u +%FT%TZ), commit $commit: $*"; "$@"; } 2>&1 \
         | grep --line-buffered -v Warning | tee "$out/$name.txt" | tail -25
 }
+workers=()
+if ! python -c "import xdist" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1
+fi
+if python -c "import xdist" 2>/dev/null; then
+    workers=(-n "${TEST_WORKERS:-8}")
+fi
 for part in ${parts//,/ }; do
     case $part in
-        tests) run tests python -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+        tests) run tests python -m pytest -q -p no:cacheprovider "${workers[@]}" \
+            ${TESTS_K:+-k "$TESTS_K"} \
             tests/test_search_triton.py tests/test_patches_triton.py tests/test_fold.py \
             tests/test_attention_triton.py ;;
         search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
