@@ -241,12 +241,16 @@ def test_staged_modes(monkeypatch, cfg, central):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
-@pytest.mark.parametrize("dilation", [1, 2])
-def test_tiles_inside_and_at_the_border(monkeypatch, dilation):
+@pytest.mark.parametrize(("dilation", "last"), [(1, False), (2, False), (1, True)])
+def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last):
     """Whole positions: scatter's tile kernel and wpsum's backward address the patches of a
     program by offsets where they all lie inside the video, else through the border rule (most
-    positions are inside, a few at the edges, so both kinds of program run). Outputs and
-    gradients equal the reference's."""
+    positions are inside, a few at the edges, so both kinds of program run), channels-first or
+    -last. Outputs and gradients equal the reference's."""
+    from dnls.ops import _patches_triton
+
+    if last:
+        monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
     b, t, c, h, w = shape = (1, 3, 3, 14, 15)
     g = torch.Generator().manual_seed(40)
     size = (b, 1, 24, 3)

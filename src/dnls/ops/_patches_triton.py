@@ -273,9 +273,9 @@ def _scatter_tile_kernel(
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CONST: tl.constexpr,
 ):  # fmt: skip
     """Whole positions: BLOCK_N patches per program, BLOCK_E of their elements at a time, added
-    into the video with atomics. Each patch's position is read once. Where every patch of the
-    program lies inside the video, an element's address is its patch's offset plus its own;
-    otherwise each element goes through the border rule."""
+    into the video (channels-first or -last) with atomics. Each patch's position is read once.
+    Where every patch of the program lies inside the video, an element's address is its
+    patch's offset plus its own; otherwise each element goes through the border rule."""
     E: tl.constexpr = PT * C * PS * PS
     bh = tl.program_id(1).to(tl.int64)
     if I64:
@@ -743,9 +743,9 @@ def _fold_kernel(
 # (BENCHMARKS.md): wpsum K14 ps7 C3 0.78 -> 0.46 ms, gather 1.14 -> 1.04 ms, iunfold C3 1024²
 # ps7 0.79 ms (the tile kernel) -> 0.24 ms.
 #
-# scatter at whole positions with few channels: (patches per program, elements per chunk,
-# warps) of its tile kernel, or None for the flat kernel (one element per lane, its position
-# decoded per element). Not timed yet.
+# scatter at whole positions: (patches per program, elements per chunk, warps) of its tile
+# kernel, or None for the flat kernel (one element per lane, its position decoded per
+# element). Not timed yet.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": (16, 32, 4),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
@@ -934,7 +934,7 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
     tile = CONFIG["scatter_tile"] if patches.device.type == "cuda" else (4, 16, 4)
-    if patches.numel() and whole and c < CHANNELS_LAST_MIN and tile:
+    if patches.numel() and whole and tile:
         block_n, block_e, warps = tile
         block_e = min(block_e, next_power_of_2(e))
         _scatter_tile_kernel[(triton.cdiv(q * k, block_n), b * hd)](
