@@ -1201,7 +1201,7 @@ def _search_bwd_keys_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HD
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < count.to(tl.int64) * K
+    m = idx // K < count  # (count * K may pass int32; count may be the constant 1)
     qi = start + tl.where(m, idx // K, 0).to(tl.int32)
     qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
     tstart, lo, hi_y, hi_x = _window_bounds(qt, T, H, W, S, s1, lo_steps, hi_steps, tl.int32)
