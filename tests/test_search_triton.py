@@ -85,7 +85,7 @@ def test_backward_equals_reference(monkeypatch, dist, ps, gq_sum):
 
 @pytest.mark.parametrize(
     ("channels", "ps", "gq_sum", "fractional"),
-    [(9, 3, True, True), (9, 3, False, True), (80, 1, True, True), (3, 7, True, False)],
+    [(6, 3, True, True), (6, 3, False, True), (66, 1, True, True), (3, 7, True, False)],
 )
 def test_backward_channel_tiles(monkeypatch, channels, ps, gq_sum, fractional):
     """Channels in several tiles (4 per tile at ps 3, 64 at ps 1, 1 at ps 7): with the query's
@@ -95,7 +95,7 @@ def test_backward_channel_tiles(monkeypatch, channels, ps, gq_sum, fractional):
     from dnls.ops import _search_triton as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "bwd_gq_sum", gq_sum)
-    shape = (1, 3, channels, 9, 10) if CUDA else (1, 3, channels, 5, 4)
+    shape = (1, 3, channels, 9, 10) if CUDA else (1, 3, channels, 4, 4)
     q = rand_video(shape, seed=27).to(DEVICE).requires_grad_()
     k = rand_video(shape, seed=28).to(DEVICE).requires_grad_()
     g = torch.Generator().manual_seed(29)
@@ -268,7 +268,7 @@ def row_kernel_cases(draw):
     return shape, kw, config, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=4 if CUDA else 5, deadline=None)
+@settings(max_examples=4 if CUDA else 3, deadline=None)
 @given(row_kernel_cases())
 def test_row_kernel_random_configs(case):
     """Random searches under random launch settings of the row kernel equal the reference (few
