@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._search_triton import _TL_DTYPES, _border, _query_position, _red
+from ._search_triton import _TL_DTYPES, _border, _inside, _query_position, _red
 
 # Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
 # which is exact when no read reaches past a mirror image of the frame (the launcher checks).
@@ -251,14 +251,6 @@ def _scatter_kernel(
         val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0)
         val = val.to(ACC)
     _add(base, t + dt, y + oy, x + ox, T, H, W, o_t, o_y, o_x, val, mask, BORDER, I64, WHOLE, ACC)
-
-
-@triton.jit
-def _inside(t, y, x, T, H, W, PT: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
-    """Whether the whole-pixel patches at (t, y, x) lie inside the video (no border rule)."""
-    r0 = (PS // 2) * DIL
-    r1 = (PS - 1 - PS // 2) * DIL
-    return (t >= 0) & (t + PT - 1 < T) & (y >= r0) & (y + r1 < H) & (x >= r0) & (x + r1 < W)
 
 
 @triton.jit

@@ -73,6 +73,24 @@ def _pair_term(acc, qv, kv, DOT: tl.constexpr):
 
 
 @triton.jit
+def _pair_grads(g, qv, kv, DOT: tl.constexpr):
+    """The gradients ``(d/dq, d/dk)`` of ``g`` times one pixel's term of a patch distance:
+    ``(g k, g q)`` (DOT) or ``(2 g (q - k), -2 g (q - k))``."""
+    if DOT:
+        return g * kv, g * qv
+    gq = 2 * g * (qv - kv)
+    return gq, -gq
+
+
+@triton.jit
+def _inside(t, y, x, T, H, W, PT: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
+    """Whether the whole-pixel patches at (t, y, x) lie inside the video (no border rule)."""
+    r0 = (PS // 2) * DIL
+    r1 = (PS - 1 - PS // 2) * DIL
+    return (t >= 0) & (t + PT - 1 < T) & (y >= r0) & (y + r1 < H) & (x >= r0) & (x + r1 < W)
+
+
+@triton.jit
 def _spatial(y, x, offs, pmask, sy, sx, H, W, REFLECT: tl.constexpr):
     """In-frame offsets (BQ, 1, PSP, PSP) and validity of the patch pixels around whole (y, x)."""
     yi, yv = _border(y[:, None] + offs[None, :], H, REFLECT)
@@ -1216,9 +1234,7 @@ def _search_bwd_keys_kernel(
         widx_ptr, at, m, qt, qy, qx, tstart, pix_off, flow_ptr, lo, hi_y, hi_x, sf_s, sf_c,
         lo_steps, s1, WS, HAS_FLOW, tl.int32,
     )  # fmt: skip
-    r0 = (PS // 2) * DIL
-    r1 = (PS - 1 - PS // 2) * DIL
-    inside = (ky >= r0) & (ky + r1 < H) & (kx >= r0) & (kx + r1 < W) & (tf >= 0) & (tf < T)
+    inside = _inside(tf, ky, kx, T, H, W, 1, PS, DIL)
     off = tf.to(tl.int64) * sk_t + ky.to(tl.int64) * sk_y + kx.to(tl.int64) * sk_x
     tl.store(ko_ptr + at, tl.where(inside, off, -1), mask=m)
 
@@ -1368,12 +1384,7 @@ def _search_bwd_kernel(
                 ko4 = ko[:, None, None, None]
                 km = fm[:, None, None, None] & e_m
                 kv = tl.load(k_c + ko4 + e_k, mask=km, other=0.0).to(ACC)
-                if DOT:
-                    gqp = g4 * kv
-                    gkp = g4 * qv_t
-                else:
-                    gqp = 2 * g4 * (qv_t - kv)
-                    gkp = -gqp
+                gqp, gkp = _pair_grads(g4, qv_t, kv, DOT)
                 gq_sum += tl.where(km, gqp, 0.0)
                 _accumulate(gk_c + ko4 + e_k, gkp, km, scale, FIXED)
             else:
@@ -1442,12 +1453,7 @@ def _search_bwd_kernel(
                                 top = v00 * (1 - fx) + v01 * fx
                                 bot = v10 * (1 - fx) + v11 * fx
                                 kv = top * (1 - fy) + bot * fy
-                            if DOT:
-                                gqp = g4 * kv
-                                gkp = g4 * qv
-                            else:
-                                gqp = 2 * g4 * (qv - kv)
-                                gkp = -gqp
+                            gqp, gkp = _pair_grads(g4, qv, kv, DOT)
                             if GQ > 0:
                                 gq_sum += tl.where(qm, gqp, 0.0)
                             else:
@@ -1470,7 +1476,7 @@ def _search_bwd_kernel(
                                     gpos_x += _patch_sum(gkp * dkx)
                     if FLOW_GRAD:
                         if HAS_GI and ct == 0:  # once: GQ > 0 passes here once per channel tile
-                            gi_off = (row * K + kk) * 3
+                            gi_off = at * 3
                             gpos_y += tl.load(gi_ptr + gi_off + 1, mask=rmask, other=0).to(ACC)
                             gpos_x += tl.load(gi_ptr + gi_off + 2, mask=rmask, other=0).to(ACC)
                         # the flow accumulator is laid out contiguously as the flows
