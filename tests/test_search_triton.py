@@ -116,6 +116,30 @@ def test_backward_channel_tiles(monkeypatch, channels, ps, gq_sum, fractional):
         assert_close(b, a, what=f"grad {name}")
 
 
+def assert_cross_grads_match(mp, shape, seed, deterministic, contiguous=False, **kw):
+    """The gradients of a weighted cross search of two random videos to both videos equal the
+    reference's: float64, or float32 under torch.use_deterministic_algorithms (float64 would
+    take the exact reference path there) in the Triton run, with 10x the tolerance; with
+    ``contiguous``, the Triton gradients are contiguous."""
+    dtype = torch.float32 if deterministic else torch.float64
+    q = rand_video(shape, dtype, seed=seed).to(DEVICE).requires_grad_()
+    k = rand_video(shape, dtype, seed=seed + 1).to(DEVICE).requires_grad_()
+    old = torch.are_deterministic_algorithms_enabled()
+    grads = []
+    for backend in ("torch", "triton"):
+        mp.setenv("DNLS_BACKEND", backend)
+        torch.use_deterministic_algorithms(deterministic and backend == "triton")
+        try:
+            dists, _ = dnls.search(q, k, **kw)
+            w = torch.linspace(1, 2, dists.shape[-1], device=DEVICE)
+            grads.append(torch.autograd.grad((dists * w).sum(), (q, k)))
+        finally:
+            torch.use_deterministic_algorithms(old)
+    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
+        assert not contiguous or b.is_contiguous(), f"grad {name} is not contiguous"
+        assert_close(b, a, dtype=dtype, what=f"grad {name}", scale=10 if deterministic else 1)
+
+
 @pytest.mark.parametrize(
     ("kw", "keys", "deterministic"),
     [
@@ -135,22 +159,7 @@ def test_backward_whole_positions(monkeypatch, kw, keys, deterministic):
 
     monkeypatch.setitem(kernels.CONFIG, "bwd_keys", keys)
     shape = (1, 3, 4, 12, 11) if CUDA else (1, 3, 4, 7, 6)
-    dtype = torch.float32 if deterministic else torch.float64
-    q = rand_video(shape, dtype, seed=30).to(DEVICE).requires_grad_()
-    k = rand_video(shape, dtype, seed=31).to(DEVICE).requires_grad_()
-    old = torch.are_deterministic_algorithms_enabled()
-    grads = []
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("DNLS_BACKEND", backend)
-        torch.use_deterministic_algorithms(deterministic and backend == "triton")
-        try:
-            dists, _ = dnls.search(q, k, **kw)
-            w = torch.linspace(1, 2, dists.shape[-1], device=DEVICE)
-            grads.append(torch.autograd.grad((dists * w).sum(), (q, k)))
-        finally:
-            torch.use_deterministic_algorithms(old)
-    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
-        assert_close(b, a, dtype=dtype, what=f"grad {name}", scale=10 if deterministic else 1)
+    assert_cross_grads_match(monkeypatch, shape, 30, deterministic, **kw)
 
 
 REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the frame's
@@ -419,24 +428,7 @@ def test_backward_channels_last_accumulators(monkeypatch, kw, deterministic, cla
 
     monkeypatch.setitem(kernels.CONFIG, "bwd_clast_min", clast_min)
     shape = (1, 3, 32, 10, 12) if CUDA else (1, 3, 16, 4, 5)
-    # float32: float64 takes the (exact) reference path under deterministic algorithms
-    dtype = torch.float32 if deterministic else torch.float64
-    q = rand_video(shape, dtype, seed=25).to(DEVICE).requires_grad_()
-    k = rand_video(shape, dtype, seed=26).to(DEVICE).requires_grad_()
-    old = torch.are_deterministic_algorithms_enabled()
-    grads = []
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("DNLS_BACKEND", backend)
-        torch.use_deterministic_algorithms(deterministic and backend == "triton")
-        try:
-            dists, _ = dnls.search(q, k, **kw)
-            w = torch.linspace(1, 2, dists.shape[-1], device=DEVICE)
-            grads.append(torch.autograd.grad((dists * w).sum(), (q, k)))
-        finally:
-            torch.use_deterministic_algorithms(old)
-    for name, a, b in zip(("qvid", "kvid"), *grads, strict=True):
-        assert b.is_contiguous()
-        assert_close(b, a, dtype=dtype, what=f"grad {name}", scale=10 if deterministic else 1)
+    assert_cross_grads_match(monkeypatch, shape, 25, deterministic, contiguous=True, **kw)
 
 
 def test_frames_past_int32_take_the_reference():
