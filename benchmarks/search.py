@@ -215,6 +215,7 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         out.append(("gq", dict(bwd_keys=False, bwd_gq_sum=gq, bwd_block_q=32, bwd_warps=4)))
     for block_q, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
         out.append(("gq", dict(bwd_keys=True, bwd_block_q=block_q, bwd_warps=warps)))
+    if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
         out.append(("rows", dict(rows_skip=False)))
