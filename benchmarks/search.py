@@ -195,8 +195,10 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
     channels-last accumulators; its query gradient summed in registers or not and its passes
-    at precomputed key offsets; the row kernel's per-lane candidate buffer. ``parts``: which
-    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer" to include."""
+    at precomputed key offsets; the row kernel's per-lane candidate buffer, and the direct
+    kernel's (with its skip of candidates no lane keeps). ``parts``: which
+    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer", "dsel" to
+    include."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -215,6 +217,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         out.append(("gq", dict(bwd_keys=False, bwd_gq_sum=gq, bwd_block_q=32, bwd_warps=4)))
     for block_q, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
         out.append(("gq", dict(bwd_keys=True, bwd_block_q=block_q, bwd_warps=warps)))
+    # the direct kernel's selection: inserted at once, with the skip, buffered
+    for nb, skip in ((0, False), (0, True), (2, False), (4, False), (8, False)):
+        out.append(("dsel", dict(direct_buffer=nb, direct_skip=skip)))
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))
@@ -352,7 +357,22 @@ def main() -> None:
     parser.add_argument("--sweep-parts", default="fwd,f+b,rows", help="kernels the sweep covers")
     parser.add_argument("--profile", default="", help="rows to run once for ncu (W3:bwd: backward)")
     parser.add_argument("--variants", default="", help="rows to time with one setting changed")
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="kernel settings for the whole run (JSON: '{\"direct_buffer\": 4}')",
+    )
     args = parser.parse_args()
+    if args.config:
+        from dnls.ops import _search_triton as kernels
+
+        unknown = set(args.config) - set(kernels.CONFIG)
+        if unknown:
+            parser.error(
+                f"--config: unknown settings {sorted(unknown)} (known: {list(kernels.CONFIG)})"
+            )
+        kernels.CONFIG.update(args.config)
     gpu = torch.cuda.get_device_name()
     if args.profile:
         return profile(args.profile.split(","))

@@ -360,6 +360,8 @@ def _search_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     CQ: tl.constexpr,
+    NB: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -389,7 +391,8 @@ def _search_fwd_kernel(
     )
 
     zero = qi * 0
-    keys, ids = _topk_init(zero, NWIN, KP, ACC)
+    # the selection (:func:`_offer_row`): KP sorted slots, with NB > 0 a buffer per lane too
+    keys, ids = _row_init(zero, NWIN, KP, NB, ACC)
     if CQ > 0:
         # one pixel per patch: the query's CQ channels stay in registers for the whole window
         qs = ()
@@ -445,8 +448,10 @@ def _search_fwd_kernel(
                     if SKIP_OWN:
                         own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
                         cand = cand & (own == 0)
-                    keys, ids = _topk_insert(keys, ids, tl.where(cand, key, float("inf")), j, KP)
+                    key = tl.where(cand, key, float("inf"))
+                    keys, ids = _offer_row(keys, ids, key, j, KP, NB, SKIP)
     if not ALL:
+        keys, ids = _flush_row(keys, ids, KP, NB)
         # The first KEEP slots, already in (key, index) order, and their positions.
         ity = inds_ptr.dtype.element_ty
         for i in tl.static_range(KP):
@@ -656,9 +661,9 @@ def _set_slots(keys, ids, rk, ri, i: tl.constexpr, RS: tl.constexpr, N: tl.const
 
 @triton.jit
 def _row_init(zero, NWIN, KP: tl.constexpr, NB: tl.constexpr, ACC: tl.constexpr):
-    """One query row's selection state: KP empty slots (:func:`_topk_init`) and, with a buffer
-    (NB > 0), NB empty buffer slots and a last slot holding the buffer's count (in ``ids``;
-    its key is unused), ``KP + NB + 1`` slots in all."""
+    """One query row's selection state (a lane's, in the direct kernel): KP empty slots
+    (:func:`_topk_init`) and, with a buffer (NB > 0), NB empty buffer slots and a last slot
+    holding the buffer's count (in ``ids``; its key is unused), ``KP + NB + 1`` slots in all."""
     keys, ids = _topk_init(zero, NWIN, KP, ACC)
     if NB > 0:
         for _b in tl.static_range(NB + 1):
@@ -1529,7 +1534,8 @@ class _Layout(NamedTuple):
 
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms). Row kernel: whether it takes the columns whose
+# keeps in registers (W2 forward 3.1 -> 1.3 ms), and its selection's per-lane buffer and skip
+# (as the row kernel's below; not yet timed). Row kernel: whether it takes the columns whose
 # windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
 # takes (narrower rows go to the direct kernel), columns per block (at least twice the patch
 # span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
@@ -1554,7 +1560,7 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": 0,
+    "rows_buffer": 0, "direct_buffer": 0, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
@@ -1651,7 +1657,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, CQ=cq, num_warps=num_warps,
+            BLOCK_Q=block_q, CQ=cq, NB=CONFIG["direct_buffer"], SKIP=CONFIG["direct_skip"],
+            num_warps=num_warps,
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
