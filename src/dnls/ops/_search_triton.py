@@ -181,19 +181,19 @@ def _patch_dist(
 
 @triton.jit
 def _pixel_dist(
-    qs, k_base, kt, ky, kx, sk_t, sk_c, sk_y, sk_x, T, H, W,
-    CQ: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr, ACC: tl.constexpr,
+    qs, k_base, kt, ky, kx, sk_t, sk_c, sk_y, sk_x,
+    CQ: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """:func:`_patch_dist` for one-pixel patches at whole positions, the query's ``CQ``
-    channels given in registers (``qs``): the same sum, in the same order."""
-    kti, ktv = _border(kt, T, REFLECT)
-    kyi, kyv = _border(ky, H, REFLECT)
-    kxi, kxv = _border(kx, W, REFLECT)
-    k_px = k_base + kti.to(tl.int64) * sk_t + kyi.to(tl.int64) * sk_y + kxi.to(tl.int64) * sk_x
-    km = ktv & kyv & kxv
+    channels given in registers (``qs``): the same sum, in the same order. The window fits the
+    frame and is slid inward, so the key pixel lies in the video: no border rule, no masks.
+    The channel's address is the previous one's plus the stride (offsets ``c * sk_c`` kept
+    for every channel took 64 registers of the 246, offline)."""
+    k_px = k_base + kt.to(tl.int64) * sk_t + ky.to(tl.int64) * sk_y + kx.to(tl.int64) * sk_x
     acc = tl.zeros(ky.shape, ACC)
     for c in tl.static_range(CQ):
-        kv = tl.load(k_px + c * sk_c, mask=km, other=0.0).to(ACC)
+        kv = tl.load(k_px).to(ACC)
+        k_px += sk_c
         acc = _pair_term(acc, qs[c], kv, DOT)
     return acc
 
@@ -423,8 +423,7 @@ def _search_fwd_kernel(
                 kx = cx + ((bb - lo_steps) * s1).to(POS)
                 if CQ > 0:
                     d = _pixel_dist(
-                        qs, k_base, tf, ky, kx, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                        CQ, DOT, REFLECT, ACC,
+                        qs, k_base, tf, ky, kx, sk_t, sk_c, sk_y, sk_x, CQ, DOT, ACC
                     )  # fmt: skip
                 else:
                     d = _patch_dist(
@@ -1644,6 +1643,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     lanes = nrows * (nw - (jr - jl))
     # one-pixel patches with few channels: the query's channels stay in registers
     cq = c if (p.ps == 1 and p.pt == 1 and whole and c <= CONFIG["qreg_max"]) else 0
+    # (its key pixels lie inside: search checks that the window fits the frame)
+    assert not cq or (p.ws - 1) * s1 <= min(height, width) - 1
     if lanes > 0:
         _search_fwd_kernel[(triton.cdiv(lanes, block_q), b * hd)](
             qvid, kvid, fl, dists, inds, widx,
