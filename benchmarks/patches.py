@@ -152,6 +152,8 @@ def knn_sweep(results, args):
                 fwd = dict(wpsum_block_e=block_e, wpsum_tile=tile, wpsum_warps=w)
                 bwd = dict(wpsum_bwd_block_e=block_e, wpsum_bwd_tile=tile, wpsum_bwd_warps=w)
                 configs += [("wpsum", fwd), ("wpsum f+b", bwd)]
+    if args.ops:
+        configs = [(op, cfg) for op, cfg in configs if op in args.ops.split(",")]
     _run_sweep(results, args, configs, default)
 
 
@@ -371,6 +373,7 @@ def main() -> None:
     parser.add_argument("--rows", default="fold,knn")
     parser.add_argument("--json", default=None)
     parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
+    parser.add_argument("--ops", default="", help="knnsweep: only these ops (scatter,wpsum,...)")
     parser.add_argument(
         "--copy-bw",
         type=float,

@@ -337,13 +337,15 @@ def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
         (dict(ws=5, wt=1, ps=1, k=6, dist="dot", nheads=2), 2, False),
         (dict(ws=3, ps=1, k=4, self_match="exclude", border="zero"), 3, False),
         (dict(ws=5, ps=1, k=5, self_match="anchor", start=7, count=40), 0, True),
-        (dict(ws=3, wt=1, ps=2, k=4, stride0=2, dist="dot"), 1, False),
+        (dict(ws=3, wt=1, ps=1, k=4, stride0=2, dist="dot"), 1, False),
+        (dict(ws=3, wt=1, ps=2, k=4, stride0=2, dist="dot", stride1=1.5), 0, True),
     ],
 )
 def test_direct_kernel_buffered_selection(monkeypatch, kw, buffer, skip):
-    """The direct kernel's selection with a per-lane buffer of ``direct_buffer`` candidates,
-    or skipping the insert of a candidate no lane keeps: the same selection as the reference,
-    ties and order included."""
+    """The direct kernel's selection with a per-lane buffer of ``direct_buffer`` candidates
+    (one-pixel patches), or skipping the insert of a candidate no lane keeps (here also at
+    fractional positions, 4 warps): the same selection as the reference, ties and order
+    included."""
     config = dict(direct_buffer=buffer, direct_skip=skip)
     shape = (1, 3, 4, 9, 12) if CUDA else (1, 3, 2, 5, 6)
     assert_rows_match(monkeypatch, config, shape, 29, **kw)
