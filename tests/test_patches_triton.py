@@ -241,14 +241,19 @@ def test_staged_modes(monkeypatch, cfg, central):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
-@pytest.mark.parametrize(("dilation", "last"), [(1, False), (2, False), (1, True)])
-def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last):
-    """Whole positions: scatter's tile kernel and wpsum's backward address the patches of a
-    program by offsets where they all lie inside the video, else through the border rule (most
-    positions are inside, a few at the edges, so both kinds of program run), channels-first or
-    -last. Outputs and gradients equal the reference's."""
+@pytest.mark.parametrize(
+    ("dilation", "last", "tile"),
+    [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (2, False, None)],
+)
+def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
+    """Whole positions: scatter's tile kernel (or, with ``tile`` None, its flat kernel) and
+    wpsum's backward address the patches of a program by offsets where they all lie inside the
+    video, else through the border rule (most positions are inside, a few at the edges, so both
+    kinds of program run), channels-first or -last. Outputs and gradients equal the
+    reference's."""
     from dnls.ops import _patches_triton
 
+    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
     if last:
         monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
     b, t, c, h, w = shape = (1, 3, 3, 14, 15)
@@ -272,9 +277,14 @@ def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last):
         check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
 
 
-def test_scatter_of_one_value_expanded(monkeypatch):
+@pytest.mark.parametrize("tile", [None, (4, 16, 4)])
+def test_scatter_of_one_value_expanded(monkeypatch, tile):
     """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is
-    read as that value, not materialised; the sums equal the reference's."""
+    read as that value, not materialised, by the flat kernel and the tile kernel; the sums
+    equal the reference's."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
     shape = (1, 2, 3, 6, 7)
     case = dict(shape=shape, nheads=1, q=5, k=3, fractional=False, seed=18)
     inds = make_inds(case).to(DEVICE)

@@ -1534,8 +1534,9 @@ class _Layout(NamedTuple):
 # Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
 # warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
 # keeps in registers (W2 forward 3.1 -> 1.3 ms), and its selection's per-lane buffer (for
-# those one-pixel queries, the case timed) and skip (as the row kernel's below; W2 forward 1.02 ms inserting at once, 1.07 skipping, 0.99 /
-# 0.96 / 1.00 with 2 / 4 / 8 slots). Row kernel: whether it takes the columns whose
+# those one-pixel queries, the case timed) and skip (as the row kernel's below; W2 forward
+# 1.02 ms inserting at once, 1.07 skipping, 0.99 / 0.96 / 1.00 with 2 / 4 / 8 slots). Row
+# kernel: whether it takes the columns whose
 # windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
 # takes (narrower rows go to the direct kernel), columns per block (at least twice the patch
 # span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
@@ -1659,8 +1660,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             SKIP_OWN=(not select_all) and p.self_match != "keep", ANCHOR=anchor,
             WHOLE=whole, HAS_FLOW=flows is not None,
             POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
-            BLOCK_Q=block_q, CQ=cq, NB=CONFIG["direct_buffer"] if cq else 0, SKIP=CONFIG["direct_skip"],
-            num_warps=num_warps,
+            BLOCK_Q=block_q, CQ=cq, NB=CONFIG["direct_buffer"] if cq else 0,
+            SKIP=CONFIG["direct_skip"], num_warps=num_warps,
         )  # fmt: skip
     if jr > jl:
         span = (p.ps - 1) * p.dilation
