@@ -42,7 +42,11 @@ def with_backend(name, fn):
     return run
 
 
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_rel(a, b) -> float:
+    """Largest error relative to ``b``'s largest value; of tuples (scatter's sums and counts),
+    the largest over their parts."""
+    if isinstance(a, tuple):
+        return max(max_rel(x, y) for x, y in zip(a, b, strict=True))
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
 
