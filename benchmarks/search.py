@@ -195,8 +195,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
     channels-last accumulators; its query gradient summed in registers or not and its passes
-    at precomputed key offsets; the row kernel's per-lane candidate buffer, and the direct
-    kernel's (with its skip of candidates no lane keeps). ``parts``: which
+    at precomputed key offsets; the row kernel's per-lane candidate buffer, and for one-pixel
+    patches the direct kernel's (with its skip of candidates no lane keeps). ``parts``: which
     of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer", "dsel" to
     include."""
     out = []
@@ -217,9 +217,11 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
         out.append(("gq", dict(bwd_keys=False, bwd_gq_sum=gq, bwd_block_q=32, bwd_warps=4)))
     for block_q, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
         out.append(("gq", dict(bwd_keys=True, bwd_block_q=block_q, bwd_warps=warps)))
-    # the direct kernel's selection: inserted at once, with the skip, buffered
-    for nb, skip in ((0, False), (0, True), (2, False), (4, False), (8, False)):
-        out.append(("dsel", dict(direct_buffer=nb, direct_skip=skip)))
+    # the direct kernel's selection (one-pixel patches: the rows it runs on whole): inserted at
+    # once, with the skip, buffered
+    if row.kw["ps"] == 1:
+        for nb, skip in ((0, False), (0, True), (2, False), (4, False), (8, False)):
+            out.append(("dsel", dict(direct_buffer=nb, direct_skip=skip)))
     if row.kw["ps"] > 1:
         out.append(("rows", dict(rows=False)))
         out.append(("rows", dict(rows_edges=False)))

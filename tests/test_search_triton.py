@@ -166,8 +166,8 @@ REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the f
 
 
 def assert_rows_match(mp, config, shape, seed, **kw):
-    """Under the row-kernel settings ``config``, a cross search of two random videos equals the
-    reference: distances within tolerance, positions identical."""
+    """Under the kernel settings ``config`` (row or direct kernel), a cross search of two random
+    videos equals the reference: distances within tolerance, positions identical."""
     from dnls.ops import _search_triton as kernels
 
     for key, value in config.items():

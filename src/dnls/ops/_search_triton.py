@@ -1531,23 +1531,22 @@ class _Layout(NamedTuple):
         )  # fmt: skip
 
 
-# Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and
-# warps (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query
-# keeps in registers (W2 forward 3.1 -> 1.3 ms), and its selection's per-lane buffer (for
-# those one-pixel queries, the case timed) and skip (as the row kernel's below; W2 forward
-# 1.02 ms inserting at once, 1.07 skipping, 0.99 / 0.96 / 1.00 with 2 / 4 / 8 slots). Row
-# kernel: whether it takes the columns whose
-# windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid columns it
-# takes (narrower rows go to the direct kernel), columns per block (at least twice the patch
-# span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
-# worth), rows per strip sharing their patch-row terms, the most query values kept in
-# registers, the most channels whose loop is unrolled when they are not, displacements per
-# channels-outer pass when they are not (0: channels innermost), and whether a block skips the
-# insert of a candidate no lane keeps, and the candidates each lane buffers before inserting
-# (0: inserted at once; not yet timed). Measured on the H200 (BENCHMARKS.md): 32 columns on one
-# warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not
-# unrolled (W4 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4
-# 10.77 ms; 0: 12.85, 8: 12.47).
+# Launch configuration; ``None`` picks from the case. Direct kernel: queries per program and warps
+# (32 on one warp without a patch, else 128 on 4), and the most channels a one-pixel query keeps in
+# registers (W2 forward 3.1 -> 1.3 ms), and its selection's per-lane buffer (for those one-pixel
+# queries, the case timed) and skip (as the row kernel's below; W2 forward 1.02 ms inserting at
+# once, 1.07 skipping, 0.99 / 0.96 / 1.00 with 2 / 4 / 8 slots). Row kernel: whether it takes the
+# columns whose windows slide sideways (stride1 = 1; else the direct kernel does), the fewest grid
+# columns it takes (narrower rows go to the direct kernel), columns per block (at least twice the
+# patch span), warps (one per 32 columns: a lane per column), persistent programs per SM (32 warps'
+# worth), rows per strip sharing their patch-row terms, the most query values kept in registers, the
+# most channels whose loop is unrolled when they are not, displacements per channels-outer pass when
+# they are not (0: channels innermost), and whether a block skips the insert of a candidate no lane
+# keeps, and the candidates each lane buffers before inserting (0: inserted at once; W3 4.58 -> 4.24
+# ms at 2 slots, W1s 4.97 -> 5.55). Measured on the H200 (BENCHMARKS.md): 32 columns on one warp,
+# strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not unrolled (W4
+# 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4 10.77 ms; 0: 12.85,
+# 8: 12.47).
 # Backward: queries per program and warps, the fewest channels for which one-pixel patches
 # read and accumulate channels-last (0: never), whether patches of one frame sum each query's
 # gradient over its results before adding it, and whether whole positions take the two passes
