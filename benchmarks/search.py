@@ -189,16 +189,17 @@ BACKWARD_PARTS = ("f+b", "clast", "gq")
 ROWS_SWEEP = [(32, 1, 1), (32, 1, 2), (64, 2, 1), (64, 2, 2), (128, 4, 2)]
 
 
-def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict]]:
+def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, dict]]:
     """(part, CONFIG update) pairs the sweep times on ``row``: the direct kernel's queries per
     program and warps (never more lanes than queries) and, for one-pixel patches, channels in
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
     channels-last accumulators; its query gradient summed in registers or not and its passes
     at precomputed key offsets; the row kernel's per-lane candidate buffer, and for one-pixel
-    patches the direct kernel's (with its skip of candidates no lane keeps). ``parts``: which
-    of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer", "dsel" to
-    include."""
+    patches the direct kernel's (with its skip of candidates no lane keeps); the row kernel's
+    channels per load (channels-last videos). ``parts``: which of "fwd", "f+b", "rows",
+    "strip", "unroll", "cout", "clast", "gq", "buffer", "dsel", "cvec" to include ("mem": the
+    peak-memory runs after the sweep)."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -238,6 +239,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows") -> list[tuple[str, dict
                 out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))
             for cout in (0, 3, 8):
                 out.append(("cout", dict(rows_cout=cout)))
+            for cvec, cout in ((1, 3), (2, 3), (4, 3), (4, 2), (4, 5)):
+                out.append(("cvec", dict(rows_cvec=cvec, rows_cout=cout)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 
@@ -295,6 +298,8 @@ def sweeps(gpu: str, names: list[str], parts: str) -> None:
                 ms = bench(fwd_bwd, 300)
             print(f"config {name} {part} {cfg}: {ms:.2f} ms", flush=True)
         kernels.CONFIG.update(defaults)
+    if "mem" not in parts.split(","):
+        return
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512
     for ws in (7, 15, 31):
@@ -356,7 +361,9 @@ def main() -> None:
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
-    parser.add_argument("--sweep-parts", default="fwd,f+b,rows", help="kernels the sweep covers")
+    parser.add_argument(
+        "--sweep-parts", default="fwd,f+b,rows,mem", help="kernels the sweep covers"
+    )
     parser.add_argument("--profile", default="", help="rows to run once for ncu (W3:bwd: backward)")
     parser.add_argument("--variants", default="", help="rows to time with one setting changed")
     parser.add_argument(

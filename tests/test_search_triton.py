@@ -222,21 +222,22 @@ def test_row_kernel_strips(monkeypatch, kw, strip):
 
 
 @pytest.mark.parametrize(
-    ("kw", "cout", "strip"),
+    ("kw", "cout", "strip", "cvec", "nch"),
     [
-        (dict(ws=5, ps=3, k=4), 2, 2),
-        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="anchor"), 5, 1),
-        (dict(ws=3, wt=1, ps=3, k=3, self_match="exclude", start=33, count=500), 3, 2),
-        (dict(ws=5, ps=3, k=4), 0, 2),
+        (dict(ws=5, ps=3, k=4), 2, 2, 1, 2),
+        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="anchor"), 5, 1, 2, 2),
+        (dict(ws=3, wt=1, ps=3, k=3, self_match="exclude", start=33, count=500), 3, 2, 2, 4),
+        (dict(ws=5, ps=3, k=4), 0, 2, 2, 2),
     ],
 )
-def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip):
+def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip, cvec, nch):
     """With the query's values not in registers, blocks whose windows are not slid sideways
     walk each window row channels outermost, ``rows_cout`` displacements at a time (the last
     chunk shorter when it does not divide ws); the edge blocks keep the channel-inner loop.
-    Same selection, ties and order included."""
-    config = dict(rows_qreg=0, rows_cout=cout, rows_strip=strip)
-    shape = (1, 3, 3, 9, 150) if CUDA else (1, 3, 2, 8, 70)
+    With ``rows_cvec`` 2 both loops read two channels per load from channels-last copies
+    (``nch`` 4: two such groups). Same selection, ties and order included."""
+    config = dict(rows_qreg=0, rows_cout=cout, rows_strip=strip, rows_cvec=cvec)
+    shape = (1, 3, 3 * nch // 2, 9, 150) if CUDA else (1, 3, nch, 8, 70)
     assert_rows_match(monkeypatch, config, shape, 20, **kw)
 
 
@@ -244,7 +245,7 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip):
 def row_kernel_cases(draw):
     """Searches the row kernel takes (whole positions, no flows, stride0 = 1, ps > 1), with its
     launch settings drawn too: rows per strip, displacements per channels-outer pass, the query
-    in registers or not, the channel loop unrolled or not."""
+    in registers or not, the channel loop unrolled or not, channels per load."""
     wt = draw(st.integers(0, 1))
     ws = draw(st.integers(2, 5))
     ps = draw(st.integers(2, 5))
@@ -273,6 +274,7 @@ def row_kernel_cases(draw):
         rows_qreg=draw(st.sampled_from([0, 48])),
         rows_unroll=draw(st.sampled_from([0, 64])),
         rows_buffer=draw(st.sampled_from([0, 0, 2, 3])),
+        rows_cvec=draw(st.sampled_from([1, 2])),
     )
     return shape, kw, config, draw(st.integers(0, 2**16))
 

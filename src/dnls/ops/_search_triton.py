@@ -757,25 +757,67 @@ def _zero_terms(lane, R: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _lane_cols(col, valid, stride, CV: tl.constexpr, REFLECT: tl.constexpr):
+    """Each lane's column offset ``col`` and its validity (:func:`_fold`), as they are (CV = 1)
+    or widened to (BX, CV) tiles of CV consecutive channels (``stride`` apart: 1 in a
+    channels-last video, where each lane then reads its CV channels in one vector load)."""
+    if CV > 1:
+        ch = tl.arange(0, CV)[None, :]
+        col = col[:, None] + ch * stride
+        if not REFLECT:
+            valid = valid[:, None] | (ch < 0)
+    return col, valid
+
+
+@triton.jit
+def _channel_sum(x, CV: tl.constexpr):
+    """A (BX, CV) term summed over its channels (a lane's own values: no shuffles)."""
+    if CV > 1:
+        x = tl.sum(x, axis=1)
+    return x
+
+
+@triton.jit
+def _sum_terms(head, mid, tail, CV: tl.constexpr):
+    """The patch-row terms ``head, mid, tail`` summed over their CV channels."""
+    nh = ()
+    nt = ()
+    for m in tl.static_range(len(head)):
+        nh = nh + (_channel_sum(head[m], CV),)
+        nt = nt + (_channel_sum(tail[m], CV),)
+    return nh, _channel_sum(mid, CV), nt
+
+
+@triton.jit
 def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own, xc,
                 dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr, PS: tl.constexpr,
                 PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
                 NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
                 QREG: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr,
-                SKIP: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+                SKIP: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr,
+                CV: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
     summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
-    is each query's own position (left out)."""
+    is each query's own position (left out). With CV > 1 (channels-last videos, no QREG) the
+    channels go CV at a time (:func:`_lane_cols`)."""
     lane = tl.arange(0, BX)
+    qcol, qxv = _lane_cols(qcol, qxv, sq_c, CV, REFLECT)
     for bb in range(nd):
         dx = dmin + bb * s1
         col = base + bb  # each lane's window column
         inwin = (col >= 0) & (col < WS)
         # lanes outside their window may reach past one reflection: clamped (not output)
         kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
-        kcol = kxi * sk_x
-        head, mid, tail = _zero_terms(lane, R, ACC)
-        if UNROLL:  # channels unrolled (with QREG, query values from registers)
+        kcol, kxv = _lane_cols(kxi * sk_x, kxv, sk_c, CV, REFLECT)
+        head, mid, tail = _zero_terms(kcol, R, ACC)
+        if CV > 1:
+            for g in range(C // CV):
+                head, mid, tail = _channel_terms(
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g * CV, head,
+                    mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, False, R, ACC,
+                )  # fmt: skip
+            head, mid, tail = _sum_terms(head, mid, tail, CV)
+        elif UNROLL:  # channels unrolled (with QREG, query values from registers)
             for c in tl.static_range(C):
                 head, mid, tail = _channel_terms(
                     q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
@@ -813,41 +855,48 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
                                NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr,
                                REFLECT: tl.constexpr, R: tl.constexpr,
                                NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
-                               BX: tl.constexpr, DXB: tl.constexpr):  # fmt: skip
+                               BX: tl.constexpr, DXB: tl.constexpr,
+                               CV: tl.constexpr):  # fmt: skip
     """:func:`_window_row` for a block whose windows are not slid sideways (WS displacements),
     channels outermost, DXB displacements at a time: channel by channel, the query's patch
     rows are read once into registers and the terms of the DXB displacements accumulate
     (``DXB x (2R - 1)`` vectors), so each pass reads one channel of the key rows (a small
     working set, hits in L1) and a query value once per DXB candidates instead of once per
-    candidate; then the DXB candidates are offered in window order."""
+    candidate; then the DXB candidates are offered in window order. With CV > 1 (a
+    channels-last video) a pass reads CV channels of a row with one vector load per lane
+    (:func:`_lane_cols`) and the terms keep their CV channels apart until the offer."""
     lane = tl.arange(0, BX)
+    qcol, qxv = _lane_cols(qcol, qxv, sq_c, CV, REFLECT)
     for b0 in tl.static_range(0, WS, DXB):
         kcols = ()
         kxvs = ()
         terms = ()
         for bb in tl.static_range(b0, min(b0 + DXB, WS)):
             kxi, kxv = _fold(_clamp(xc + (dmin + bb * s1), 1 - W, 2 * W - 2), W, REFLECT)
-            kcols = kcols + (kxi * sk_x,)
+            kcol, kxv = _lane_cols(kxi * sk_x, kxv, sk_c, CV, REFLECT)
+            kcols = kcols + (kcol,)
             kxvs = kxvs + (kxv,)
             for _m in tl.static_range(2 * R - 1):  # head, mid, tail
-                terms = terms + (tl.zeros(lane.shape, ACC),)
-        for c in range(C):
-            qc = q_b + c * sq_c
-            kc = k_b + c * sk_c
+                terms = terms + (tl.zeros(kcol.shape, ACC),)
+        for g in range(C // CV):
+            qc = q_b + g * CV * sq_c
+            kc = k_b + g * CV * sk_c
             qv = ()
             for at in tl.static_range(PT * NR):
                 qv = qv + (_row_load(qc, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC),)
             new = ()
             for u in tl.static_range(min(DXB, WS - b0)):
-                head, mid, tail = _terms_at(terms, u, R)
-                head, mid, tail = _channel_terms(
-                    qc, kc, qrows, qrv, krows, krv, qcol, qxv, kcols[u], kxvs[u], qv, 0, head,
-                    mid, tail, sq_c, sk_c, PS, NR, 1, PT, DOT, REFLECT, True, R, ACC,
+                # (names of their own: ``mid`` of an earlier pass would be carried by the loop)
+                hd_u, md_u, tl_u = _terms_at(terms, u, R)
+                hd_u, md_u, tl_u = _channel_terms(
+                    qc, kc, qrows, qrv, krows, krv, qcol, qxv, kcols[u], kxvs[u], qv, 0, hd_u,
+                    md_u, tl_u, sq_c, sk_c, PS, NR, 1, PT, DOT, REFLECT, True, R, ACC,
                 )  # fmt: skip
-                new = new + head + (mid,) + tail
+                new = new + hd_u + (md_u,) + tl_u
             terms = new
         for u in tl.static_range(min(DXB, WS - b0)):
             head, mid, tail = _terms_at(terms, u, R)
+            head, mid, tail = _sum_terms(head, mid, tail, CV)
             cand = (lane * 0 + (own & (dmin + (b0 + u) * s1 == 0)).to(tl.int32)) == 0
             keys, ids = _offer_strip(
                 keys, ids, head, mid, tail, lane, qmasks, cand, j0 + base + b0 + u, PS, DIL,
@@ -864,7 +913,7 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
                  DOT: tl.constexpr, REFLECT: tl.constexpr, SKIP_OWN: tl.constexpr,
                  QREG: tl.constexpr, UNROLL: tl.constexpr, COUT: tl.constexpr, R: tl.constexpr,
                  NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
-                 BX: tl.constexpr):  # fmt: skip
+                 BX: tl.constexpr, CV: tl.constexpr):  # fmt: skip
     """The whole window for a strip of R query rows of one frame, ``qy .. qy + R - 1`` (lanes
     masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
     row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
@@ -903,19 +952,19 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
                     keys, ids = _window_row_channels_outer(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks, own, xc,
                         dmin, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB, RS,
-                        DOT, REFLECT, R, NR, SKIP, ACC, BX, COUT,
+                        DOT, REFLECT, R, NR, SKIP, ACC, BX, COUT, CV,
                     )  # fmt: skip
                 else:
                     keys, ids = _window_row(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks,
                         own, xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C,
-                        KP, NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                        KP, NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV,
                     )  # fmt: skip
             else:
                 keys, ids = _window_row(
                     q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own,
                     xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB,
-                    RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX,
+                    RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV,
                 )  # fmt: skip
     return keys, ids
 
@@ -1024,6 +1073,7 @@ def _search_rows_kernel(
     ACC: tl.constexpr,
     BX: tl.constexpr,
     BOUT: tl.constexpr,
+    CV: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
@@ -1040,7 +1090,8 @@ def _search_rows_kernel(
     share PS - R + 1 of their PS patch-row terms each (DIL = 1, R <= PS): (PS + R - 1) / R row
     terms per query and candidate. Offsets inside one (batch, head) are int32 (the launcher
     checks they fit); with UNROLL the channel loop is unrolled (C is a constant) and, with
-    QREG, the query's values stay in registers."""
+    QREG, the query's values stay in registers. With CV > 1 (channels-last videos, C a
+    multiple of CV, no QREG) each lane reads CV channels of a row at once (:func:`_lane_cols`)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, BX)
@@ -1105,7 +1156,7 @@ def _search_rows_kernel(
                     q_b, k_b, qt, qy, qmasks, tstart, qy, xc, qcol, qxv, keys, ids, dmin, nd,
                     base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS,
                     PS, PT, DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R,
-                    PS + R - 1, SKIP, ACC, BX,
+                    PS + R - 1, SKIP, ACC, BX, CV,
                 )  # fmt: skip
                 for i in tl.static_range(R):
                     kr, ir = _slots(keys, ids, i, RS)
@@ -1136,7 +1187,7 @@ def _search_rows_kernel(
                 q_b, k_b, qt, qy, (qmask,), tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS, PT,
                 DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP, ACC,
-                BX,
+                BX, CV,
             )  # fmt: skip
             keys, ids = _flush_row(keys, ids, KP, NB)
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
@@ -1560,7 +1611,7 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": 0, "direct_buffer": 4, "direct_skip": False,
+    "rows_buffer": 0, "rows_cvec": 4, "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
@@ -1624,6 +1675,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     # as attention layers make them) those reads would not coalesce across lanes. A search of a
     # video against itself copies it once.
     same = kvid.data_ptr() == qvid.data_ptr() and kvid.stride() == qvid.stride()
+    q_in, k_in = qvid, kvid
     qvid = _channels_first(qvid)
     kvid = qvid if same else _channels_first(kvid)
     row0 = p.start // nw
@@ -1642,6 +1694,20 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         if jr - jl < CONFIG["rows_min"]:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
+    # The row kernel, where it takes every column and the query is not kept in registers,
+    # reads CV channels per load (one vector load per lane) from channels-last videos
+    strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
+    qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
+    cv = CONFIG["rows_cvec"]
+    if cv > 1 and not qreg and c % cv == 0 and lanes == 0 and jr > jl:
+        q_last = _channels_last(q_in)
+        k_last = q_last if same else _channels_last(k_in)
+        if _rows_apply(q_last, k_last, flows, p, whole, select_all):
+            qvid, kvid = q_last, k_last
+        else:
+            cv = 1
+    else:
+        cv = 1
     # one-pixel patches with few channels: the query's channels stay in registers
     cq = c if (p.ps == 1 and p.pt == 1 and whole and c <= CONFIG["qreg_max"]) else 0
     # (its key pixels lie inside: search checks that the window fits the frame)
@@ -1671,10 +1737,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
         )
         rows_warps = CONFIG["rows_warps"] or bx // 32
-        strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
         nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
-        qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
         nb = CONFIG["rows_buffer"]
         _search_rows_kernel[(nprog,)](
             qvid, kvid, dists, inds, widx,
@@ -1689,7 +1753,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             UNROLL=qreg or c <= CONFIG["rows_unroll"],
             COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
             SKIP=CONFIG["rows_skip"],
-            ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, num_warps=rows_warps,
+            ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, CV=cv, num_warps=rows_warps,
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
