@@ -225,7 +225,7 @@ def test_row_kernel_strips(monkeypatch, kw, strip):
     ("kw", "cout", "strip", "cvec", "nch"),
     [
         (dict(ws=5, ps=3, k=4), 2, 2, 1, 2),
-        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="anchor"), 5, 1, 2, 2),
+        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="exclude"), 5, 1, 2, 2),
         (dict(ws=3, wt=1, ps=3, k=3, self_match="exclude", start=33, count=500), 3, 2, 2, 4),
         (dict(ws=5, ps=3, k=4), 0, 2, 2, 2),
     ],
@@ -234,8 +234,8 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip, cvec, nch):
     """With the query's values not in registers, blocks whose windows are not slid sideways
     walk each window row channels outermost, ``rows_cout`` displacements at a time (the last
     chunk shorter when it does not divide ws); the edge blocks keep the channel-inner loop.
-    With ``rows_cvec`` 2 both loops read two channels per load from channels-last copies
-    (``nch`` 4: two such groups). Same selection, ties and order included."""
+    With ``rows_cvec`` 2 both loops read two channels per load from channel-blocked copies
+    (``nch`` 4: two groups). Same selection, ties and order included."""
     config = dict(rows_qreg=0, rows_cout=cout, rows_strip=strip, rows_cvec=cvec)
     shape = (1, 3, 3 * nch // 2, 9, 150) if CUDA else (1, 3, nch, 8, 70)
     assert_rows_match(monkeypatch, config, shape, 20, **kw)

@@ -757,13 +757,14 @@ def _zero_terms(lane, R: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _lane_cols(col, valid, stride, CV: tl.constexpr, REFLECT: tl.constexpr):
+def _lane_cols(col, valid, CV: tl.constexpr, REFLECT: tl.constexpr):
     """Each lane's column offset ``col`` and its validity (:func:`_fold`), as they are (CV = 1)
-    or widened to (BX, CV) tiles of CV consecutive channels (``stride`` apart: 1 in a
-    channels-last video, where each lane then reads its CV channels in one vector load)."""
+    or widened to (BX, CV) tiles of the CV channels of a group, which lie together in a
+    channel-blocked video (``(T, C / CV, H, W, CV)``: each lane reads a group's channels in
+    one vector load, and a warp's lanes a run of ``32 CV`` values)."""
     if CV > 1:
         ch = tl.arange(0, CV)[None, :]
-        col = col[:, None] + ch * stride
+        col = col[:, None] + ch
         if not REFLECT:
             valid = valid[:, None] | (ch < 0)
     return col, valid
@@ -798,22 +799,23 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
                 CV: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
     summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
-    is each query's own position (left out). With CV > 1 (channels-last videos, no QREG) the
-    channels go CV at a time (:func:`_lane_cols`)."""
+    is each query's own position (left out). With CV > 1 (channel-blocked videos, no QREG,
+    ``sq_c, sk_c`` the strides of the channel groups) the channels go CV at a time
+    (:func:`_lane_cols`)."""
     lane = tl.arange(0, BX)
-    qcol, qxv = _lane_cols(qcol, qxv, sq_c, CV, REFLECT)
+    qcol, qxv = _lane_cols(qcol, qxv, CV, REFLECT)
     for bb in range(nd):
         dx = dmin + bb * s1
         col = base + bb  # each lane's window column
         inwin = (col >= 0) & (col < WS)
         # lanes outside their window may reach past one reflection: clamped (not output)
         kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
-        kcol, kxv = _lane_cols(kxi * sk_x, kxv, sk_c, CV, REFLECT)
+        kcol, kxv = _lane_cols(kxi * sk_x, kxv, CV, REFLECT)
         head, mid, tail = _zero_terms(kcol, R, ACC)
         if CV > 1:
             for g in range(C // CV):
                 head, mid, tail = _channel_terms(
-                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g * CV, head,
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head,
                     mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, False, R, ACC,
                 )  # fmt: skip
             head, mid, tail = _sum_terms(head, mid, tail, CV)
@@ -862,25 +864,26 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
     rows are read once into registers and the terms of the DXB displacements accumulate
     (``DXB x (2R - 1)`` vectors), so each pass reads one channel of the key rows (a small
     working set, hits in L1) and a query value once per DXB candidates instead of once per
-    candidate; then the DXB candidates are offered in window order. With CV > 1 (a
-    channels-last video) a pass reads CV channels of a row with one vector load per lane
-    (:func:`_lane_cols`) and the terms keep their CV channels apart until the offer."""
+    candidate; then the DXB candidates are offered in window order. With CV > 1 (channel-blocked
+    videos, ``sq_c, sk_c`` the strides of the channel groups) a pass reads a group of CV
+    channels of a row with one vector load per lane (:func:`_lane_cols`) and the terms keep
+    their CV channels apart until the offer."""
     lane = tl.arange(0, BX)
-    qcol, qxv = _lane_cols(qcol, qxv, sq_c, CV, REFLECT)
+    qcol, qxv = _lane_cols(qcol, qxv, CV, REFLECT)
     for b0 in tl.static_range(0, WS, DXB):
         kcols = ()
         kxvs = ()
         terms = ()
         for bb in tl.static_range(b0, min(b0 + DXB, WS)):
             kxi, kxv = _fold(_clamp(xc + (dmin + bb * s1), 1 - W, 2 * W - 2), W, REFLECT)
-            kcol, kxv = _lane_cols(kxi * sk_x, kxv, sk_c, CV, REFLECT)
+            kcol, kxv = _lane_cols(kxi * sk_x, kxv, CV, REFLECT)
             kcols = kcols + (kcol,)
             kxvs = kxvs + (kxv,)
             for _m in tl.static_range(2 * R - 1):  # head, mid, tail
                 terms = terms + (tl.zeros(kcol.shape, ACC),)
         for g in range(C // CV):
-            qc = q_b + g * CV * sq_c
-            kc = k_b + g * CV * sk_c
+            qc = q_b + g * sq_c
+            kc = k_b + g * sk_c
             qv = ()
             for at in tl.static_range(PT * NR):
                 qv = qv + (_row_load(qc, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC),)
@@ -1090,8 +1093,27 @@ def _search_rows_kernel(
     share PS - R + 1 of their PS patch-row terms each (DIL = 1, R <= PS): (PS + R - 1) / R row
     terms per query and candidate. Offsets inside one (batch, head) are int32 (the launcher
     checks they fit); with UNROLL the channel loop is unrolled (C is a constant) and, with
-    QREG, the query's values stay in registers. With CV > 1 (channels-last videos, C a
-    multiple of CV, no QREG) each lane reads CV channels of a row at once (:func:`_lane_cols`)."""
+    QREG, the query's values stay in registers. With CV > 1 (channel-blocked videos, C a
+    multiple of CV, no QREG, no ANCHOR; ``sq_c, sk_c`` the strides of the channel groups, and
+    every stride given in units of CV values) each lane reads CV channels of a row at once
+    (:func:`_lane_cols`)."""
+    if CV > 1:
+        sq_b, sq_h, sq_t, sq_c, sq_y, sq_x = (
+            sq_b * CV,
+            sq_h * CV,
+            sq_t * CV,
+            sq_c * CV,
+            sq_y * CV,
+            sq_x * CV,
+        )
+        sk_b, sk_h, sk_t, sk_c, sk_y, sk_x = (
+            sk_b * CV,
+            sk_h * CV,
+            sk_t * CV,
+            sk_c * CV,
+            sk_y * CV,
+            sk_x * CV,
+        )
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, BX)
@@ -1624,6 +1646,13 @@ def _channels_last(vid: torch.Tensor) -> torch.Tensor:
     return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
 
 
+def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
+    """``vid`` (B, HD, T, C, H, W) copied to (B, HD, T, C / cv, H, W, cv): each pixel's channels
+    in groups of ``cv`` consecutive values."""
+    b, hd, t, c, h, w = vid.shape
+    return vid.reshape(b, hd, t, c // cv, cv, h, w).permute(0, 1, 2, 3, 5, 6, 4).contiguous()
+
+
 def _channels_first(vid: torch.Tensor) -> torch.Tensor:
     """``vid`` (B, HD, T, C, H, W), copied channel-first when its channels are innermost."""
     if vid.shape[3] > 1 and vid.stride(3) == 1 and vid.stride(5) > 1:
@@ -1675,7 +1704,6 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
     # as attention layers make them) those reads would not coalesce across lanes. A search of a
     # video against itself copies it once.
     same = kvid.data_ptr() == qvid.data_ptr() and kvid.stride() == qvid.stride()
-    q_in, k_in = qvid, kvid
     qvid = _channels_first(qvid)
     kvid = qvid if same else _channels_first(kvid)
     row0 = p.start // nw
@@ -1695,19 +1723,24 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
     # The row kernel, where it takes every column and the query is not kept in registers,
-    # reads CV channels per load (one vector load per lane) from channels-last videos
+    # reads CV channels per load (one vector load per lane) from channel-blocked copies
     strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
     qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
     cv = CONFIG["rows_cvec"]
-    if cv > 1 and not qreg and c % cv == 0 and lanes == 0 and jr > jl:
-        q_last = _channels_last(q_in)
-        k_last = q_last if same else _channels_last(k_in)
-        if _rows_apply(q_last, k_last, flows, p, whole, select_all):
-            qvid, kvid = q_last, k_last
-        else:
-            cv = 1
+    blocked = (
+        cv > 1 and not qreg and not anchor and c % cv == 0 and lanes == 0
+        and jr > jl and nframes * c * height * width < 2**31
+    )  # fmt: skip
+    if blocked:
+        qb = _channel_blocked(qvid, cv)
+        kb = qb if same else _channel_blocked(kvid, cv)
+        # (in units of cv values: the kernel multiplies them back, so it knows each group's
+        # address is a multiple of cv values, as a vector load needs)
+        rows_strides = tuple(tuple(st // cv for st in v.stride()[:6]) for v in (qb, kb))
     else:
         cv = 1
+        qb, kb = qvid, kvid
+        rows_strides = qvid.stride(), kvid.stride()
     # one-pixel patches with few channels: the query's channels stay in registers
     cq = c if (p.ps == 1 and p.pt == 1 and whole and c <= CONFIG["qreg_max"]) else 0
     # (its key pixels lie inside: search checks that the window fits the frame)
@@ -1741,8 +1774,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
         nb = CONFIG["rows_buffer"]
         _search_rows_kernel[(nprog,)](
-            qvid, kvid, dists, inds, widx,
-            *qvid.stride(), *kvid.stride(),
+            qb, kb, dists, inds, widx,
+            *rows_strides[0], *rows_strides[1],
             hd, nframes, height, width,
             p.start, p.count, t0, h0, w0, nh, nw,
             row0, triton.cdiv(nrows, strip), nrows, jl, jr, nxb, nblocks,
