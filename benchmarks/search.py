@@ -239,8 +239,10 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
                 out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))
             for cout in (0, 3, 8):
                 out.append(("cout", dict(rows_cout=cout)))
-            for cvec, cout in ((1, 3), (2, 3), (4, 3), (4, 5)):
-                out.append(("cvec", dict(rows_cvec=cvec, rows_cout=cout)))
+            for cvec, cout, strip in (
+                (1, 3, 2), (2, 3, 2), (4, 3, 2), (4, 5, 2), (4, 2, 2), (4, 4, 2), (4, 3, 1),
+            ):  # fmt: skip
+                out.append(("cvec", dict(rows_cvec=cvec, rows_cout=cout, rows_strip=strip)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 

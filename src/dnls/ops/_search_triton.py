@@ -1616,10 +1616,13 @@ class _Layout(NamedTuple):
 # most channels whose loop is unrolled when they are not, displacements per channels-outer pass when
 # they are not (0: channels innermost), and whether a block skips the insert of a candidate no lane
 # keeps, and the candidates each lane buffers before inserting (0: inserted at once; W3 4.58 -> 4.24
-# ms at 2 slots, W1s 4.97 -> 5.55). Measured on the H200 (BENCHMARKS.md): 32 columns on one warp,
-# strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows 5.16), the channel loop not unrolled (W4
-# 12.82 ms; unrolled 20.74) and channels outermost 3 displacements at a time (W4 10.77 ms; 0: 12.85,
-# 8: 12.47).
+# ms at 2 slots, W1s 4.97 -> 5.55), and the channels read per vector load from channel-blocked
+# copies where the query is not in registers (1: channel by channel). Measured on the H200
+# (BENCHMARKS.md): 32 columns on one warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows
+# 5.16), the channel loop not unrolled (W4 12.82 ms; unrolled 20.74), channels outermost 3
+# displacements at a time (W4 10.77 ms; 0: 12.85, 8: 12.47), and 4 channels per load (W4 6.76 ms;
+# 1: 10.78, 2: 8.02; at 4, 2 / 4 / 5 displacements per pass: 7.13 / 6.67 / 9.06, one row per
+# strip 9.89).
 # Backward: queries per program and warps, the fewest channels for which one-pixel patches
 # read and accumulate channels-last (0: never), whether patches of one frame sum each query's
 # gradient over its results before adding it, and whether whole positions take the two passes
