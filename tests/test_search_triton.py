@@ -243,6 +243,33 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip, cvec, nch):
     assert_rows_match(monkeypatch, config, shape, 20, **kw)
 
 
+@pytest.mark.parametrize(
+    ("kw", "nch", "qreg", "blocked"),
+    [
+        (dict(ws=5, ps=3, k=4), 3, 48, True),
+        (dict(ws=5, ps=3, k=4, dist="dot", border="zero", self_match="exclude"), 3, 0, True),
+        (dict(ws=3, wt=1, ps=2, k=3, self_match="anchor", start=20, count=300), 3, 48, False),
+        (dict(ws=3, ps=3, k=4, border="zero", start=33, count=200), 6, 48, True),
+        (dict(ws=3, ps=3, k=4), 5, 48, False),
+    ],
+)
+def test_row_kernel_padded_channels(monkeypatch, kw, nch, qreg, blocked):
+    """Channel counts that are not a multiple of ``rows_cvec`` (4): 3 and 6 are padded with zero
+    channels to 4 and 8 (at most a third more) and read 4 per load, the query in registers
+    (``rows_qreg`` 48) or channels outermost (0); 5 would need 8 and keeps one channel per
+    load, and so does an anchored search. ``blocked`` says which path must have run."""
+    from dnls.ops import _search_triton as kernels
+
+    copies = []
+    real = kernels._channel_blocked
+    monkeypatch.setattr(kernels, "_channel_blocked", lambda v, cv: copies.append(cv) or real(v, cv))
+    config = dict(rows_qreg=qreg, rows_cout=3, rows_strip=2, rows_cvec=4)
+    frames = 3 if kw.get("wt") else 1
+    shape = (1, frames, nch, 9, 150) if CUDA else (1, frames, nch, 6, 40)
+    assert_rows_match(monkeypatch, config, shape, 23, **kw)
+    assert bool(copies) == blocked and all(cv == 4 for cv in copies)
+
+
 @st.composite
 def row_kernel_cases(draw):
     """Searches the row kernel takes (whole positions, no flows, stride0 = 1, ps > 1), with its

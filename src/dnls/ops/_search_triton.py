@@ -799,9 +799,9 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
                 CV: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
     summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
-    is each query's own position (left out). With CV > 1 (channel-blocked videos, no QREG,
-    ``sq_c, sk_c`` the strides of the channel groups) the channels go CV at a time
-    (:func:`_lane_cols`)."""
+    is each query's own position (left out). With CV > 1 (channel-blocked videos, ``sq_c,
+    sk_c`` the strides of the channel groups) the channels go CV at a time
+    (:func:`_lane_cols`); with QREG too, the query's groups come from ``qvals``."""
     lane = tl.arange(0, BX)
     qcol, qxv = _lane_cols(qcol, qxv, CV, REFLECT)
     for bb in range(nd):
@@ -812,7 +812,14 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
         kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
         kcol, kxv = _lane_cols(kxi * sk_x, kxv, CV, REFLECT)
         head, mid, tail = _zero_terms(kcol, R, ACC)
-        if CV > 1:
+        if CV > 1 and QREG:  # the query's groups from registers
+            for g in tl.static_range(C // CV):
+                head, mid, tail = _channel_terms(
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head,
+                    mid, tail, sq_c, sk_c, PS, NR, C // CV, PT, DOT, REFLECT, True, R, ACC,
+                )  # fmt: skip
+            head, mid, tail = _sum_terms(head, mid, tail, CV)
+        elif CV > 1:
             for g in range(C // CV):
                 head, mid, tail = _channel_terms(
                     q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head,
@@ -933,10 +940,11 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
     half = (PS // 2) * DIL
     qrows, qrv = _row_offsets(qt, qy - half, T, H, sq_t, sq_y, NR, PT, DIL, REFLECT)
     qvals = ()
-    if QREG:
+    if QREG:  # (with CV > 1: C / CV groups of CV channels, a (BX, CV) tile each)
+        qc, qcv = _lane_cols(qcol, qxv, CV, REFLECT)
         for at in tl.static_range(PT * NR):
-            for c in tl.static_range(C):
-                v = _row_load(q_b + c * sq_c, qrows[at], qcol, qxv, qrv[at], REFLECT, ACC)
+            for c in tl.static_range(C // CV):
+                v = _row_load(q_b + c * sq_c, qrows[at], qc, qcv, qrv[at], REFLECT, ACC)
                 qvals = qvals + (v,)
     for s in range(S):
         tf = tstart + s
@@ -1094,9 +1102,9 @@ def _search_rows_kernel(
     terms per query and candidate. Offsets inside one (batch, head) are int32 (the launcher
     checks they fit); with UNROLL the channel loop is unrolled (C is a constant) and, with
     QREG, the query's values stay in registers. With CV > 1 (channel-blocked videos, C a
-    multiple of CV, no QREG, no ANCHOR; ``sq_c, sk_c`` the strides of the channel groups, and
-    every stride given in units of CV values) each lane reads CV channels of a row at once
-    (:func:`_lane_cols`)."""
+    multiple of CV, padded with zero channels where needed, no ANCHOR; ``sq_c, sk_c`` the
+    strides of the channel groups, and every stride given in units of CV values) each lane
+    reads CV channels of a row at once (:func:`_lane_cols`)."""
     if CV > 1:
         sq_b, sq_h, sq_t, sq_c, sq_y, sq_x = (
             sq_b * CV,
@@ -1650,10 +1658,16 @@ def _channels_last(vid: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
-    """``vid`` (B, HD, T, C, H, W) copied to (B, HD, T, C / cv, H, W, cv): each pixel's channels
-    in groups of ``cv`` consecutive values."""
+    """``vid`` (B, HD, T, C, H, W) copied to (B, HD, T, ceil(C / cv), H, W, cv): each pixel's
+    channels in groups of ``cv`` consecutive values, the last group padded with zeros (a zero
+    channel in both videos adds 0 to either distance)."""
     b, hd, t, c, h, w = vid.shape
-    return vid.reshape(b, hd, t, c // cv, cv, h, w).permute(0, 1, 2, 3, 5, 6, 4).contiguous()
+    pad = -c % cv
+    if pad:
+        vid = torch.nn.functional.pad(vid, (0, 0, 0, 0, 0, pad))
+    return (
+        vid.reshape(b, hd, t, (c + pad) // cv, cv, h, w).permute(0, 1, 2, 3, 5, 6, 4).contiguous()
+    )
 
 
 def _channels_first(vid: torch.Tensor) -> torch.Tensor:
@@ -1725,15 +1739,19 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         if jr - jl < CONFIG["rows_min"]:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
-    # The row kernel, where it takes every column and the query is not kept in registers,
-    # reads CV channels per load (one vector load per lane) from channel-blocked copies
+    # The row kernel, where it takes every column, reads CV channels per load (one vector load
+    # per lane) from channel-blocked copies, the channels padded with zeros to a multiple of CV
+    # where that adds at most a third (C = 3: one load of 4 instead of 3 of 1)
     strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
-    qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
-    cv = CONFIG["rows_cvec"]
+    cv = min(CONFIG["rows_cvec"], next_power_of_2(c))
+    cpad = -(-c // cv) * cv
     blocked = (
-        cv > 1 and not qreg and not anchor and c % cv == 0 and lanes == 0
-        and jr > jl and nframes * c * height * width < 2**31
+        cv > 1 and 3 * (cpad - c) <= c and not anchor and lanes == 0
+        and jr > jl and nframes * cpad * height * width < 2**31
     )  # fmt: skip
+    if not blocked:
+        cpad = c
+    qreg = p.pt * (p.ps + strip - 1) * cpad <= CONFIG["rows_qreg"]
     if blocked:
         qb = _channel_blocked(qvid, cv)
         kb = qb if same else _channel_blocked(kvid, cv)
@@ -1783,10 +1801,10 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             p.start, p.count, t0, h0, w0, nh, nw,
             row0, triton.cdiv(nrows, strip), nrows, jl, jr, nxb, nblocks,
             s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
-            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=c, KP=kp, NB=nb,
+            WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=cpad, KP=kp, NB=nb,
             RS=kp + nb + 1 if nb else kp, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
-            UNROLL=qreg or c <= CONFIG["rows_unroll"],
+            UNROLL=qreg or cpad <= CONFIG["rows_unroll"],
             COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
             SKIP=CONFIG["rows_skip"],
             ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, CV=cv, num_warps=rows_warps,
