@@ -197,9 +197,9 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
     channels-last accumulators; its query gradient summed in registers or not and its passes
     at precomputed key offsets; the row kernel's per-lane candidate buffer, and for one-pixel
     patches the direct kernel's (with its skip of candidates no lane keeps); the row kernel's
-    channels per load (channel-blocked videos, zero channels padding C = 3 to 4). ``parts``:
-    which of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer", "dsel",
-    "cvec" to include ("mem": the peak-memory runs after the sweep)."""
+    channels per load (channel-blocked videos; rows_cpad: zero channels padding C = 3 to 4).
+    ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer",
+    "dsel", "cvec" to include ("mem": the peak-memory runs after the sweep)."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -245,7 +245,7 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
                 out.append(("cvec", dict(rows_cvec=cvec, rows_cout=cout, rows_strip=strip)))
         else:  # channels padded to a multiple of the vector (C = 3: one load of 4)
             for cvec, strip in ((1, 2), (2, 2), (4, 2), (1, 3), (4, 3), (4, 4)):
-                out.append(("cvec", dict(rows_cvec=cvec, rows_strip=strip)))
+                out.append(("cvec", dict(rows_cvec=cvec, rows_strip=strip, rows_cpad=True)))
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 

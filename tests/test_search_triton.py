@@ -263,7 +263,7 @@ def test_row_kernel_padded_channels(monkeypatch, kw, nch, qreg, blocked):
     copies = []
     real = kernels._channel_blocked
     monkeypatch.setattr(kernels, "_channel_blocked", lambda v, cv: copies.append(cv) or real(v, cv))
-    config = dict(rows_qreg=qreg, rows_cout=3, rows_strip=2, rows_cvec=4)
+    config = dict(rows_qreg=qreg, rows_cout=3, rows_strip=2, rows_cvec=4, rows_cpad=True)
     frames = 3 if kw.get("wt") else 1
     shape = (1, frames, nch, 9, 150) if CUDA else (1, frames, nch, 6, 40)
     assert_rows_match(monkeypatch, config, shape, 23, **kw)
@@ -304,6 +304,7 @@ def row_kernel_cases(draw):
         rows_unroll=draw(st.sampled_from([0, 64])),
         rows_buffer=draw(st.sampled_from([0, 0, 2, 3])),
         rows_cvec=draw(st.sampled_from([1, 2])),
+        rows_cpad=draw(st.booleans()),
     )
     return shape, kw, config, draw(st.integers(0, 2**16))
 

@@ -1630,7 +1630,9 @@ class _Layout(NamedTuple):
 # 5.16), the channel loop not unrolled (W4 12.82 ms; unrolled 20.74), channels outermost 3
 # displacements at a time (W4 10.77 ms; 0: 12.85, 8: 12.47), and 4 channels per load (W4 6.76 ms;
 # 1: 10.78, 2: 8.02; at 4, 2 / 4 / 5 displacements per pass: 7.13 / 6.67 / 9.06, one row per
-# strip 9.89).
+# strip 9.89); with rows_cpad, queries in registers read that many too, channels padded with zero
+# channels to a multiple (C = 3 -> 4): W3 4.59 ms without, 5.44 with, 4.21 with in strips of 3;
+# W1s 4.96, 5.14, 5.31, so off.
 # Backward: queries per program and warps, the fewest channels for which one-pixel patches
 # read and accumulate channels-last (0: never), whether patches of one frame sum each query's
 # gradient over its results before adding it, and whether whole positions take the two passes
@@ -1644,7 +1646,7 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": 0, "rows_cvec": 4, "direct_buffer": 4, "direct_skip": False,
+    "rows_buffer": 0, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
@@ -1739,15 +1741,17 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         if jr - jl < CONFIG["rows_min"]:
             jl = jr = 0
     lanes = nrows * (nw - (jr - jl))
-    # The row kernel, where it takes every column, reads CV channels per load (one vector load
-    # per lane) from channel-blocked copies, the channels padded with zeros to a multiple of CV
-    # where that adds at most a third (C = 3: one load of 4 instead of 3 of 1)
+    # The row kernel, where it takes every column and the query is not kept in registers,
+    # reads CV channels per load (one vector load per lane) from channel-blocked copies; with
+    # rows_cpad also where it is, the channels padded with zeros to a multiple of CV where that
+    # adds at most a third (C = 3: one load of 4 instead of 3 of 1)
     strip = min(CONFIG["rows_strip"], p.ps) if p.dilation == 1 else 1
     cv = min(CONFIG["rows_cvec"], next_power_of_2(c))
-    cpad = -(-c // cv) * cv
+    cpad = -(-c // cv) * cv if CONFIG["rows_cpad"] else c
+    qreg = p.pt * (p.ps + strip - 1) * c <= CONFIG["rows_qreg"]
     blocked = (
-        cv > 1 and 3 * (cpad - c) <= c and not anchor and lanes == 0
-        and jr > jl and nframes * cpad * height * width < 2**31
+        cv > 1 and cpad % cv == 0 and 3 * (cpad - c) <= c and (CONFIG["rows_cpad"] or not qreg)
+        and not anchor and lanes == 0 and jr > jl and nframes * cpad * height * width < 2**31
     )  # fmt: skip
     if not blocked:
         cpad = c
