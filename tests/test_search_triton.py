@@ -376,15 +376,16 @@ def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
             1,
             2,
         ),
-        (dict(ws=5, ps=3, k=3), 6, dict(rows_qreg=0, rows_cvec=2, rows_strip=2), 4, 8),
+        (dict(ws=5, ps=3, k=3), 6, dict(rows_strip=2), 4, 8),
         (dict(ws=4, ps=2, k=4, start=9, count=200), 3, dict(rows_strip=1, rows_buffer=2), 1, 2),
     ],
 )
 def test_row_kernel_listed_selection(monkeypatch, kw, nlist, config, nch, levels):
     """Each lane listing up to ``rows_list`` candidates below its bound in memory before
-    inserting them (the row kernel's buffer setting is then unused): the same selection, ties
-    and order included (the list is inserted in window order); ``levels`` > 0 (a power of two:
-    every sum exact) quantises the videos to that many values, so that many distances tie."""
+    inserting them (the query in registers; the buffer setting is then unused): the same
+    selection, ties and order included (the list is inserted in window order); ``levels`` > 0
+    (a power of two: every sum exact) quantises the videos to that many values, so that many
+    distances tie."""
     from dnls.ops import _search_triton as kernels
 
     for key, value in dict(config, rows_list=nlist).items():

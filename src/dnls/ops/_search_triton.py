@@ -1862,7 +1862,10 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         rows_warps = CONFIG["rows_warps"] or bx // 32
         nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
-        nl = CONFIG["rows_list"]
+        # (lists only where the query is in registers: with the channels-outer pass's flushes
+        # inlined at each of its offers, W4's kernel took 532 s to compile offline for sm_90, at
+        # 255 registers and a 1 KB stack)
+        nl = CONFIG["rows_list"] if qreg else 0
         nb = 0 if nl else CONFIG["rows_buffer"]
         lk = li = dists
         if nl:  # (each program's candidate lists: no more for more queries)
