@@ -195,12 +195,11 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
     registers or not; the backward's; the row kernel's block width, warps and rows per strip,
     and its channel loop (unrolled, channels outermost); for one-pixel patches the backward's
     channels-last accumulators; its query gradient summed in registers or not and its passes
-    at precomputed key offsets; the row kernel's per-lane candidate buffer or list in memory,
-    and for one-pixel patches the direct kernel's buffer (with its skip of candidates no lane
-    keeps); the row kernel's channels per load (channel-blocked videos; rows_cpad: zero
-    channels padding C = 3 to 4).
+    at precomputed key offsets; the row kernel's per-lane candidate buffer, and for one-pixel
+    patches the direct kernel's (with its skip of candidates no lane keeps); the row kernel's
+    channels per load (channel-blocked videos; rows_cpad: zero channels padding C = 3 to 4).
     ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer",
-    "list", "dsel", "cvec" to include ("mem": the peak-memory runs after the sweep)."""
+    "dsel", "cvec" to include ("mem": the peak-memory runs after the sweep)."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -235,8 +234,6 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
             out.append(("strip", dict(rows_strip=strip)))
         for nb in (0, 2, 4, 8):
             out.append(("buffer", dict(rows_buffer=nb)))
-        for nl, strip in ((0, 2), (8, 2), (16, 2), (32, 2), (16, 1), (16, 3)):
-            out.append(("list", dict(rows_list=nl, rows_strip=strip)))
         if row.shape[2] // row.kw.get("nheads", 1) > 3:  # channels not in registers
             for strip in (2, 4):
                 out.append(("unroll", dict(rows_unroll=0, rows_strip=strip)))

@@ -303,7 +303,6 @@ def row_kernel_cases(draw):
         rows_qreg=draw(st.sampled_from([0, 48])),
         rows_unroll=draw(st.sampled_from([0, 64])),
         rows_buffer=draw(st.sampled_from([0, 0, 2, 3])),
-        rows_list=draw(st.sampled_from([0, 0, 3, 4])),
         rows_cvec=draw(st.sampled_from([1, 2])),
         rows_cpad=draw(st.booleans()),
     )
@@ -362,41 +361,6 @@ def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
     the same selection, ties and order included (the buffer is inserted in window order)."""
     shape = (1, 3, 3, 9, 70) if CUDA else (1, 3, 1, 8, 40)
     assert_rows_match(monkeypatch, dict(rows_buffer=buffer, rows_strip=strip), shape, 27, **kw)
-
-
-@pytest.mark.parametrize(
-    ("kw", "nlist", "config", "nch", "levels"),
-    [
-        (dict(ws=5, ps=3, k=4), 8, dict(rows_strip=2), 1, 0),
-        (dict(ws=3, wt=1, ps=2, k=5, dist="dot", self_match="exclude"), 5, {}, 1, 4),
-        (
-            dict(ws=5, ps=2, k=6, border="zero", self_match="anchor", start=20, count=300),
-            1,
-            {},
-            1,
-            2,
-        ),
-        (dict(ws=5, ps=3, k=3), 6, dict(rows_strip=2), 4, 8),
-        (dict(ws=4, ps=2, k=4, start=9, count=200), 3, dict(rows_strip=1, rows_buffer=2), 1, 2),
-    ],
-)
-def test_row_kernel_listed_selection(monkeypatch, kw, nlist, config, nch, levels):
-    """Each lane listing up to ``rows_list`` candidates below its bound in memory before
-    inserting them (the query in registers; the buffer setting is then unused): the same
-    selection, ties and order included (the list is inserted in window order); ``levels`` > 0
-    (a power of two: every sum exact) quantises the videos to that many values, so that many
-    distances tie."""
-    from dnls.ops import _search_triton as kernels
-
-    for key, value in dict(config, rows_list=nlist).items():
-        monkeypatch.setitem(kernels.CONFIG, key, value)
-    shape = (1, 3, nch, 9, 70) if CUDA else (1, 3, nch, 7, 40)
-    q, k = (rand_video(shape, seed=31 + i).to(DEVICE) for i in range(2))
-    if levels:
-        q, k = (torch.floor(v * levels) / levels for v in (q, k))
-    (d0, i0), (d1, i1) = both(monkeypatch, q, k, **kw)
-    assert_close(d1, d0, what="dists")
-    assert torch.equal(i1, i0)
 
 
 @pytest.mark.parametrize(

@@ -392,7 +392,7 @@ def _search_fwd_kernel(
 
     zero = qi * 0
     # the selection (:func:`_offer_row`): KP sorted slots, with NB > 0 a buffer per lane too
-    keys, ids = _row_init(zero, NWIN, KP, NB, 0, ACC)
+    keys, ids = _row_init(zero, NWIN, KP, NB, ACC)
     if CQ > 0:
         # one pixel per patch: the query's CQ channels stay in registers for the whole window
         qs = ()
@@ -448,9 +448,9 @@ def _search_fwd_kernel(
                         own = (tf == qt) & (ky == qy.to(POS)) & (kx == qx.to(POS))
                         cand = cand & (own == 0)
                     key = tl.where(cand, key, float("inf"))
-                    keys, ids = _offer_row(keys, ids, key, j, (), KP, NB, SKIP, 0, BLOCK_Q)
+                    keys, ids = _offer_row(keys, ids, key, j, KP, NB, SKIP)
     if not ALL:
-        keys, ids = _flush_row(keys, ids, (), KP, NB, 0, BLOCK_Q)
+        keys, ids = _flush_row(keys, ids, KP, NB)
         # The first KEEP slots, already in (key, index) order, and their positions.
         ity = inds_ptr.dtype.element_ty
         for i in tl.static_range(KP):
@@ -659,17 +659,12 @@ def _set_slots(keys, ids, rk, ri, i: tl.constexpr, RS: tl.constexpr, N: tl.const
 
 
 @triton.jit
-def _row_init(zero, NWIN, KP: tl.constexpr, NB: tl.constexpr, NL: tl.constexpr,
-              ACC: tl.constexpr):  # fmt: skip
+def _row_init(zero, NWIN, KP: tl.constexpr, NB: tl.constexpr, ACC: tl.constexpr):
     """One query row's selection state (a lane's, in the direct kernel): KP empty slots
     (:func:`_topk_init`) and, with a buffer (NB > 0), NB empty buffer slots and a last slot
-    holding the buffer's count (in ``ids``; its key is unused), ``KP + NB + 1`` slots in all;
-    with a list in memory (NL > 0) instead, one last slot holding the list's count."""
+    holding the buffer's count (in ``ids``; its key is unused), ``KP + NB + 1`` slots in all."""
     keys, ids = _topk_init(zero, NWIN, KP, ACC)
-    if NL > 0:
-        keys = keys + (tl.zeros(zero.shape, ACC),)
-        ids = ids + (zero,)
-    elif NB > 0:
+    if NB > 0:
         for _b in tl.static_range(NB + 1):
             keys = keys + (tl.zeros(zero.shape, ACC) + float("inf"),)
         for _b in tl.static_range(NB):
@@ -679,13 +674,10 @@ def _row_init(zero, NWIN, KP: tl.constexpr, NB: tl.constexpr, NL: tl.constexpr,
 
 
 @triton.jit
-def _flush_row(rk, ri, lst, KP: tl.constexpr, NB: tl.constexpr, NL: tl.constexpr,
-               BX: tl.constexpr):  # fmt: skip
-    """Insert a row's buffered or listed candidates (in the order they came, so ties still go
-    to the earlier one) into its KP sorted slots and empty the buffer or the list."""
-    if NL > 0:
-        rk, ri = _flush_list(rk, ri, lst, tl.max(ri[KP], 0), KP, BX)
-    elif NB > 0:
+def _flush_row(rk, ri, KP: tl.constexpr, NB: tl.constexpr):
+    """Insert a row's buffered candidates (in the order they came, so ties still go to the
+    earlier one) into its KP sorted slots and empty the buffer."""
+    if NB > 0:
         sk, si = _slots(rk, ri, 0, KP)
         for b in tl.static_range(NB):
             sk, si = _topk_insert(sk, si, rk[KP + b], ri[KP + b], KP)
@@ -698,55 +690,14 @@ def _flush_row(rk, ri, lst, KP: tl.constexpr, NB: tl.constexpr, NL: tl.constexpr
 
 
 @triton.jit
-def _list_append(rk, ri, key, j, lst, KP: tl.constexpr, NL: tl.constexpr, BX: tl.constexpr):
-    """Append ``(key, j)`` to the list of each lane whose key is below its last sorted slot:
-    entry ``e`` of a lane at ``lst[0] + e * BX`` (keys) and ``lst[1] + e * BX`` (window
-    indices), its count in the last slot of ``ri``; when some lane's list is full, every
-    lane's list is inserted (:func:`_flush_list`)."""
-    cnt = ri[KP]
-    take = key < rk[KP - 1]
-    tl.store(lst[0] + cnt * BX, key, mask=take)
-    tl.store(lst[1] + cnt * BX, cnt * 0 + j, mask=take)
-    cnt = cnt + take.to(tl.int32)
-    nk, ni = _slots(rk, ri, 0, KP)
-    rk, ri = nk + (rk[KP],), ni + (cnt,)
-    if tl.max(cnt, 0) == NL:
-        rk, ri = _flush_list(rk, ri, lst, NL, KP, BX)
-    return rk, ri
-
-
-@triton.jit
-def _flush_list(rk, ri, lst, n, KP: tl.constexpr, BX: tl.constexpr):
-    """Insert each lane's first ``ri[KP]`` listed candidates (``n`` their most over the block)
-    in the order they were appended, four loads ahead of their inserts, and empty the lists."""
-    cnt = ri[KP]
-    sk, si = _slots(rk, ri, 0, KP)
-    for e0 in range(0, n, 4):
-        ks = ()
-        js = ()
-        for u in tl.static_range(4):
-            m = cnt > e0 + u
-            ks = ks + (tl.load(lst[0] + (e0 + u) * BX, mask=m, other=float("inf")),)
-            js = js + (tl.load(lst[1] + (e0 + u) * BX, mask=m, other=0),)
-        for u in tl.static_range(4):
-            sk, si = _topk_insert(sk, si, ks[u], js[u], KP)
-    return sk + (rk[KP],), si + (cnt * 0,)
-
-
-@triton.jit
-def _offer_row(rk, ri, key, j, lst, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl.constexpr,
-               NL: tl.constexpr, BX: tl.constexpr):  # fmt: skip
+def _offer_row(rk, ri, key, j, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl.constexpr):
     """Offer candidate ``(key, j)`` to one query row. Without a buffer: :func:`_topk_offer`.
     With one (NB > 0): each lane whose key is below its last sorted slot appends it to its
     buffer, and when some lane's buffer is full every lane's buffer is inserted. The bound is
     the sorted slots' (buffered candidates are not in it yet): looser, never wrong. A lane
     pays for the inserts of its own buffered candidates, NB at a time, instead of an insert
-    whenever any lane of the block keeps a candidate. With a list in memory (NL > 0): the
-    same, the candidates stored at ``lst`` (:func:`_list_append`), NL per lane, so appending
-    costs a store instead of NB register moves and a flush inserts up to NL per lane."""
-    if NL > 0:
-        rk, ri = _list_append(rk, ri, key, j, lst, KP, NL, BX)
-    elif NB == 0:
+    whenever any lane of the block keeps a candidate."""
+    if NB == 0:
         rk, ri = _topk_offer(rk, ri, key, j, KP, SKIP)
     else:
         take = key < rk[KP - 1]
@@ -761,7 +712,7 @@ def _offer_row(rk, ri, key, j, lst, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl
             nk = nk + (rk[KP + NB],)
             ni = ni + (cnt,)
             if tl.max(cnt, 0) == NB:
-                nk, ni = _flush_row(nk, ni, (), KP, NB, 0, 1)
+                nk, ni = _flush_row(nk, ni, KP, NB)
             rk, ri = nk, ni
     return rk, ri
 
@@ -777,28 +728,19 @@ def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
-def _row_list(lst, i, NL: tl.constexpr, BX: tl.constexpr):
-    """Row ``i``'s list pointers in a strip's (``lst``: row 0's; none without lists)."""
-    if NL > 0:
-        lst = (lst[0] + i * (NL * BX), lst[1] + i * (NL * BX))
-    return lst
-
-
-@triton.jit
-def _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j, lst, PS: tl.constexpr,
+def _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j, PS: tl.constexpr,
                  DIL: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, RS: tl.constexpr,
-                 DOT: tl.constexpr, R: tl.constexpr, SKIP: tl.constexpr, NL: tl.constexpr,
+                 DOT: tl.constexpr, R: tl.constexpr, SKIP: tl.constexpr,
                  BX: tl.constexpr):  # fmt: skip
     """Offer one displacement's candidate (window index ``j``, a candidate where ``cand``) to
-    each row of a strip, from its patch-row terms ``head, mid, tail`` (row ``i``'s list, with
-    NL > 0, at ``lst`` plus ``i NL BX``)."""
+    each row of a strip, from its patch-row terms ``head, mid, tail``."""
     sums = _strip_sums(head, mid, tail, R)
     for i in tl.static_range(R):
         d = _hsum(sums[i], lane, BX, PS, DIL)
         key = -d if DOT else d
         rk, ri = _slots(keys, ids, i, RS)
         key = tl.where(qmasks[i] & cand, key, float("inf"))
-        rk, ri = _offer_row(rk, ri, key, j, _row_list(lst, i, NL, BX), KP, NB, SKIP, NL, BX)
+        rk, ri = _offer_row(rk, ri, key, j, KP, NB, SKIP)
         keys, ids = _set_slots(keys, ids, rk, ri, i, RS, R * RS)
     return keys, ids
 
@@ -849,12 +791,12 @@ def _sum_terms(head, mid, tail, CV: tl.constexpr):
 
 @triton.jit
 def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own, xc,
-                dmin, nd, base, j0, lst, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr,
-                PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr,
-                KP: tl.constexpr, NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr,
-                REFLECT: tl.constexpr, QREG: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
-                NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr,
-                CV: tl.constexpr, NL: tl.constexpr):  # fmt: skip
+                dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS: tl.constexpr, PS: tl.constexpr,
+                PT: tl.constexpr, DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
+                QREG: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr, NR: tl.constexpr,
+                SKIP: tl.constexpr, ACC: tl.constexpr, BX: tl.constexpr,
+                CV: tl.constexpr):  # fmt: skip
     """One window row (key rows ``krows``): ``nd`` displacements, each one's patch-row terms
     summed over the channels, then offered. ``own``: the displacement ``dx = 0`` of this row
     is each query's own position (left out). With CV > 1 (channel-blocked videos, ``sq_c,
@@ -897,8 +839,8 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
                     tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R, ACC,
                 )  # fmt: skip
         cand = inwin & ((lane * 0 + (own & (dx == 0)).to(tl.int32)) == 0)
-        keys, ids = _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j0 + col, lst,
-                                 PS, DIL, KP, NB, RS, DOT, R, SKIP, NL, BX)  # fmt: skip
+        keys, ids = _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j0 + col, PS,
+                                 DIL, KP, NB, RS, DOT, R, SKIP, BX)  # fmt: skip
     return keys, ids
 
 
@@ -916,14 +858,14 @@ def _terms_at(terms, u: tl.constexpr, R: tl.constexpr):
 
 @triton.jit
 def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks,
-                               own, xc, dmin, base, j0, lst, sq_c, sk_c, sk_x, W, s1,
+                               own, xc, dmin, base, j0, sq_c, sk_c, sk_x, W, s1,
                                WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
                                DIL: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
                                NB: tl.constexpr, RS: tl.constexpr, DOT: tl.constexpr,
                                REFLECT: tl.constexpr, R: tl.constexpr,
                                NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
                                BX: tl.constexpr, DXB: tl.constexpr,
-                               CV: tl.constexpr, NL: tl.constexpr):  # fmt: skip
+                               CV: tl.constexpr):  # fmt: skip
     """:func:`_window_row` for a block whose windows are not slid sideways (WS displacements),
     channels outermost, DXB displacements at a time: channel by channel, the query's patch
     rows are read once into registers and the terms of the DXB displacements accumulate
@@ -967,21 +909,21 @@ def _window_row_channels_outer(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol
             head, mid, tail = _sum_terms(head, mid, tail, CV)
             cand = (lane * 0 + (own & (dmin + (b0 + u) * s1 == 0)).to(tl.int32)) == 0
             keys, ids = _offer_strip(
-                keys, ids, head, mid, tail, lane, qmasks, cand, j0 + base + b0 + u, lst, PS,
-                DIL, KP, NB, RS, DOT, R, SKIP, NL, BX,
+                keys, ids, head, mid, tail, lane, qmasks, cand, j0 + base + b0 + u, PS, DIL,
+                KP, NB, RS, DOT, R, SKIP, BX,
             )  # fmt: skip
     return keys, ids
 
 
 @triton.jit
 def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
-                 lst, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
+                 sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
                  WS: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
                  C: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, RS: tl.constexpr,
                  DOT: tl.constexpr, REFLECT: tl.constexpr, SKIP_OWN: tl.constexpr,
                  QREG: tl.constexpr, UNROLL: tl.constexpr, COUT: tl.constexpr, R: tl.constexpr,
                  NR: tl.constexpr, SKIP: tl.constexpr, ACC: tl.constexpr,
-                 BX: tl.constexpr, CV: tl.constexpr, NL: tl.constexpr):  # fmt: skip
+                 BX: tl.constexpr, CV: tl.constexpr):  # fmt: skip
     """The whole window for a strip of R query rows of one frame, ``qy .. qy + R - 1`` (lanes
     masked by the tuple ``qmasks``): with R > 1 (DIL = 1, no window slid vertically) each
     row's window is the one above it one row down, so the R rows share ``PS - R + 1`` of their
@@ -1020,20 +962,20 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
                 if nd == WS:
                     keys, ids = _window_row_channels_outer(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qmasks, own, xc,
-                        dmin, base, j0, lst, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB,
-                        RS, DOT, REFLECT, R, NR, SKIP, ACC, BX, COUT, CV, NL,
+                        dmin, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB, RS,
+                        DOT, REFLECT, R, NR, SKIP, ACC, BX, COUT, CV,
                     )  # fmt: skip
                 else:
                     keys, ids = _window_row(
                         q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks,
-                        own, xc, dmin, nd, base, j0, lst, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL,
-                        C, KP, NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV, NL,
+                        own, xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C,
+                        KP, NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV,
                     )  # fmt: skip
             else:
                 keys, ids = _window_row(
                     q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, qmasks, own,
-                    xc, dmin, nd, base, j0, lst, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP,
-                    NB, RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV, NL,
+                    xc, dmin, nd, base, j0, sq_c, sk_c, sk_x, W, s1, WS, PS, PT, DIL, C, KP, NB,
+                    RS, DOT, REFLECT, QREG, UNROLL, R, NR, SKIP, ACC, BX, CV,
                 )  # fmt: skip
     return keys, ids
 
@@ -1085,8 +1027,6 @@ def _search_rows_kernel(
     dist_ptr,
     inds_ptr,
     widx_ptr,  # outputs, as in _search_fwd_kernel (never ALL here)
-    lk_ptr,
-    li_ptr,  # with NL > 0, each program's candidate lists (keys, window indices): R x NL x BX
     sq_b,
     sq_h,
     sq_t,
@@ -1145,7 +1085,6 @@ def _search_rows_kernel(
     BX: tl.constexpr,
     BOUT: tl.constexpr,
     CV: tl.constexpr,
-    NL: tl.constexpr,
 ):
     """Reuse across queries, for whole positions without flows and stride0 = 1.
 
@@ -1191,9 +1130,6 @@ def _search_rows_kernel(
     lo = lo_steps * s1
     hi = H - 1 - hi_steps * s1
     hi_x = W - 1 - hi_steps * s1
-    lst = ()
-    if NL > 0:
-        lst = (lk_ptr + pid * (R * NL * BX) + lane, li_ptr + pid * (R * NL * BX) + lane)
     for blk in range(pid, nblocks, nprog):
         bh = blk // (ngroups * nxb)
         rem = blk % (ngroups * nxb)
@@ -1242,19 +1178,19 @@ def _search_rows_kernel(
                         (lane < BOUT) & (jq < jr) & (qi + i * nw >= start)
                         & (qi + i * nw < start + count),
                     )  # fmt: skip
-                    ki, ii = _row_init(zero, NWIN, KP, NB, NL, ACC)
+                    ki, ii = _row_init(zero, NWIN, KP, NB, ACC)
                     keys = keys + ki
                     ids = ids + ii
                 tstart = _clamp(qt - (S // 2), 0, T - S)
                 keys, ids = _rows_select(
                     q_b, k_b, qt, qy, qmasks, tstart, qy, xc, qcol, qxv, keys, ids, dmin, nd,
-                    base, lst, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps,
-                    WS, PS, PT, DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R,
-                    PS + R - 1, SKIP, ACC, BX, CV, NL,
+                    base, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS,
+                    PS, PT, DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, R,
+                    PS + R - 1, SKIP, ACC, BX, CV,
                 )  # fmt: skip
                 for i in tl.static_range(R):
                     kr, ir = _slots(keys, ids, i, RS)
-                    kr, ir = _flush_row(kr, ir, _row_list(lst, i, NL, BX), KP, NB, NL, BX)
+                    kr, ir = _flush_row(kr, ir, KP, NB)
                     row = bh.to(tl.int64) * count + (qi + i * nw - start).to(tl.int64)
                     _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, qmasks[i], zero,
                                 tstart, qy + i, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
@@ -1276,14 +1212,14 @@ def _search_rows_kernel(
             qy = h0 + grow_r % nh
             cy = _clamp(qy, lo, hi)
             tstart = _clamp(qt - (S // 2), 0, T - S)
-            keys, ids = _row_init(zero, NWIN, KP, NB, NL, ACC)
+            keys, ids = _row_init(zero, NWIN, KP, NB, ACC)
             keys, ids = _rows_select(
                 q_b, k_b, qt, qy, (qmask,), tstart, cy, xc, qcol, qxv, keys, ids, dmin, nd, base,
-                lst, sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS,
-                PT, DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP,
-                ACC, BX, CV, NL,
+                sq_t, sq_c, sq_y, sk_t, sk_c, sk_y, sk_x, T, H, W, S, s1, lo_steps, WS, PS, PT,
+                DIL, C, KP, NB, RS, DOT, REFLECT, SKIP_OWN, QREG, UNROLL, COUT, 1, PS, SKIP, ACC,
+                BX, CV,
             )  # fmt: skip
-            keys, ids = _flush_row(keys, ids, lst, KP, NB, NL, BX)
+            keys, ids = _flush_row(keys, ids, KP, NB)
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
                         s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
@@ -1710,8 +1646,7 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": 0, "rows_list": 0, "rows_cvec": 4, "rows_cpad": False,
-    "direct_buffer": 4, "direct_skip": False,
+    "rows_buffer": 0, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
@@ -1862,30 +1797,21 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         rows_warps = CONFIG["rows_warps"] or bx // 32
         nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
-        # (lists only where the query is in registers: with the channels-outer pass's flushes
-        # inlined at each of its offers, W4's kernel took 532 s to compile offline for sm_90, at
-        # 255 registers and a 1 KB stack)
-        nl = CONFIG["rows_list"] if qreg else 0
-        nb = 0 if nl else CONFIG["rows_buffer"]
-        lk = li = dists
-        if nl:  # (each program's candidate lists: no more for more queries)
-            lk = torch.empty(nprog * strip * nl * bx, dtype=acc, device=dev)
-            li = torch.empty(nprog * strip * nl * bx, dtype=torch.int32, device=dev)
+        nb = CONFIG["rows_buffer"]
         _search_rows_kernel[(nprog,)](
-            qb, kb, dists, inds, widx, lk, li,
+            qb, kb, dists, inds, widx,
             *rows_strides[0], *rows_strides[1],
             hd, nframes, height, width,
             p.start, p.count, t0, h0, w0, nh, nw,
             row0, triton.cdiv(nrows, strip), nrows, jl, jr, nxb, nblocks,
             s1, p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nwin, keep, kout,
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=cpad, KP=kp, NB=nb,
-            RS=kp + nb + 1 if nb else kp + 1 if nl else kp, DOT=p.dist == "dot",
-            REFLECT=p.border == "reflect",
+            RS=kp + nb + 1 if nb else kp, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
             UNROLL=qreg or cpad <= CONFIG["rows_unroll"],
             COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
             SKIP=CONFIG["rows_skip"],
-            ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, CV=cv, NL=nl, num_warps=rows_warps,
+            ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, CV=cv, num_warps=rows_warps,
         )  # fmt: skip
     if select_all and not all_inds:
         return dists, None, None
