@@ -165,15 +165,19 @@ def test_backward_whole_positions(monkeypatch, kw, keys, deterministic):
 REG = (0, 3, 1, 5, 2, 38)  # a region whose first and last columns are not the frame's
 
 
-def assert_rows_match(mp, config, shape, seed, **kw):
+def assert_rows_match(mp, config, shape, seed, levels=0, **kw):
     """Under the kernel settings ``config`` (row or direct kernel), a cross search of two random
-    videos equals the reference: distances within tolerance, positions identical."""
+    videos equals the reference: distances within tolerance, positions identical. ``levels``
+    > 0 (a power of two: every sum exact) quantises the videos to that many values, so that
+    many distances tie."""
     from dnls.ops import _search_triton as kernels
 
     for key, value in config.items():
         mp.setitem(kernels.CONFIG, key, value)
     q = rand_video(shape, seed=seed).to(DEVICE)
     k = rand_video(shape, seed=seed + 1).to(DEVICE)
+    if levels:
+        q, k = (torch.floor(v * levels) / levels for v in (q, k))
     (d0, i0), (d1, i1) = both(mp, q, k, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(i1, i0)
@@ -349,18 +353,22 @@ def test_row_kernel_skips_unkept_candidates(monkeypatch, skip, dist):
 
 
 @pytest.mark.parametrize(
-    ("kw", "buffer", "strip"),
+    ("kw", "buffer", "strip", "levels"),
     [
-        (dict(ws=5, ps=3, k=4), 2, 2),
-        (dict(ws=3, wt=1, ps=3, k=3, dist="dot", self_match="exclude"), 4, 1),
-        (dict(ws=5, ps=2, k=6, border="zero", self_match="anchor", start=20, count=300), 1, 2),
+        (dict(ws=5, ps=3, k=4), 2, 2, 0),
+        (dict(ws=3, wt=1, ps=3, k=3, dist="dot", self_match="exclude"), 4, 1, 0),
+        (dict(ws=5, ps=2, k=6, border="zero", self_match="anchor", start=20, count=300), 1, 2, 0),
+        (dict(ws=3, wt=1, ps=2, k=5, dist="dot", self_match="exclude"), 3, 2, 4),
+        (dict(ws=5, ps=2, k=4, start=9, count=200), 4, 1, 2),
     ],
 )
-def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
+def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip, levels):
     """Each lane buffering ``rows_buffer`` candidates below its bound before inserting them:
-    the same selection, ties and order included (the buffer is inserted in window order)."""
+    the same selection, ties and order included (the buffer is inserted in window order; with
+    ``levels``, videos of few values whose distances tie)."""
     shape = (1, 3, 3, 9, 70) if CUDA else (1, 3, 1, 8, 40)
-    assert_rows_match(monkeypatch, dict(rows_buffer=buffer, rows_strip=strip), shape, 27, **kw)
+    config = dict(rows_buffer=buffer, rows_strip=strip)
+    assert_rows_match(monkeypatch, config, shape, 27, levels, **kw)
 
 
 @pytest.mark.parametrize(
@@ -373,14 +381,15 @@ def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip):
         (dict(ws=3, wt=1, ps=2, k=4, stride0=2, dist="dot", stride1=1.5), 0, True),
     ],
 )
-def test_direct_kernel_buffered_selection(monkeypatch, kw, buffer, skip):
+@pytest.mark.parametrize("levels", [0, 2])
+def test_direct_kernel_buffered_selection(monkeypatch, kw, buffer, skip, levels):
     """The direct kernel's selection with a per-lane buffer of ``direct_buffer`` candidates
     (one-pixel patches), or skipping the insert of a candidate no lane keeps (here also at
     fractional positions, 4 warps): the same selection as the reference, ties and order
-    included."""
+    included (with ``levels``, videos of few values whose distances tie)."""
     config = dict(direct_buffer=buffer, direct_skip=skip)
     shape = (1, 3, 4, 9, 12) if CUDA else (1, 3, 2, 5, 6)
-    assert_rows_match(monkeypatch, config, shape, 29, **kw)
+    assert_rows_match(monkeypatch, config, shape, 29, levels, **kw)
 
 
 @pytest.mark.parametrize("bx", [32, 64, 128])
