@@ -1632,7 +1632,9 @@ class _Layout(NamedTuple):
 # 1: 10.78, 2: 8.02; at 4, 2 / 4 / 5 displacements per pass: 7.13 / 6.67 / 9.06, one row per
 # strip 9.89); with rows_cpad, queries in registers read that many too, channels padded with zero
 # channels to a multiple (C = 3 -> 4): W3 4.59 ms without, 5.44 with, 4.21 with in strips of 3;
-# W1s 4.96, 5.14, 5.31, so off.
+# W1s 4.96, 5.14, 5.31, so off. Tried on these rows and taken out: each lane's candidates listed
+# in memory and inserted in batches (W3 4.60 -> 4.96 ms at 16 per lane) and a register cap (W3
+# 4.58 -> 4.88 at 128 registers, 16 warps per SM instead of 12).
 # Backward: queries per program and warps, the fewest channels for which one-pixel patches
 # read and accumulate channels-last (0: never), whether patches of one frame sum each query's
 # gradient over its results before adding it, and whether whole positions take the two passes
