@@ -3,12 +3,15 @@
 # the benchmarks. Each part's output goes to OUTDIR/<part>.txt, headed by the device, the date
 # and the commit (with the number of uncommitted files).
 #
-#   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention
+#   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention,profile
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
 # parallel (pytest-xdist, TEST_WORKERS processes, default 8) where it is installed, or where
 # its wheels lie in .whl/ (the device machine has no package index: carry .whl there).
+# The part "profile" runs Nsight Compute (clocks left alone) on the forward of each row in
+# PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
+# occupancy and the instruction mix.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}
@@ -38,6 +41,10 @@ for part in ${parts//,/ }; do
         search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
         attention) run attention python benchmarks/attention.py ;;
-        *) echo "unknown part: $part (tests, search, patches, attention)" >&2; exit 2 ;;
+        profile) run profile "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" \
+            --clock-control none --profile-from-start off --section SpeedOfLight \
+            --section WarpStateStats --section SchedulerStats --section InstructionStats \
+            --section Occupancy python benchmarks/search.py --profile "${PROFILE_ROWS:-W3,W1s}" ;;
+        *) echo "unknown part: $part (tests, search, patches, attention, profile)" >&2; exit 2 ;;
     esac
 done
