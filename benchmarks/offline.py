@@ -56,18 +56,15 @@ def _resources(cubin: bytes) -> tuple[dict, collections.Counter]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run(
-            [os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        sass = subprocess.run(
-            [os.path.join(TOOLS, "cuobjdump"), "-sass", f.name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        res, sass = (
+            subprocess.run(
+                [os.path.join(TOOLS, "cuobjdump"), flag, f.name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for flag in ("-res-usage", "-sass")
+        )
     usage = {}
     for tok in " ".join(line for line in res.splitlines() if "REG:" in line).split():
         key, _, val = tok.partition(":")
