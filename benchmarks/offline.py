@@ -9,7 +9,8 @@ change adds or removes.
 The search runs on CPU tensors of the row's real size with every Triton launch turned into a
 compile only (``warmup``), against a stand-in driver that reports an sm_90 target; the launches'
 arguments, and so the kernels' specialisations, are the ones a GPU run would make. The tools
-(ptxas, cuobjdump) are the ones the Triton wheel carries. Outputs are not computed.
+(ptxas, cuobjdump) are the ones the Triton wheel carries. Outputs are not computed. A kernel
+already in Triton's cache (``~/.triton/cache``) is loaded, not compiled: its time is the load's.
 """
 
 from __future__ import annotations
