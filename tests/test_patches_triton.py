@@ -139,6 +139,25 @@ def test_iunfold_ifold(data):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("shape", "ps", "stride"),
+    [((1, 1, 1, 2, 2), 3, 1), ((1, 1, 2, 3, 3), 3, 1), ((1, 2, 3, 5, 6), 3, 1),
+     ((1, 1, 1, 3, 3), 3, 2), ((1, 1, 1, 4, 7), 5, 1)],
+)  # fmt: skip
+def test_ifold_reflects_at_every_edge(monkeypatch, shape, ps, stride):
+    """Every pixel near an edge sums the patch elements reflected onto it, at the right and
+    bottom edges as at the left and top (the fold kernel once dropped those reflected off the
+    right edge, in its sums and counts, and so in iunfold's gradient): ifold of the whole grid
+    and iunfold's gradient against the reference."""
+    count = dnls.query_grid(shape, stride).count
+    patches = rand_video((shape[0], count, 1, shape[2], ps, ps), seed=12).to(DEVICE)
+    fn = lambda p: dnls.ifold(p, shape=shape, stride=stride)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), torch.float64, "ifold")
+    vid = rand_video(shape, seed=13).to(DEVICE)
+    fn = lambda v: dnls.iunfold(v, ps=ps, stride=stride)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold")
+
+
 def test_ifold_large_reach_falls_back(monkeypatch):
     """Patches wider than the frame (more than one reflection) take the reference path."""
     patches = rand_video((1, 6, 1, 2, 5, 5), seed=4).to(DEVICE)

@@ -696,8 +696,7 @@ def _fold_kernel(
                                 x0 = xf - ox
                                 ok = xmask & (x0 >= rw0) & (x0 < rw1)
                                 ok = ok & ((x0 - rw0) % STRIDE == 0)
-                                ok = ok & ((cx == 0) | ((cx == 1) & (x > 0)))
-                                ok = ok & ((cx != 2) | (x < W - 1))
+                                ok = ok & ((cx != 1) | (x > 0)) & ((cx != 2) | (x < W - 1))
                                 q = qrow + (x0 - rw0) // STRIDE
                                 ok = ok & (q >= 0) & (q < Qn)
                                 e = ((dt * C + cc) * PS + i) * PS + j
