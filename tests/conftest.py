@@ -17,7 +17,10 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile("dnls")
+# Hunting for bugs: HYPOTHESIS_PROFILE=hunt draws new examples on every run (a failure prints
+# the blob that reproduces it)
+settings.register_profile("hunt", parent=settings.get_profile("dnls"), derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dnls"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
