@@ -812,32 +812,20 @@ def _window_row(q_b, k_b, keys, ids, qrows, qrv, krows, krv, qcol, qxv, qvals, q
         kxi, kxv = _fold(_clamp(xc + dx, 1 - W, 2 * W - 2), W, REFLECT)
         kcol, kxv = _lane_cols(kxi * sk_x, kxv, CV, REFLECT)
         head, mid, tail = _zero_terms(kcol, R, ACC)
-        if CV > 1 and QREG:  # the query's groups from registers
+        # C / CV groups of CV channels (single channels when CV = 1)
+        if UNROLL:  # unrolled (with QREG, the query's values from registers)
             for g in tl.static_range(C // CV):
                 head, mid, tail = _channel_terms(
-                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head,
-                    mid, tail, sq_c, sk_c, PS, NR, C // CV, PT, DOT, REFLECT, True, R, ACC,
-                )  # fmt: skip
-            head, mid, tail = _sum_terms(head, mid, tail, CV)
-        elif CV > 1:
-            for g in range(C // CV):
-                head, mid, tail = _channel_terms(
-                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head,
-                    mid, tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, False, R, ACC,
-                )  # fmt: skip
-            head, mid, tail = _sum_terms(head, mid, tail, CV)
-        elif UNROLL:  # channels unrolled (with QREG, query values from registers)
-            for c in tl.static_range(C):
-                head, mid, tail = _channel_terms(
-                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
-                    tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R, ACC,
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head, mid,
+                    tail, sq_c, sk_c, PS, NR, C // CV, PT, DOT, REFLECT, QREG, R, ACC,
                 )  # fmt: skip
         else:  # a loop
-            for c in range(C):
+            for g in range(C // CV):
                 head, mid, tail = _channel_terms(
-                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, c, head, mid,
-                    tail, sq_c, sk_c, PS, NR, C, PT, DOT, REFLECT, QREG, R, ACC,
+                    q_b, k_b, qrows, qrv, krows, krv, qcol, qxv, kcol, kxv, qvals, g, head, mid,
+                    tail, sq_c, sk_c, PS, NR, C // CV, PT, DOT, REFLECT, QREG, R, ACC,
                 )  # fmt: skip
+        head, mid, tail = _sum_terms(head, mid, tail, CV)
         cand = inwin & ((lane * 0 + (own & (dx == 0)).to(tl.int32)) == 0)
         keys, ids = _offer_strip(keys, ids, head, mid, tail, lane, qmasks, cand, j0 + col, PS,
                                  DIL, KP, NB, RS, DOT, R, SKIP, BX)  # fmt: skip
@@ -1755,17 +1743,15 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         cv > 1 and cpad % cv == 0 and 3 * (cpad - c) <= c and (CONFIG["rows_cpad"] or not qreg)
         and not anchor and lanes == 0 and jr > jl and nframes * cpad * height * width < 2**31
     )  # fmt: skip
-    if not blocked:
-        cpad = c
-    qreg = p.pt * (p.ps + strip - 1) * cpad <= CONFIG["rows_qreg"]
     if blocked:
+        qreg = p.pt * (p.ps + strip - 1) * cpad <= CONFIG["rows_qreg"]
         qb = _channel_blocked(qvid, cv)
         kb = qb if same else _channel_blocked(kvid, cv)
         # (in units of cv values: the kernel multiplies them back, so it knows each group's
         # address is a multiple of cv values, as a vector load needs)
         rows_strides = tuple(tuple(st // cv for st in v.stride()[:6]) for v in (qb, kb))
     else:
-        cv = 1
+        cv, cpad = 1, c
         qb, kb = qvid, kvid
         rows_strides = qvid.stride(), kvid.stride()
     # one-pixel patches with few channels: the query's channels stay in registers
@@ -1810,7 +1796,8 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
             WS=p.ws, PS=p.ps, PT=p.pt, DIL=p.dilation, C=cpad, KP=kp, NB=nb,
             RS=kp + nb + 1 if nb else kp, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
             SKIP_OWN=p.self_match != "keep", ANCHOR=anchor, QREG=qreg,
-            UNROLL=qreg or cpad <= CONFIG["rows_unroll"],
+            # (channel groups of blocked copies are looped unless the query is in registers)
+            UNROLL=qreg or (cv == 1 and c <= CONFIG["rows_unroll"]),
             COUT=0 if qreg else CONFIG["rows_cout"], R=strip,
             SKIP=CONFIG["rows_skip"],
             ACC=_TL_DTYPES[acc], BX=bx, BOUT=bout, CV=cv, num_warps=rows_warps,
