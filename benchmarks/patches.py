@@ -163,21 +163,31 @@ def knn_sweep(results, args):
 
 def staged_sweep(results, args):
     """The staged gather/wpsum kernel against the direct one, and its tiles: (queries,
-    neighbours per gather, elements per chunk, region pitch, region size, warps)."""
+    neighbours per gather, elements per chunk, region pitch, region size, warps). The K16 row
+    (128 channels) takes the keys ending in "_last" (read channels-last, interior mode)."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
     tiles = {
-        "gather": [("region", 32, 8, 32, 71, 8192, 8), ("interior", 32, 8, 32, 71, 8192, 8),
-                   ("interior", 32, 4, 32, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4)],
-        "wpsum": [("region", 32, 1, 64, 71, 8192, 4), ("interior", 32, 1, 32, 71, 8192, 4),
-                  ("interior", 32, 1, 64, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4),
-                  ("interior", 32, 2, 64, 71, 8192, 4), ("interior", 64, 1, 32, 71, 8192, 8),
-                  ("interior", 8, 2, 64, 71, 8192, 4)],
+        "gather": [("interior", 16, 1, 128, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 8),
+                   ("interior", 8, 16, 32, 71, 8192, 4), ("interior", 16, 16, 32, 71, 8192, 8),
+                   ("interior", 4, 16, 64, 71, 8192, 4), ("interior", 32, 2, 32, 71, 8192, 4),
+                   ("interior", 64, 1, 32, 71, 8192, 8), ("interior", 32, 1, 64, 71, 8192, 8)],
+        "wpsum": [("interior", 8, 2, 64, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4),
+                  ("interior", 8, 4, 32, 71, 8192, 4), ("interior", 4, 4, 64, 71, 8192, 4)],
+        "gather_last": [("interior", 16, 1, 128, 1, 1, 4), ("interior", 32, 1, 128, 1, 1, 4),
+                        ("interior", 8, 4, 128, 1, 1, 4), ("interior", 4, 16, 128, 1, 1, 8),
+                        ("interior", 64, 1, 128, 1, 1, 8), ("interior", 16, 4, 128, 1, 1, 8)],
+        "wpsum_last": [("interior", 16, 1, 128, 1, 1, 4), ("interior", 8, 2, 128, 1, 1, 4),
+                       ("interior", 32, 1, 128, 1, 1, 8), ("interior", 8, 4, 64, 1, 1, 4),
+                       ("interior", 4, 4, 128, 1, 1, 4), ("interior", 16, 2, 64, 1, 1, 4)],
     }  # fmt: skip
-    configs = [(op, {f"staged_{op}": None}) for op in tiles]
-    configs += [(op, {f"staged_{op}": tile}) for op in tiles for tile in tiles[op]]
-    _run_sweep(results, args, configs, default, KNN[:1])
+    for row, last in ((KNN[:1], ""), (KNN[1:], "_last")):
+        configs = []
+        for op in ("gather", "wpsum"):
+            key = f"staged_{op}{last}"
+            configs += [(op, {key: None})] + [(op, {key: tile}) for tile in tiles[op + last]]
+        _run_sweep(results, args, configs, default, row)
     # iunfold with few channels runs the staged gather of one neighbour
     x = torch.rand(1, 1, 3, 1024, 1024, device="cuda")
     kernels.CONFIG.update(default, staged_gather1=None)
@@ -235,15 +245,22 @@ def _run_sweep(results, args, configs, default, rows=None):
     for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
         # forward outputs to check each configuration against: the direct kernels'
-        kernels.CONFIG.update(default, staged_gather=None, staged_wpsum=None, scatter_tile=None)
+        direct = {
+            f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
+        }
+        kernels.CONFIG.update(default, scatter_tile=None, **direct)
         expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum")}
         for name, cfg in configs:
             kernels.CONFIG.update(default)
             kernels.CONFIG.update(cfg)
             err = max_rel(ops[name](), expect[name]) if name in expect else float("nan")
             ms = bench(ops[name], 100)
-            print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
-            results.append(dict(op=f"{name} sweep", case=label, ms=ms, err=err, **cfg))
+            kms = kernel_ms(ops[name])
+            print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms, kernels {kms:.3f} ms, "  # noqa: T201
+                  f"rel err {err:.1e}", flush=True)  # fmt: skip
+            results.append(
+                dict(op=f"{name} sweep", case=label, ms=ms, kernel_ms=kms, err=err, **cfg)
+            )
         del expect
         kernels.CONFIG.update(default)
         del ops

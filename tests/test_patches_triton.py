@@ -232,17 +232,22 @@ def test_channels_last_layout(monkeypatch):
      ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
-def test_staged_modes(monkeypatch, cfg, central):
+@pytest.mark.parametrize("last", [False, True])
+def test_staged_modes(monkeypatch, cfg, central, last):
     """gather and wpsum at whole positions through the staged kernel: a region every tile's box
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
     direct path), the interior mode (tiles inside the frame skip the border rule), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
-    every patch lies inside it."""
+    every patch lies inside it. ``last``: the video read channels-last (many channels), where
+    only the interior mode stages and the region modes take the direct kernels."""
     from dnls.ops import _patches_triton
 
+    if last:
+        monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
     for op in ("gather", "wpsum"):
-        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, op, cfg)
-        monkeypatch.setitem(_patches_triton.CONFIG, f"staged_{op}", cfg)
+        name = op + ("_last" if last else "")
+        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, name, cfg)
+        monkeypatch.setitem(_patches_triton.CONFIG, f"staged_{name}", cfg)
     shape = (2, 2, 4, 12, 11)
     case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=15)
     vid = rand_video(shape, seed=16).to(DEVICE)

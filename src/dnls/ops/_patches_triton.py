@@ -726,8 +726,9 @@ def _fold_kernel(
 # (queries x block_e) and warps, forward and backward. Defaults: the best of the sweep on the
 # H100 (BENCHMARKS.md): wpsum K14 ps7 C3 1.20 -> 0.73 ms, its backward 4.05 -> 3.42 ms.
 #
-# The staged kernel (gather and wpsum at whole positions with few channels), per op ("gather1":
-# gather of one neighbour, as iunfold runs it): None (the op's direct kernel), or its mode
+# The staged kernel (gather and wpsum at whole positions), per op ("gather1": gather of one
+# neighbour, as iunfold runs it; "_last": videos of at least CHANNELS_LAST_MIN channels, read
+# from their channels-last copy, interior mode only): None (the op's direct kernel), or its mode
 # ("region": staged in registers, "interior": tiles inside the frame skip the border rule),
 # queries per program, neighbours per gather, patch elements per chunk, region row pitch
 # (pixels) and size (values), warps. Defaults: the best of the sweep on the H200 at 0c3da0b
@@ -745,13 +746,17 @@ CONFIG = {
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
     "staged_gather": ("interior", 16, 1, 128, 71, 8192, 4),
     "staged_gather1": ("region", 32, 1, 32, 39, 1024, 4),
+    "staged_wpsum_last": ("interior", 16, 1, 128, 1, 1, 4),
+    "staged_gather_last": ("interior", 16, 1, 128, 1, 1, 4),
+    "staged_gather1_last": None,
 }  # fmt: skip
 
 # The staged kernel under the interpreter, per op as on CUDA: small tiles and a small region,
 # so that the tests' tiny frames take both the staged and the direct path.
 STAGED_INTERPRET = {
     "wpsum": ("interior", 4, 2, 16, 9, 256, 4), "gather": ("interior", 4, 2, 16, 9, 256, 4),
-    "gather1": ("region", 4, 1, 16, 9, 256, 4),
+    "gather1": ("region", 4, 1, 16, 9, 256, 4), "wpsum_last": ("interior", 4, 2, 16, 1, 1, 4),
+    "gather_last": ("interior", 4, 2, 16, 1, 1, 4), "gather1_last": None,
 }  # fmt: skip
 
 
@@ -828,19 +833,23 @@ def _modes(shape6, geom, whole: bool, *big) -> dict:
 
 
 def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
-    """Run the staged kernel for ``op`` ("wpsum" or "gather") when it applies (whole positions,
-    fewer than CHANNELS_LAST_MIN channels, a region of at least one row per channel); return
-    whether it ran. ``grid``: ``(count, stride, start, t0, h0, w0, nh, nw)`` of an iunfold,
-    whose positions are its grid's points (``inds`` is then None)."""
+    """Run the staged kernel for ``op`` ("wpsum" or "gather") when it applies (whole positions;
+    in region mode, fewer than CHANNELS_LAST_MIN channels and a region of at least one row per
+    channel; in interior mode, many channels are read from the channels-last copy, where a
+    patch element's channels are adjacent); return whether it ran. ``grid``: ``(count, stride,
+    start, t0, h0, w0, nh, nw)`` of an iunfold, whose positions are its grid's points (``inds``
+    is then None)."""
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4] if grid is None else (grid[0], 1)
-    name = "gather1" if op == "gather" and k == 1 else op
+    last = c >= CHANNELS_LAST_MIN
+    name = ("gather1" if op == "gather" and k == 1 else op) + ("_last" if last else "")
     cfg = CONFIG["staged_" + name] if vid.device.type == "cuda" else STAGED_INTERPRET[name]
-    if cfg is None or (inds is not None and inds.is_floating_point()) or c >= CHANNELS_LAST_MIN:
+    if cfg is None or (inds is not None and inds.is_floating_point()):
         return False
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
-    if (reg // pitch) // c < 1:
+    if mode != "interior" and (last or (reg // pitch) // c < 1):
         return False
+    vid = _reads(vid)
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     stride, *gpar = (1, 0, 0, 0, 0, 1, 1) if grid is None else grid[1:]
