@@ -162,25 +162,25 @@ def knn_sweep(results, args):
 
 
 def staged_sweep(results, args):
-    """The staged gather/wpsum kernel against the direct one, and its tiles: (queries,
-    neighbours per gather, elements per chunk, region pitch, region size, warps). The K16 row
-    (128 channels) takes the keys ending in "_last" (read channels-last, interior mode)."""
+    """The staged gather/wpsum kernel against the direct one, and its tiles: (mode, queries,
+    neighbours per gather, elements per chunk (mode "flat": per step), region pitch, region
+    size, warps). The K16 row (128 channels) takes the keys ending in "_last" (read
+    channels-last, not in region mode)."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
     tiles = {
-        "gather": [("interior", 16, 1, 128, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 8),
-                   ("interior", 8, 16, 32, 71, 8192, 4), ("interior", 16, 16, 32, 71, 8192, 8),
-                   ("interior", 4, 16, 64, 71, 8192, 4), ("interior", 32, 2, 32, 71, 8192, 4),
-                   ("interior", 64, 1, 32, 71, 8192, 8), ("interior", 32, 1, 64, 71, 8192, 8)],
-        "wpsum": [("interior", 8, 2, 64, 71, 8192, 4), ("interior", 16, 1, 128, 71, 8192, 4),
-                  ("interior", 8, 4, 32, 71, 8192, 4), ("interior", 4, 4, 64, 71, 8192, 4)],
-        "gather_last": [("interior", 16, 1, 128, 1, 1, 4), ("interior", 32, 1, 128, 1, 1, 4),
-                        ("interior", 8, 4, 128, 1, 1, 4), ("interior", 4, 16, 128, 1, 1, 8),
-                        ("interior", 64, 1, 128, 1, 1, 8), ("interior", 16, 4, 128, 1, 1, 8)],
-        "wpsum_last": [("interior", 16, 1, 128, 1, 1, 4), ("interior", 8, 2, 128, 1, 1, 4),
-                       ("interior", 32, 1, 128, 1, 1, 8), ("interior", 8, 4, 64, 1, 1, 4),
-                       ("interior", 4, 4, 128, 1, 1, 4), ("interior", 16, 2, 64, 1, 1, 4)],
+        "gather": [("interior", 16, 1, 128, 71, 8192, 4), ("interior", 4, 16, 64, 71, 8192, 4),
+                   ("interior", 4, 16, 64, 71, 8192, 8), ("interior", 2, 16, 64, 71, 8192, 4),
+                   ("interior", 8, 16, 64, 71, 8192, 8), ("flat", 4, 1, 1024, 1, 1, 4),
+                   ("flat", 16, 1, 1024, 1, 1, 4), ("flat", 8, 1, 2048, 1, 1, 8),
+                   ("flat", 32, 1, 1024, 1, 1, 4), ("flat", 4, 1, 512, 1, 1, 4),
+                   ("flat", 16, 1, 512, 1, 1, 2)],
+        "wpsum": [("interior", 8, 2, 64, 71, 8192, 4)],
+        "gather_last": [("interior", 16, 1, 128, 1, 1, 4), ("interior", 4, 16, 128, 1, 1, 8),
+                        ("interior", 8, 16, 128, 1, 1, 8), ("interior", 2, 16, 128, 1, 1, 4),
+                        ("flat", 4, 1, 1024, 1, 1, 4), ("flat", 16, 1, 2048, 1, 1, 8)],
+        "wpsum_last": [("interior", 16, 1, 128, 1, 1, 4)],
     }  # fmt: skip
     for row, last in ((KNN[:1], ""), (KNN[1:], "_last")):
         configs = []

@@ -229,14 +229,16 @@ def test_channels_last_layout(monkeypatch):
 @pytest.mark.parametrize(
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
-     ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4), None],
+     ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4),
+     ("flat", 4, 2, 16, 9, 64, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("last", [False, True])
 def test_staged_modes(monkeypatch, cfg, central, last):
     """gather and wpsum at whole positions through the staged kernel: a region every tile's box
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
-    direct path), the interior mode (tiles inside the frame skip the border rule), and without
+    direct path), the interior mode (tiles inside the frame skip the border rule; "flat": a
+    gather writes such a tile's output as one flat run, wpsum as in interior mode), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
     only the interior mode stages and the region modes take the direct kernels."""

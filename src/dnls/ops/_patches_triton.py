@@ -462,6 +462,35 @@ def _tile_pass(
 
 
 @triton.jit
+def _flat_pass(
+    vid, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    I64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """gather of the rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the
+    frame of one (batch, head) slice (``vid`` at its start): their output is one contiguous run
+    of ``rows x K x E`` values, written BLOCK at a time, each lane decoding the patch and the
+    element of its value."""
+    E: tl.constexpr = PT * C * PS * PS
+    total = tl.minimum(R - r0, BLOCK_Q) * K * E
+    obase = out + (r0 * K) * E
+    n0 = r0 * K
+    for f0 in range(0, total, BLOCK):
+        f = f0 + tl.arange(0, BLOCK)
+        m = f < total
+        j = f // E
+        dt, c, oy, ox = _element(f - j * E, C, PS, DIL)
+        t, y, x = _load_pos(inds, n0 + j, m, True, tl.float32)
+        if I64:
+            off = (t + dt).to(tl.int64) * s_t + (y + oy).to(tl.int64) * s_y
+            off += (x + ox).to(tl.int64) * s_x + c.to(tl.int64) * s_c
+        else:
+            off = (t + dt) * s_t + (y + oy) * s_y + (x + ox) * s_x + c * s_c
+        v = tl.load(vid + off, mask=m, other=0.0)
+        tl.store(obase + f, v, mask=m)
+
+
+@triton.jit
 def _staged_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     weights,  # (R, K) contiguous (WSUM)
@@ -474,7 +503,7 @@ def _staged_kernel(
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
-    INTERIOR: tl.constexpr,
+    INTERIOR: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
     grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
@@ -482,9 +511,10 @@ def _staged_kernel(
     rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel, and the patch
     elements are gathered from it (through shared memory), one add per element for the address.
     INTERIOR: a tile whose box lies inside the frame reads the video without the border rule,
-    one add per element for the address. Other tiles (a box that does not fit or is not inside;
-    in region mode, a tile over two (batch, head) slices) read the video through the border
-    rule."""
+    one add per element for the address; with FLAT (a gather), a tile also within one (batch,
+    head) slice writes its output as one flat run of FLAT values at a time. Other tiles (a box
+    that does not fit or is not inside; in region mode, a tile over two (batch, head) slices)
+    read the video through the border rule."""
     RPC: tl.constexpr = (REG // PITCH) // C
     LO: tl.constexpr = (PS // 2) * DIL
     SPAN: tl.constexpr = (PS - 1) * DIL
@@ -508,13 +538,18 @@ def _staged_kernel(
     nh = tl.max(tl.where(m, y, -big)) - ymin + 1 + SPAN
     nw = tl.max(tl.where(m, x, -big)) - xmin + 1 + SPAN
     bh = r0 // Q
+    one = bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q  # the tile lies in one (batch, head)
     if INTERIOR:
         staged = (tmin >= 0) & (tmin + nt <= T) & (ymin >= LO) & (ymin - LO + nh <= H)
         staged = staged & (xmin >= LO) & (xmin - LO + nw <= W)
     else:
-        staged = bh == (tl.minimum(r0 + BLOCK_Q, R) - 1) // Q
-        staged = staged & (nw <= PITCH) & (nt * nh <= RPC)
-    if staged:
+        staged = one & (nw <= PITCH) & (nt * nh <= RPC)
+    if FLAT and staged and one:
+        vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+        _flat_pass(
+            vbase, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, BLOCK_Q, FLAT
+        )  # fmt: skip
+    elif staged:
         if INTERIOR:
             _tile_pass(
                 vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
@@ -847,7 +882,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     if cfg is None or (inds is not None and inds.is_floating_point()):
         return False
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
-    if mode != "interior" and (last or (reg // pitch) // c < 1):
+    if mode == "region" and (last or (reg // pitch) // c < 1):
         return False
     vid = _reads(vid)
     r = b * hd * q
@@ -859,7 +894,8 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, True, out),
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
-        STRIDE=stride, GRID=grid is not None, INTERIOR=mode == "interior", num_warps=warps,
+        STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
+        FLAT=block_e if mode == "flat" and op == "gather" and grid is None else 0, num_warps=warps,
     )  # fmt: skip
     return True
 
