@@ -230,7 +230,7 @@ def test_channels_last_layout(monkeypatch):
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
      ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4),
-     ("flat", 4, 2, 16, 9, 64, 4), None],
+     ("flat", 4, 2, 16, 9, 64, 4), ("tables", 4, 2, 16, 9, 64, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("last", [False, True])

@@ -465,7 +465,8 @@ def _tile_pass(
 def _flat_pass(
     vid, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    I64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr,
+    I64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
+    EP: tl.constexpr, TABLES: tl.constexpr,
 ):  # fmt: skip
     """gather of the rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the
     frame of one (batch, head) slice (``vid`` at its start): their output is one contiguous run
@@ -475,17 +476,32 @@ def _flat_pass(
     total = tl.minimum(R - r0, BLOCK_Q) * K * E
     obase = out + (r0 * K) * E
     n0 = r0 * K
+    if TABLES:
+        # the offsets of the tile's patches and of a patch's elements, looked up per value
+        jj = tl.arange(0, BLOCK_Q * KP)
+        t, y, x = _load_pos(inds, n0 + jj, jj < total // E, True, tl.float32)
+        ee = tl.arange(0, EP)
+        dt, c, oy, ox = _element(ee, C, PS, DIL)
+        if I64:
+            ptab = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+            etab = dt.to(tl.int64) * s_t + c.to(tl.int64) * s_c + oy * s_y + ox * s_x
+        else:
+            ptab = t * s_t + y * s_y + x * s_x
+            etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
     for f0 in range(0, total, BLOCK):
         f = f0 + tl.arange(0, BLOCK)
         m = f < total
         j = f // E
-        dt, c, oy, ox = _element(f - j * E, C, PS, DIL)
-        t, y, x = _load_pos(inds, n0 + j, m, True, tl.float32)
-        if I64:
-            off = (t + dt).to(tl.int64) * s_t + (y + oy).to(tl.int64) * s_y
-            off += (x + ox).to(tl.int64) * s_x + c.to(tl.int64) * s_c
+        if TABLES:
+            off = tl.gather(ptab, tl.where(m, j, 0), 0) + tl.gather(etab, f - j * E, 0)
         else:
-            off = (t + dt) * s_t + (y + oy) * s_y + (x + ox) * s_x + c * s_c
+            dt, c, oy, ox = _element(f - j * E, C, PS, DIL)
+            t, y, x = _load_pos(inds, n0 + j, m, True, tl.float32)
+            if I64:
+                off = (t + dt).to(tl.int64) * s_t + (y + oy).to(tl.int64) * s_y
+                off += (x + ox).to(tl.int64) * s_x + c.to(tl.int64) * s_c
+            else:
+                off = (t + dt) * s_t + (y + oy) * s_y + (x + ox) * s_x + c * s_c
         v = tl.load(vid + off, mask=m, other=0.0)
         tl.store(obase + f, v, mask=m)
 
@@ -503,7 +519,7 @@ def _staged_kernel(
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
-    INTERIOR: tl.constexpr, FLAT: tl.constexpr,
+    INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr, TABLES: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
     grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
@@ -547,7 +563,8 @@ def _staged_kernel(
     if FLAT and staged and one:
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _flat_pass(
-            vbase, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, BLOCK_Q, FLAT
+            vbase, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, BLOCK_Q, FLAT,
+            KP, EP, TABLES,
         )  # fmt: skip
     elif staged:
         if INTERIOR:
@@ -895,7 +912,8 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
         STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
-        FLAT=block_e if mode == "flat" and op == "gather" and grid is None else 0, num_warps=warps,
+        FLAT=block_e if mode in ("flat", "tables") and op == "gather" and grid is None else 0,
+        EP=next_power_of_2(e), TABLES=mode == "tables", num_warps=warps,
     )  # fmt: skip
     return True
 
