@@ -267,6 +267,33 @@ def test_staged_modes(monkeypatch, cfg, central, last):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
+@pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("tables", 4, 2, 16, 9, 64, 4)])
+def test_wide_offsets(monkeypatch, cfg):
+    """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on
+    tiny tensors: gather, wpsum and scatter, staged (most tiles inside the frame) and direct,
+    forward and gradients, equal the reference's."""
+    from dnls.ops import _patches_triton
+
+    modes = _patches_triton._modes
+    monkeypatch.setattr(_patches_triton, "_modes", lambda *a: {**modes(*a), "I64": True})
+    for op in ("gather", "wpsum"):
+        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, op, cfg)
+    shape = (2, 2, 4, 12, 11)
+    case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=19)
+    vid = rand_video(shape, seed=20).to(DEVICE)
+    inds = make_inds(case)
+    inds[..., 0] = 0
+    inds[..., 1:] = inds[..., 1:] % 7 + 2
+    inds[0, 0, -1, -1, 1:] = 0  # one tile reaches past the frame's corner
+    inds = inds.to(DEVICE)
+    weights = rand_video(inds.shape[:4], seed=21).to(DEVICE)
+    geom = dict(ps=3, pt=2, dilation=2, border="reflect")
+    fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=2, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
+    fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
+
+
 @pytest.mark.parametrize(
     ("dilation", "last", "tile"),
     [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (2, False, None)],
