@@ -230,7 +230,7 @@ def test_channels_last_layout(monkeypatch):
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
      ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4),
-     ("flat", 4, 2, 16, 9, 64, 4), ("tables", 4, 2, 16, 9, 64, 4), None],
+     ("flat", 4, 2, 16, 9, 64, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("last", [False, True])
@@ -267,7 +267,7 @@ def test_staged_modes(monkeypatch, cfg, central, last):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
-@pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("tables", 4, 2, 16, 9, 64, 4)])
+@pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("flat", 4, 2, 16, 9, 64, 4)])
 def test_wide_offsets(monkeypatch, cfg):
     """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on
     tiny tensors: gather, wpsum and scatter, staged (most tiles inside the frame) and direct,

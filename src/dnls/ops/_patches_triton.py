@@ -466,42 +466,30 @@ def _flat_pass(
     vid, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     I64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
-    EP: tl.constexpr, TABLES: tl.constexpr,
+    EP: tl.constexpr,
 ):  # fmt: skip
     """gather of the rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the
     frame of one (batch, head) slice (``vid`` at its start): their output is one contiguous run
-    of ``rows x K x E`` values, written BLOCK at a time, each lane decoding the patch and the
-    element of its value."""
+    of ``rows x K x E`` values, written BLOCK at a time. A value's address is its patch's offset
+    plus its element's, both looked up (``tl.gather``) in two small tables made once: no
+    padding of E to a power of two, and no per-value decoding or position loads."""
     E: tl.constexpr = PT * C * PS * PS
     total = tl.minimum(R - r0, BLOCK_Q) * K * E
     obase = out + (r0 * K) * E
-    n0 = r0 * K
-    if TABLES:
-        # the offsets of the tile's patches and of a patch's elements, looked up per value
-        jj = tl.arange(0, BLOCK_Q * KP)
-        t, y, x = _load_pos(inds, n0 + jj, jj < total // E, True, tl.float32)
-        ee = tl.arange(0, EP)
-        dt, c, oy, ox = _element(ee, C, PS, DIL)
-        if I64:
-            ptab = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
-            etab = dt.to(tl.int64) * s_t + c.to(tl.int64) * s_c + oy * s_y + ox * s_x
-        else:
-            ptab = t * s_t + y * s_y + x * s_x
-            etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
+    jj = tl.arange(0, BLOCK_Q * KP)
+    t, y, x = _load_pos(inds, r0 * K + jj, jj < total // E, True, tl.float32)
+    dt, c, oy, ox = _element(tl.arange(0, EP), C, PS, DIL)
+    if I64:
+        ptab = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+        etab = dt.to(tl.int64) * s_t + c.to(tl.int64) * s_c + oy * s_y + ox * s_x
+    else:
+        ptab = t * s_t + y * s_y + x * s_x
+        etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
     for f0 in range(0, total, BLOCK):
         f = f0 + tl.arange(0, BLOCK)
         m = f < total
         j = f // E
-        if TABLES:
-            off = tl.gather(ptab, tl.where(m, j, 0), 0) + tl.gather(etab, f - j * E, 0)
-        else:
-            dt, c, oy, ox = _element(f - j * E, C, PS, DIL)
-            t, y, x = _load_pos(inds, n0 + j, m, True, tl.float32)
-            if I64:
-                off = (t + dt).to(tl.int64) * s_t + (y + oy).to(tl.int64) * s_y
-                off += (x + ox).to(tl.int64) * s_x + c.to(tl.int64) * s_c
-            else:
-                off = (t + dt) * s_t + (y + oy) * s_y + (x + ox) * s_x + c * s_c
+        off = tl.gather(ptab, tl.where(m, j, 0), 0) + tl.gather(etab, f - j * E, 0)
         v = tl.load(vid + off, mask=m, other=0.0)
         tl.store(obase + f, v, mask=m)
 
@@ -519,7 +507,7 @@ def _staged_kernel(
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
-    INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr, TABLES: tl.constexpr,
+    INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
     grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
@@ -564,7 +552,7 @@ def _staged_kernel(
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _flat_pass(
             vbase, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, BLOCK_Q, FLAT,
-            KP, EP, TABLES,
+            KP, EP,
         )  # fmt: skip
     elif staged:
         if INTERIOR:
@@ -780,12 +768,16 @@ def _fold_kernel(
 #
 # The staged kernel (gather and wpsum at whole positions), per op ("gather1": gather of one
 # neighbour, as iunfold runs it; "_last": videos of at least CHANNELS_LAST_MIN channels, read
-# from their channels-last copy, interior mode only): None (the op's direct kernel), or its mode
-# ("region": staged in registers, "interior": tiles inside the frame skip the border rule),
-# queries per program, neighbours per gather, patch elements per chunk, region row pitch
-# (pixels) and size (values), warps. Defaults: the best of the sweep on the H200 at 0c3da0b
-# (BENCHMARKS.md): wpsum K14 ps7 C3 0.78 -> 0.46 ms, gather 1.14 -> 1.04 ms, iunfold C3 1024²
-# ps7 0.79 ms (the tile kernel) -> 0.24 ms.
+# from their channels-last copy, not in region mode): None (the op's direct kernel), or its
+# mode ("region": staged in registers; "interior": tiles inside the frame skip the border rule;
+# "flat", gather only: as interior, and such a tile within one (batch, head) slice is written
+# as flat runs of block_e values, addresses from two lookup tables), queries per program,
+# neighbours per gather, patch elements per chunk, region row pitch (pixels) and size
+# (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
+# wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
+# at 0c3da0b; gather K14 0.88 (direct) -> 0.63 ms and K16 ps1 C128 0.299 -> 0.287 ms at
+# 6bb1fad (wpsum K16: 0.162 direct, 0.160 at best staged, so direct). The flat mode is not
+# timed yet (no device time was left).
 #
 # scatter at whole positions: (patches per program, elements per chunk, warps) of its tile
 # kernel, or None for the flat kernel (one element per lane, its position decoded per
@@ -796,10 +788,10 @@ CONFIG = {
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
-    "staged_gather": ("interior", 16, 1, 128, 71, 8192, 4),
+    "staged_gather": ("interior", 4, 16, 64, 71, 8192, 4),
     "staged_gather1": ("region", 32, 1, 32, 39, 1024, 4),
-    "staged_wpsum_last": ("interior", 16, 1, 128, 1, 1, 4),
-    "staged_gather_last": ("interior", 16, 1, 128, 1, 1, 4),
+    "staged_wpsum_last": None,
+    "staged_gather_last": ("interior", 16, 4, 128, 1, 1, 8),
     "staged_gather1_last": None,
 }  # fmt: skip
 
@@ -912,8 +904,8 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
         STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
-        FLAT=block_e if mode in ("flat", "tables") and op == "gather" and grid is None else 0,
-        EP=next_power_of_2(e), TABLES=mode == "tables", num_warps=warps,
+        FLAT=block_e if mode == "flat" and op == "gather" and grid is None else 0,
+        EP=next_power_of_2(e), num_warps=warps,
     )  # fmt: skip
     return True
 
