@@ -237,11 +237,11 @@ def test_channels_last_layout(monkeypatch):
 def test_staged_modes(monkeypatch, cfg, central, last):
     """gather and wpsum at whole positions through the staged kernel: a region every tile's box
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
-    direct path), the interior mode (tiles inside the frame skip the border rule; "flat": a
-    gather writes such a tile's output as one flat run, wpsum as in interior mode), and without
+    direct path), the interior mode (tiles inside the frame skip the border rule; "flat": such
+    a tile's output is written as flat runs, addresses from lookup tables), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
-    only the interior mode stages and the region modes take the direct kernels."""
+    the region modes take the direct kernels."""
     from dnls.ops import _patches_triton
 
     if last:

@@ -463,21 +463,22 @@ def _tile_pass(
 
 @triton.jit
 def _flat_pass(
-    vid, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
+    vid, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    I64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
-    EP: tl.constexpr,
+    I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
 ):  # fmt: skip
-    """gather of the rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the
-    frame of one (batch, head) slice (``vid`` at its start): their output is one contiguous run
-    of ``rows x K x E`` values, written BLOCK at a time. A value's address is its patch's offset
-    plus its element's, both looked up (``tl.gather``) in two small tables made once: no
-    padding of E to a power of two, and no per-value decoding or position loads."""
+    """The rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the frame of one
+    (batch, head) slice (``vid`` at its start). Their output is one contiguous run, ``rows x K x
+    E`` values for gather, ``rows x E`` for wpsum (WSUM), written BLOCK at a time. A value's
+    address is its patch's offset plus its element's, both looked up (``tl.gather``) in two
+    small tables made once (and wpsum's weights in a third): no padding of E to a power of two,
+    and no per-value decoding or position loads."""
     E: tl.constexpr = PT * C * PS * PS
-    total = tl.minimum(R - r0, BLOCK_Q) * K * E
-    obase = out + (r0 * K) * E
+    nq = tl.minimum(R - r0, BLOCK_Q)
     jj = tl.arange(0, BLOCK_Q * KP)
-    t, y, x = _load_pos(inds, r0 * K + jj, jj < total // E, True, tl.float32)
+    jm = jj < nq * K
+    t, y, x = _load_pos(inds, r0 * K + jj, jm, True, tl.float32)
     dt, c, oy, ox = _element(tl.arange(0, EP), C, PS, DIL)
     if I64:
         ptab = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
@@ -485,13 +486,28 @@ def _flat_pass(
     else:
         ptab = t * s_t + y * s_y + x * s_x
         etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
+    if WSUM:
+        wtab = tl.load(weights + r0 * K + jj, mask=jm, other=0.0).to(ACC)
+        total = nq * E
+        obase = out + r0 * E
+    else:
+        total = nq * K * E
+        obase = out + (r0 * K) * E
     for f0 in range(0, total, BLOCK):
         f = f0 + tl.arange(0, BLOCK)
         m = f < total
-        j = f // E
-        off = tl.gather(ptab, tl.where(m, j, 0), 0) + tl.gather(etab, f - j * E, 0)
-        v = tl.load(vid + off, mask=m, other=0.0)
-        tl.store(obase + f, v, mask=m)
+        j = f // E  # the patch (gather) or the query (wpsum) of each value
+        eoff = tl.gather(etab, f - j * E, 0)
+        if WSUM:
+            acc = tl.zeros((BLOCK,), dtype=ACC)
+            for k in range(K):
+                jk = tl.where(m, j * K + k, 0)
+                v = tl.load(vid + (tl.gather(ptab, jk, 0) + eoff), mask=m, other=0.0)
+                acc += tl.gather(wtab, jk, 0) * v.to(ACC)
+            tl.store(obase + f, acc.to(out.dtype.element_ty), mask=m)
+        else:
+            v = tl.load(vid + (tl.gather(ptab, tl.where(m, j, 0), 0) + eoff), mask=m, other=0.0)
+            tl.store(obase + f, v, mask=m)
 
 
 @triton.jit
@@ -515,8 +531,8 @@ def _staged_kernel(
     rows of PITCH pixels in (channel, frame, row) order, RPC rows per channel, and the patch
     elements are gathered from it (through shared memory), one add per element for the address.
     INTERIOR: a tile whose box lies inside the frame reads the video without the border rule,
-    one add per element for the address; with FLAT (a gather), a tile also within one (batch,
-    head) slice writes its output as one flat run of FLAT values at a time. Other tiles (a box
+    one add per element for the address; with FLAT, a tile also within one (batch, head) slice
+    writes its output as one flat run of FLAT values at a time (``_flat_pass``). Other tiles (a box
     that does not fit or is not inside; in region mode, a tile over two (batch, head) slices)
     read the video through the border rule."""
     RPC: tl.constexpr = (REG // PITCH) // C
@@ -551,8 +567,8 @@ def _staged_kernel(
     if FLAT and staged and one:
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _flat_pass(
-            vbase, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, BLOCK_Q, FLAT,
-            KP, EP,
+            vbase, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, ACC,
+            WSUM, BLOCK_Q, FLAT, KP, EP,
         )  # fmt: skip
     elif staged:
         if INTERIOR:
@@ -770,8 +786,8 @@ def _fold_kernel(
 # neighbour, as iunfold runs it; "_last": videos of at least CHANNELS_LAST_MIN channels, read
 # from their channels-last copy, not in region mode): None (the op's direct kernel), or its
 # mode ("region": staged in registers; "interior": tiles inside the frame skip the border rule;
-# "flat", gather only: as interior, and such a tile within one (batch, head) slice is written
-# as flat runs of block_e values, addresses from two lookup tables), queries per program,
+# "flat": as interior, and such a tile within one (batch, head) slice is written as flat runs
+# of block_e values, addresses from lookup tables), queries per program,
 # neighbours per gather, patch elements per chunk, region row pitch (pixels) and size
 # (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
 # wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
@@ -904,7 +920,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
         STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
-        FLAT=block_e if mode == "flat" and op == "gather" and grid is None else 0,
+        FLAT=block_e if mode == "flat" and grid is None else 0,
         EP=next_power_of_2(e), num_warps=warps,
     )  # fmt: skip
     return True
