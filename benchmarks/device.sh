@@ -3,7 +3,8 @@
 # the benchmarks. Each part's output goes to OUTDIR/<part>.txt, headed by the device, the date
 # and the commit (with the number of uncommitted files).
 #
-#   bash benchmarks/device.sh [OUTDIR] [PARTS]     PARTS: tests,search,patches,attention,profile
+#   bash benchmarks/device.sh [OUTDIR] [PARTS]
+#   PARTS: tests,search,patches,attention,profile,stagedsweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -11,14 +12,17 @@
 # its wheels lie in .whl/ (the device machine has no package index: carry .whl there).
 # The part "profile" runs Nsight Compute (clocks left alone) on the forward of each row in
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
-# occupancy and the instruction mix.
+# occupancy and the instruction mix. The part "stagedsweep" times the staged gather/wpsum tiles
+# against the direct kernels (patches.py --rows stagedsweep).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)
-commit="$(git rev-parse --short HEAD 2>/dev/null) ($(git status --short 2>/dev/null | wc -l) uncommitted)"
+# DNLS_COMMIT (set it in the device command) names the commit of a tree copied with a stale .git
+commit="${DNLS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) ($(git status --short 2>/dev/null | wc -l) uncommitted)}"
+export DNLS_COMMIT=${DNLS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 run() {
     local name=$1
     shift
@@ -40,11 +44,13 @@ for part in ${parts//,/ }; do
             tests/test_attention_triton.py ;;
         search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
+        stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
         attention) run attention python benchmarks/attention.py ;;
         profile) run profile "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" \
             --clock-control none --profile-from-start off --section SpeedOfLight \
             --section WarpStateStats --section SchedulerStats --section InstructionStats \
             --section Occupancy python benchmarks/search.py --profile "${PROFILE_ROWS:-W3,W1s}" ;;
-        *) echo "unknown part: $part (tests, search, patches, attention, profile)" >&2; exit 2 ;;
+        *) echo "unknown part: $part (tests, search, patches, attention, profile, stagedsweep)" >&2
+           exit 2 ;;
     esac
 done

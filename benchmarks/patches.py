@@ -409,9 +409,9 @@ def main() -> None:
         src, dst = torch.empty(2**28, device="cuda"), torch.empty(2**28, device="cuda")
         args.copy_bw = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
         del src, dst
-    # COMMIT first: the device's copy of the tree may carry a stale .git
+    # DNLS_COMMIT first: the device's copy of the tree may carry a stale .git
     commit = (
-        os.environ.get("COMMIT")
+        os.environ.get("DNLS_COMMIT")
         or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
