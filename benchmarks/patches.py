@@ -208,6 +208,32 @@ def staged_sweep(results, args):
     kernels.CONFIG.update(default)
 
 
+def det_rows(results, args):
+    """scatter and wpsum forward+backward on the knn rows under
+    ``torch.use_deterministic_algorithms(True)`` (int64 fixed-point sums) against the default
+    (float atomics): time, the same bits on two runs, the difference to the default."""
+    for label, vid, inds, ps in _knn_inputs(args):
+        ops = _knn_ops(vid, inds, ps)
+        for name in ("scatter", "wpsum f+b"):
+            default = ops[name]()
+            ms = bench(ops[name], 100)
+            torch.use_deterministic_algorithms(True)
+            try:
+                first, second = ops[name](), ops[name]()
+                det_ms = bench(ops[name], 100)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            same = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+            err = max_rel(tuple(first), tuple(default))
+            print(f"deterministic {name} {label}: {det_ms:.3f} ms against {ms:.3f} ms "  # noqa: T201
+                  f"({det_ms / ms:.2f}x), same bits twice: {same}, rel diff {err:.1e}",
+                  flush=True)  # fmt: skip
+            results.append(dict(op=f"{name} deterministic", case=label, ms=det_ms,
+                                default_ms=ms, same_bits=same, err=err))  # fmt: skip
+        del ops
+        torch.cuda.empty_cache()
+
+
 def profile_rows(results, args):
     """The K14 row's gather, scatter, wpsum and wpsum forward+backward, each run twice after a
     warm-up, for a profiler around this script (ncu -k regex:... --clock-control none)."""
@@ -388,7 +414,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
-    "stagedsweep": staged_sweep, "layout": layout_rows, "profile": profile_rows,
+    "stagedsweep": staged_sweep, "layout": layout_rows, "det": det_rows,
+    "profile": profile_rows,
 }  # fmt: skip
 
 

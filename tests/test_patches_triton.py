@@ -184,26 +184,82 @@ def test_dtypes(monkeypatch, dtype, fractional):
     check(run_both(monkeypatch, fn, [patches]), dtype, f"ifold {dtype}", scale=10)
 
 
-def test_deterministic_mode(monkeypatch):
-    """Under torch.use_deterministic_algorithms the atomic kernels give way to the reference,
-    and repeated runs give the same bits."""
-    shape = (1, 2, 3, 16, 16) if CUDA else (1, 1, 2, 5, 5)
+@pytest.mark.parametrize("tile", [None, (4, 16, 4)])
+@pytest.mark.parametrize("fractional", [False, True])
+def test_deterministic_mode(monkeypatch, tile, fractional):
+    """Under torch.use_deterministic_algorithms the kernels that add with atomics (scatter's
+    flat and tile kernels, wpsum's backward) add fixed-point values into int64: repeated runs
+    give the same bits, and the results equal the reference's."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
+    shape = (1, 2, 3, 16, 16) if CUDA else (1, 2, 2, 5, 6)
     vid = rand_video(shape, torch.float32, seed=9).to(DEVICE)
-    case = dict(shape=shape, nheads=1, q=30, k=4, fractional=True, seed=10)
+    case = dict(shape=shape, nheads=1, q=30, k=4, fractional=fractional, seed=10)
     inds = make_inds(case).to(DEVICE)
     weights = rand_video(inds.shape[:4], torch.float32, seed=11).to(DEVICE)
-    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    patches = rand_video((*inds.shape[:4], 2, shape[2], 3, 3), torch.float32, seed=12).to(DEVICE)
+    geom = dict(ps=3, pt=2, border="reflect")
+
+    def run():
+        v = vid.clone().requires_grad_()
+        w = weights.clone().requires_grad_()
+        out = dnls.wpsum(v, w, inds, **geom)
+        grads = torch.autograd.grad((out * out.detach().flip(-1)).sum(), (v, w))
+        sums = dnls.scatter(patches, inds, shape=shape, dilation=1, border="reflect")
+        return (*grads, *sums)
+
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = []
-        for _ in range(2):
-            v = vid.clone().requires_grad_()
-            out = dnls.wpsum(v, weights, inds, ps=3)
-            runs.append(torch.autograd.grad(out.square().sum(), v)[0])
+        monkeypatch.setenv("DNLS_BACKEND", "triton")
+        runs = [run(), run()]
+        monkeypatch.setenv("DNLS_BACKEND", "torch")
+        ref = run()
     finally:
         torch.use_deterministic_algorithms(old)
-    assert torch.equal(runs[0], runs[1])
+    names = ("wpsum's video gradient", "wpsum's weight gradient", "scatter", "scatter's counts")
+    for name, a, b, r in zip(names, *runs, ref, strict=True):
+        assert torch.equal(a, b), f"{name}: two runs differ"
+        assert_close(a, r, dtype=torch.float32, what=f"{name} (deterministic)")
+
+
+def test_deterministic_float64_takes_the_reference(monkeypatch):
+    """Float64 sums under deterministic algorithms are the reference's (its deterministic
+    index_add_), not a 64-bit fixed point: the same bits as the reference backend."""
+    shape = (1, 1, 2, 5, 5)
+    case = dict(shape=shape, nheads=1, q=6, k=3, fractional=False, seed=15)
+    inds = make_inds(case).to(DEVICE)
+    patches = rand_video((1, 1, 6, 3, 1, 2, 3, 3), torch.float64, seed=16).to(DEVICE)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = []
+        for name in ("triton", "torch"):
+            monkeypatch.setenv("DNLS_BACKEND", name)
+            outs.append(dnls.scatter(patches, inds, shape=shape)[0])
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_deterministic_mode_needs_finite_values(monkeypatch):
+    """Fixed-point sums need a bound on their terms: a value that is not finite is a
+    ValueError naming the input, under deterministic algorithms only."""
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    shape = (1, 1, 1, 5, 5)
+    case = dict(shape=shape, nheads=1, q=3, k=2, fractional=False, seed=13)
+    inds = make_inds(case).to(DEVICE)
+    patches = rand_video((1, 1, 3, 2, 1, 1, 3, 3), torch.float32, seed=14).to(DEVICE)
+    patches[0, 0, 1, 1, 0, 0, 1, 1] = float("inf")
+    assert torch.isinf(dnls.scatter(patches, inds, shape=shape)[0]).any()
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match="patches must be finite"):
+            dnls.scatter(patches, inds, shape=shape)
+    finally:
+        torch.use_deterministic_algorithms(old)
 
 
 def test_channels_last_layout(monkeypatch):

@@ -18,8 +18,10 @@ Backward, with ``P(v, x)`` the patches of ``v`` at ``x`` and ``S = P^T`` (a scat
              gvid = sum_k S(w_qk g_q, x_qk)   gw_qk = <g_q, P(v, x_qk)>   gx_qk = <w_qk g_q, dP/dx>
 
 Reads are gathers that coalesce along ``j`` (consecutive columns). Generic scatters add with
-atomics into a float32 (float64) buffer, so their bits can vary between runs; the launcher
-falls back to the reference path when ``torch.use_deterministic_algorithms(True)`` is set.
+atomics into a float32 (float64) buffer, so their bits can vary between runs. Under
+``torch.use_deterministic_algorithms(True)`` they add into int64 accumulators instead, each
+contribution rounded to a fixed point ``1 / scale`` (``scale`` the largest power of two that
+no sum can overflow): integer addition is associative, so every run gives the same bits.
 ``ifold`` (patches on a query grid) needs no atomics: each output pixel sums the patch
 elements that land on it, so it is deterministic.
 """
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._search_triton import _TL_DTYPES, _border, _inside, _query_position, _red
+from ._search_triton import _TL_DTYPES, _accumulate, _border, _inside, _query_position
 
 # Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
 # which is exact when no read reaches past a mirror image of the frame (the launcher checks).
@@ -139,22 +141,23 @@ def _read(
 
 @triton.jit
 def _add(
-    base, t, y, x, T, H, W, s_t, s_y, s_x, val, mask,
+    base, t, y, x, T, H, W, s_t, s_y, s_x, val, mask, scale,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
+    FIXED: tl.constexpr,
 ):  # fmt: skip
     """Atomically add ``val`` at (t, y, x) (split over the bilinear corners when not WHOLE):
-    the adjoint of :func:`_read`."""
+    the adjoint of :func:`_read`. FIXED: into int64 accumulators at fixed point ``scale``."""
     if WHOLE:
         off, ok = _offset(t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64)
-        _red(base + off, val, mask & ok)
+        _accumulate(base + off, val, mask & ok, scale, FIXED)
     else:
         fy, fx, o00, k00, o01, k01, o10, k10, o11, k11 = _corners(
             t, y, x, T, H, W, s_t, s_y, s_x, BORDER, I64, ACC
         )
-        _red(base + o00, val * ((1 - fy) * (1 - fx)), mask & k00)
-        _red(base + o01, val * ((1 - fy) * fx), mask & k01)
-        _red(base + o10, val * (fy * (1 - fx)), mask & k10)
-        _red(base + o11, val * (fy * fx), mask & k11)
+        _accumulate(base + o00, val * ((1 - fy) * (1 - fx)), mask & k00, scale, FIXED)
+        _accumulate(base + o01, val * ((1 - fy) * fx), mask & k01, scale, FIXED)
+        _accumulate(base + o10, val * (fy * (1 - fx)), mask & k10, scale, FIXED)
+        _accumulate(base + o11, val * (fy * fx), mask & k11, scale, FIXED)
 
 
 @triton.jit
@@ -235,12 +238,13 @@ def _scatter_kernel(
     inds,  # (B * HD, QK, 3)
     out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
     QK, T, H, W,
-    o_bh, o_t, o_c, o_y, o_x,
+    o_bh, o_t, o_c, o_y, o_x, scale,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr, CONST: tl.constexpr,
+    BLOCK: tl.constexpr, CONST: tl.constexpr, FIXED: tl.constexpr,
 ):  # fmt: skip
-    """One patch element per lane, added into the video with atomics."""
+    """One patch element per lane, added into the video with atomics (FIXED: at fixed point
+    ``scale`` into int64)."""
     bh, idx, mask, n, e = _flat_index(QK, BLOCK, PT * C * PS * PS, I64)
     dt, c, oy, ox = _element(e, C, PS, DIL)
     base = out + bh * o_bh + c.to(tl.int64) * o_c
@@ -250,7 +254,8 @@ def _scatter_kernel(
     else:
         val = tl.load(patches + bh * QK * (PT * C * PS * PS) + idx, mask=mask, other=0.0)
         val = val.to(ACC)
-    _add(base, t + dt, y + oy, x + ox, T, H, W, o_t, o_y, o_x, val, mask, BORDER, I64, WHOLE, ACC)
+    _add(base, t + dt, y + oy, x + ox, T, H, W, o_t, o_y, o_x, val, mask, scale, BORDER, I64,
+         WHOLE, ACC, FIXED)  # fmt: skip
 
 
 @triton.jit
@@ -259,10 +264,10 @@ def _scatter_tile_kernel(
     inds,  # (B * HD, QK, 3) whole positions
     out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
     QK, T, H, W,
-    o_bh, o_t, o_c, o_y, o_x,
+    o_bh, o_t, o_c, o_y, o_x, scale,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CONST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CONST: tl.constexpr, FIXED: tl.constexpr,
 ):  # fmt: skip
     """Whole positions: BLOCK_N patches per program, BLOCK_E of their elements at a time, added
     into the video (channels-first or -last) with atomics. Each patch's position is read once.
@@ -294,12 +299,12 @@ def _scatter_tile_kernel(
         dt, c, oy, ox = _element(e, C, PS, DIL)
         if fast:
             eoff = dt * o_t + c * o_c + oy * o_y + ox * o_x
-            _red(base + poff[:, None] + eoff[None, :], val, m)
+            _accumulate(base + poff[:, None] + eoff[None, :], val, m, scale, FIXED)
         else:
             _add(
                 base + (c.to(tl.int64) * o_c)[None, :], t[:, None] + dt[None, :],
                 y[:, None] + oy[None, :], x[:, None] + ox[None, :], T, H, W, o_t, o_y, o_x,
-                val, m, BORDER, I64, True, ACC,
+                val, m, scale, BORDER, I64, True, ACC, FIXED,
             )  # fmt: skip
 
 
@@ -619,14 +624,15 @@ def _wpsum_bwd_kernel(
     gpos,  # (R * K, 3) output (written when not WHOLE)
     R, Q, K, HD, T, H, W,
     s_b, s_h, s_t, s_c, s_y, s_x,
-    o_bh, o_t, o_c, o_y, o_x,
+    o_bh, o_t, o_c, o_y, o_x, scale,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr, FIXED: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
-    (reductions over E) and the video gradient (atomic adds). At whole positions, a neighbour
-    whose patches all lie inside the video is read and added at offsets (no border rule)."""
+    (reductions over E) and the video gradient (atomic adds; FIXED: at fixed point ``scale``
+    into int64). At whole positions, a neighbour whose patches all lie inside the video is read
+    and added at offsets (no border rule)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = r < R
     bh = r // Q
@@ -662,7 +668,7 @@ def _wpsum_bwd_kernel(
                     ev = dt * s_t + c * s_c + oy * s_y + ox * s_x
                     v = tl.load(pv[:, None] + ev[None, :], mask=m, other=0.0).to(ACC)
                     eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
-                    _red(po[:, None] + eo[None, :], wg, m)
+                    _accumulate(po[:, None] + eo[None, :], wg, m, scale, FIXED)
                 else:
                     v, _, _ = _read(
                         vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
@@ -670,7 +676,7 @@ def _wpsum_bwd_kernel(
                     )  # fmt: skip
                     _add(
                         gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
-                        T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
+                        T, H, W, o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
                     )  # fmt: skip
             else:
                 v, dy, dx = _read(
@@ -681,7 +687,7 @@ def _wpsum_bwd_kernel(
                 acc_x += wg * dx
                 _add(
                     gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
-                    T, H, W, o_t, o_y, o_x, wg, m, BORDER, I64, WHOLE, ACC,
+                    T, H, W, o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
                 )  # fmt: skip
             acc_w += g * v
         tl.store(gw + n, tl.sum(acc_w, axis=1).to(gw.dtype.element_ty), mask=rmask)
@@ -873,6 +879,32 @@ def _buffer(shape6, dtype, device) -> tuple[torch.Tensor, tuple[int, ...]]:
     return buf, (st[1], st[2], st[3], st[4], st[5])
 
 
+def _fixed_scale(name: str, magnitude, n: int) -> float | None:
+    """The fixed-point scale of an atomic accumulation under
+    ``torch.use_deterministic_algorithms(True)``, or None (float atomics): the largest power of
+    two (at most 2^126, a finite float32) at which ``n`` contributions to one accumulator, each
+    at most ``magnitude`` in size, stay within int64. ``name``: the input ``magnitude`` comes
+    from, for the error on a value that is not finite."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return None
+    bound = float(magnitude) * max(1, n)
+    if not math.isfinite(bound):
+        raise ValueError(
+            f"{name} must be finite under torch.use_deterministic_algorithms(True) (its sums "
+            f"are fixed-point), got a largest magnitude of {float(magnitude)}"
+        )
+    return 2.0 ** min(62 - math.ceil(math.log2(bound)), 126) if bound > 0 else 1.0
+
+
+def _unfixed(buf: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """An accumulation buffer as a contiguous tensor of ``dtype``: int64 fixed-point sums
+    (``scale``) divided back, float sums cast (``.to()`` returns a 6-D channels-last buffer as
+    is when the dtype matches, hence ``.contiguous()``)."""
+    if scale is not None:
+        buf = buf.double() / scale
+    return buf.to(dtype).contiguous()
+
+
 def _bounce_ok(shape6, geom, extra: int) -> bool:
     """Whether every read (patch offsets, plus ``extra`` for bilinear corners) stays within one
     mirror image of the frame, so the BOUNCE border rule is exact."""
@@ -991,11 +1023,18 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
     q, k = inds.shape[2:4]
-    buf, strides = _buffer((b, hd, t, c, h, w), _acc(patches.dtype), patches.device)
     whole = not inds.is_floating_point()
     # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
+    scale = None
+    if patches.numel():  # each accumulator takes at most pt ps^2 values (x4 corners) per patch
+        one = patches.as_strided((1,), (1,)) if const else patches
+        n = q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
+        scale = _fixed_scale("patches", one.detach().abs().amax(), n)
+    acc = _acc(patches.dtype)
+    buf, strides = _buffer((b, hd, t, c, h, w), torch.int64 if scale else acc, patches.device)
+    fixed = dict(FIXED=scale is not None, ACC=_TL_DTYPES[acc])
     tile = CONFIG["scatter_tile"]
     if tile and patches.device.type != "cuda":
         tile = (4, 16, 4)  # small tiles under the interpreter
@@ -1004,9 +1043,9 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
         block_e = min(block_e, next_power_of_2(e))
         _scatter_tile_kernel[(triton.cdiv(q * k, block_n), b * hd)](
             patches.as_strided((1,), (1,)) if const else patches.contiguous(), _inds(inds), buf,
-            q * k, t, h, w, *strides,
+            q * k, t, h, w, *strides, scale or 1.0,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-            **_modes(buf.shape, geom, whole, patches), ACC=_TL_DTYPES[buf.dtype],
+            **_modes(buf.shape, geom, whole, patches), **fixed,
             BLOCK_N=block_n, BLOCK_E=block_e, CONST=const, num_warps=warps,
         )  # fmt: skip
     elif patches.numel():
@@ -1014,13 +1053,12 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
         grid = (triton.cdiv(q * k * e, block), b * hd)
         _scatter_kernel[grid](
             patches.as_strided((1,), (1,)) if const else patches.contiguous(), _inds(inds), buf,
-            q * k, t, h, w, *strides,
+            q * k, t, h, w, *strides, scale or 1.0,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-            **_modes(buf.shape, geom, whole, patches), WHOLE=whole, ACC=_TL_DTYPES[buf.dtype],
+            **_modes(buf.shape, geom, whole, patches), WHOLE=whole, **fixed,
             BLOCK=block, CONST=const, num_warps=CONFIG["flat_warps"],
         )  # fmt: skip
-    # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
-    return buf.to(patches.dtype).contiguous()
+    return _unfixed(buf, scale, patches.dtype)
 
 
 def wpsum(vid, weights, inds, geom) -> torch.Tensor:
@@ -1050,25 +1088,30 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     b, hd, t, c, h, w = vid.shape
     q, k = inds.shape[2:4]
     acc = _acc(vid.dtype)
-    gvid, strides = _buffer(tuple(vid.shape), acc, vid.device)
-    gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     whole = not inds.is_floating_point()
-    gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
+    scale = None
+    if r and k and e:  # contributions w g: at most pt ps^2 (x4 corners) per neighbour
+        size = grad.detach().abs().amax() * weights.detach().abs().amax()
+        scale = _fixed_scale(
+            "grad", size, q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
+        )
+    gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale else acc, vid.device)
+    gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
+    gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
     if r and k:
         block_e, block_q, warps = _tile(e, vid.device, "wpsum_bwd")
         src = _reads(vid)
         _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
             src, weights.contiguous(), _inds(inds), grad.contiguous(), gvid, gw,
             gvid if whole else gpos,
-            r, q, k, hd, t, h, w, *src.stride(), *strides,
+            r, q, k, hd, t, h, w, *src.stride(), *strides, scale or 1.0,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
             WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
-            num_warps=warps,
+            FIXED=scale is not None, num_warps=warps,
         )  # fmt: skip
-    # .contiguous(): .to() returns a 6-D channels-last buffer as is when the dtype matches
-    return gvid.to(vid.dtype).contiguous(), gw, gpos
+    return _unfixed(gvid, scale, vid.dtype), gw, gpos
 
 
 def fold_supported(shape5, geom) -> bool:

@@ -91,12 +91,15 @@ def _wpsum_backward_ref(grad, vid, weights, inds, geom: PatchGeom):
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(device: torch.device, op: str, ref, *args, atomic: bool = False):
-    """Run ``ref`` or the Triton launcher of the same name (without ``_ref``). Kernels that add
-    with atomics give way to the (deterministic) reference under
-    ``torch.use_deterministic_algorithms(True)``."""
+def _run(device: torch.device, op: str, ref, *args, sums: torch.Tensor | None = None):
+    """Run ``ref`` or the Triton launcher of the same name (without ``_ref``). Under
+    ``torch.use_deterministic_algorithms(True)`` the kernels that add with atomics (``sums``:
+    the tensor whose values they add) add fixed-point values into int64, the same bits on every
+    run; float64 ``sums`` take the reference then (its ``index_add_`` is deterministic in that
+    mode), since a 64-bit fixed point would round them more coarsely than float64 does."""
+    exact = sums is not None and sums.dtype == torch.float64
     if backend(device, op) == "triton" and not (
-        atomic and torch.are_deterministic_algorithms_enabled()
+        exact and torch.are_deterministic_algorithms_enabled()
     ):
         from . import _patches_triton as kernels
 
@@ -154,7 +157,7 @@ def _scatter_op(
     geom = PatchGeom(ps, pt, dilation, border)
     if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds):
         return _cpu.scatter(patches, inds, shape6, border)
-    return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom, atomic=True)
+    return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom, sums=patches)
 
 
 @_scatter_op.register_fake
@@ -200,9 +203,7 @@ def _wpsum_backward_op(
     border: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     geom = PatchGeom(ps, pt, dilation, border)
-    return _run(
-        vid.device, "wpsum", _wpsum_backward_ref, grad, vid, weights, inds, geom, atomic=True
-    )
+    return _run(vid.device, "wpsum", _wpsum_backward_ref, grad, vid, weights, inds, geom, sums=vid)
 
 
 @_wpsum_backward_op.register_fake
