@@ -1033,7 +1033,9 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
         n = q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
         scale = _fixed_scale("patches", one.detach().abs().amax(), n)
     acc = _acc(patches.dtype)
-    buf, strides = _buffer((b, hd, t, c, h, w), torch.int64 if scale else acc, patches.device)
+    buf, strides = _buffer(
+        (b, hd, t, c, h, w), torch.int64 if scale is not None else acc, patches.device
+    )
     fixed = dict(FIXED=scale is not None, ACC=_TL_DTYPES[acc])
     tile = CONFIG["scatter_tile"]
     if tile and patches.device.type != "cuda":
@@ -1097,7 +1099,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
         scale = _fixed_scale(
             "grad", size, q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
         )
-    gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale else acc, vid.device)
+    gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale is not None else acc, vid.device)
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
     if r and k:
