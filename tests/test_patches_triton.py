@@ -323,6 +323,66 @@ def test_staged_modes(monkeypatch, cfg, central, last):
         check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
+@st.composite
+def staged_cases(draw):
+    """A staged-kernel configuration and a problem where many tiles lie inside the frame."""
+    ps = draw(st.integers(1, 4))
+    dil = draw(st.integers(1, 2))
+    reach = (ps // 2) * dil
+    h, w = (reach + ps * dil + draw(st.integers(1, 6)) for _ in range(2))
+    t = draw(st.integers(1, 3))
+    nheads = draw(st.sampled_from([1, 2]))
+    mode = draw(st.sampled_from(["interior", "flat", "region"]))
+    block_q = draw(st.sampled_from([1, 2, 4]))
+    kb = draw(st.sampled_from([1, 2, 4]))
+    block_e = draw(st.sampled_from([4, 16, 32]))
+    cfg = (mode, block_q, kb, block_e, 9, draw(st.sampled_from([64, 256])), 4)
+    return dict(
+        shape=(draw(st.integers(1, 2)), t, nheads * draw(st.integers(1, 3)), h, w),
+        nheads=nheads, q=draw(st.integers(1, 9)), k=draw(st.integers(1, 5)),
+        geom=dict(ps=ps, pt=draw(st.integers(1, t)), dilation=dil,
+                  border=draw(st.sampled_from(["reflect", "zero"]))),
+        cfg=cfg, last=draw(st.booleans()), central=draw(st.floats(0.0, 1.0)),
+        seed=draw(st.integers(0, 2**16)),
+    )  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(staged_cases())
+def test_staged_random(case):
+    """The staged kernel over random configurations (mode, tile sizes, channels-first or
+    -last) and problems whose positions mostly keep the patches inside the frame: gather and
+    wpsum, outputs and gradients, equal the reference's."""
+    from dnls.ops import _patches_triton
+
+    b, t, c, h, w = case["shape"]
+    geom, hd = case["geom"], case["nheads"]
+    g = torch.Generator().manual_seed(case["seed"])
+    size = (b, hd, case["q"], case["k"])
+    reach = (geom["ps"] // 2) * geom["dilation"]
+    span = (geom["ps"] - 1) * geom["dilation"]
+    tt = torch.randint(0, t - geom["pt"] + 1, size, generator=g)
+    yy = torch.randint(reach, h - span + reach, size, generator=g)
+    xx = torch.randint(reach, w - span + reach, size, generator=g)
+    stray = torch.rand(size, generator=g) > case["central"]  # anywhere in the frame
+    yy = torch.where(stray, torch.randint(0, h, size, generator=g), yy)
+    xx = torch.where(stray, torch.randint(0, w, size, generator=g), xx)
+    inds = torch.stack([tt, yy, xx], -1).int().to(DEVICE)
+    vid = rand_video(case["shape"], seed=case["seed"] + 1).to(DEVICE)
+    weights = rand_video(size, seed=case["seed"] + 2).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        if case["last"]:
+            mp.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
+        for op in ("gather", "wpsum"):
+            name = op + ("_last" if case["last"] else "")
+            mp.setitem(_patches_triton.STAGED_INTERPRET, name, case["cfg"])
+            mp.setitem(_patches_triton.CONFIG, f"staged_{name}", case["cfg"])
+        fn = lambda v, i: dnls.gather(v, i, nheads=hd, **geom)  # noqa: E731
+        check(run_both(mp, fn, [vid, inds]), torch.float64, "gather")
+        fn = lambda v, wt, i: dnls.wpsum(v, wt, i, nheads=hd, **geom)  # noqa: E731
+        check(run_both(mp, fn, [vid, weights, inds]), torch.float64, "wpsum")
+
+
 @pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("flat", 4, 2, 16, 9, 64, 4)])
 def test_wide_offsets(monkeypatch, cfg):
     """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on
