@@ -224,6 +224,33 @@ def test_deterministic_mode(monkeypatch, tile, fractional):
         assert_close(a, r, dtype=torch.float32, what=f"{name} (deterministic)")
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(patch_cases())
+def test_deterministic_random(case):
+    """The fixed-point mode over random configurations (float32): scatter and wpsum's
+    gradients equal the reference's, and a second run gives the same bits."""
+    vid = rand_video(case["shape"], torch.float32, seed=case["seed"]).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    geom, hd = case["geom"], case["nheads"]
+    patches = rand_video((*inds.shape[:4], geom["pt"], case["shape"][2] // hd, geom["ps"],
+                          geom["ps"]), torch.float32, seed=case["seed"] + 1).to(DEVICE)  # fmt: skip
+    weights = rand_video(inds.shape[:4], torch.float32, seed=case["seed"] + 2).to(DEVICE)
+    sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
+            check(run_both(mp, fn, [patches]), torch.float32, "scatter (deterministic)")
+            fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=hd, **geom)  # noqa: E731
+            runs = [run_both(mp, fn, [vid, weights, inds]) for _ in range(2)]
+        check(runs[0], torch.float32, "wpsum (deterministic)", scale=10)
+        for a, b in zip(runs[0][1][1], runs[1][1][1], strict=True):
+            assert a is None or torch.equal(a, b), "wpsum's gradients differ between two runs"
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
 def test_deterministic_float64_takes_the_reference(monkeypatch):
     """Float64 sums under deterministic algorithms are the reference's (its deterministic
     index_add_), not a 64-bit fixed point: the same bits as the reference backend."""
@@ -343,7 +370,7 @@ def staged_cases(draw):
         geom=dict(ps=ps, pt=draw(st.integers(1, t)), dilation=dil,
                   border=draw(st.sampled_from(["reflect", "zero"]))),
         cfg=cfg, last=draw(st.booleans()), central=draw(st.floats(0.0, 1.0)),
-        seed=draw(st.integers(0, 2**16)),
+        dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**16)),
     )  # fmt: skip
 
 
@@ -351,8 +378,8 @@ def staged_cases(draw):
 @given(staged_cases())
 def test_staged_random(case):
     """The staged kernel over random configurations (mode, tile sizes, channels-first or
-    -last) and problems whose positions mostly keep the patches inside the frame: gather and
-    wpsum, outputs and gradients, equal the reference's."""
+    -last, dtype) and problems whose positions mostly keep the patches inside the frame: gather
+    and wpsum, outputs and gradients, equal the reference's."""
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
@@ -368,8 +395,9 @@ def test_staged_random(case):
     yy = torch.where(stray, torch.randint(0, h, size, generator=g), yy)
     xx = torch.where(stray, torch.randint(0, w, size, generator=g), xx)
     inds = torch.stack([tt, yy, xx], -1).int().to(DEVICE)
-    vid = rand_video(case["shape"], seed=case["seed"] + 1).to(DEVICE)
-    weights = rand_video(size, seed=case["seed"] + 2).to(DEVICE)
+    dtype = case["dtype"]
+    vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
+    weights = rand_video(size, dtype, seed=case["seed"] + 2).to(DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         if case["last"]:
             mp.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
@@ -378,9 +406,9 @@ def test_staged_random(case):
             mp.setitem(_patches_triton.STAGED_INTERPRET, name, case["cfg"])
             mp.setitem(_patches_triton.CONFIG, f"staged_{name}", case["cfg"])
         fn = lambda v, i: dnls.gather(v, i, nheads=hd, **geom)  # noqa: E731
-        check(run_both(mp, fn, [vid, inds]), torch.float64, "gather")
+        check(run_both(mp, fn, [vid, inds]), dtype, f"gather {dtype}", scale=10)
         fn = lambda v, wt, i: dnls.wpsum(v, wt, i, nheads=hd, **geom)  # noqa: E731
-        check(run_both(mp, fn, [vid, weights, inds]), torch.float64, "wpsum")
+        check(run_both(mp, fn, [vid, weights, inds]), dtype, f"wpsum {dtype}", scale=10)
 
 
 @pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("flat", 4, 2, 16, 9, 64, 4)])
