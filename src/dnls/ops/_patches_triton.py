@@ -879,14 +879,13 @@ def _buffer(shape6, dtype, device) -> tuple[torch.Tensor, tuple[int, ...]]:
     return buf, (st[1], st[2], st[3], st[4], st[5])
 
 
-def _fixed_scale(name: str, magnitude, n: int) -> float | None:
+def _fixed_scale(name: str, magnitude: torch.Tensor, n: int) -> float:
     """The fixed-point scale of an atomic accumulation under
-    ``torch.use_deterministic_algorithms(True)``, or None (float atomics): the largest power of
-    two (at most 2^126, a finite float32) at which ``n`` contributions to one accumulator, each
-    at most ``magnitude`` in size, stay within int64. ``name``: the input ``magnitude`` comes
-    from, for the error on a value that is not finite."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return None
+    ``torch.use_deterministic_algorithms(True)`` (callers check the mode first, so the default
+    path computes no magnitude): the largest power of two (at most 2^126, a finite float32) at
+    which ``n`` contributions to one accumulator, each at most ``magnitude`` in size, stay
+    within int64. ``name``: the input ``magnitude`` comes from, for the error on a value that is
+    not finite."""
     bound = float(magnitude) * max(1, n)
     if not math.isfinite(bound):
         raise ValueError(
@@ -1028,7 +1027,8 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
     scale = None
-    if patches.numel():  # each accumulator takes at most pt ps^2 values (x4 corners) per patch
+    if patches.numel() and torch.are_deterministic_algorithms_enabled():
+        # each accumulator takes at most pt ps^2 values (x4 corners) per patch
         one = patches.as_strided((1,), (1,)) if const else patches
         n = q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
         scale = _fixed_scale("patches", one.detach().abs().amax(), n)
@@ -1094,7 +1094,8 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     scale = None
-    if r and k and e:  # contributions w g: at most pt ps^2 (x4 corners) per neighbour
+    if r and k and e and torch.are_deterministic_algorithms_enabled():
+        # contributions w g: at most pt ps^2 (x4 corners) per neighbour
         size = grad.detach().abs().amax() * weights.detach().abs().amax()
         scale = _fixed_scale(
             "grad", size, q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
