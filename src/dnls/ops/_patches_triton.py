@@ -35,7 +35,14 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._search_triton import _TL_DTYPES, _accumulate, _border, _inside, _query_position
+from ._search_triton import (
+    _TL_DTYPES,
+    _accumulate,
+    _border,
+    _fixed_point,
+    _inside,
+    _query_position,
+)
 
 # Border modes: ZERO reads zero outside; REFLECT mirrors any distance; BOUNCE mirrors once,
 # which is exact when no read reaches past a mirror image of the frame (the launcher checks).
@@ -886,13 +893,12 @@ def _fixed_scale(name: str, magnitude: torch.Tensor, n: int) -> float:
     which ``n`` contributions to one accumulator, each at most ``magnitude`` in size, stay
     within int64. ``name``: the input ``magnitude`` comes from, for the error on a value that is
     not finite."""
-    bound = float(magnitude) * max(1, n)
-    if not math.isfinite(bound):
-        raise ValueError(
-            f"{name} must be finite under torch.use_deterministic_algorithms(True) (its sums "
-            f"are fixed-point), got a largest magnitude of {float(magnitude)}"
-        )
-    return 2.0 ** min(62 - math.ceil(math.log2(bound)), 126) if bound > 0 else 1.0
+    m = float(magnitude)
+    return _fixed_point(
+        m * max(1, n),
+        f"{name} must be finite under torch.use_deterministic_algorithms(True) (its sums are "
+        f"fixed-point), got a largest magnitude of {m}",
+    )
 
 
 def _unfixed(buf: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:

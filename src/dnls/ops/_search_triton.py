@@ -1900,6 +1900,13 @@ def _fixed_point_scale(gd, gi, qvid, kvid, p) -> float | None:
     if gi is not None:
         bound = bound + gi.detach().abs().amax().double()
     bound = float(bound) * max(1, p.count * p.nk * patch)
+    return _fixed_point(bound, "gdists must be finite for the deterministic backward of search")
+
+
+def _fixed_point(bound: float, error: str) -> float:
+    """The largest power of two (at most 2^126, so a finite float32 kernel argument) by which
+    sums of at most ``bound`` in size can be scaled and stay within int64; a ``bound`` that is
+    not finite is a ValueError with the message ``error``."""
     if not math.isfinite(bound):
-        raise ValueError("gdists must be finite for the deterministic backward of search")
-    return 2.0 ** (62 - math.ceil(math.log2(bound))) if bound > 0 else 1.0
+        raise ValueError(error)
+    return 2.0 ** min(62 - math.ceil(math.log2(bound)), 126) if bound > 0 else 1.0
