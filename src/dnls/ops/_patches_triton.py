@@ -886,14 +886,16 @@ def _buffer(shape6, dtype, device) -> tuple[torch.Tensor, tuple[int, ...]]:
     return buf, (st[1], st[2], st[3], st[4], st[5])
 
 
-def _fixed_scale(name: str, magnitude: torch.Tensor, n: int) -> float:
+def _fixed_scale(name: str, magnitude: torch.Tensor, patches: int, geom, whole: bool) -> float:
     """The fixed-point scale of an atomic accumulation under
     ``torch.use_deterministic_algorithms(True)`` (callers check the mode first, so the default
     path computes no magnitude): the largest power of two (at most 2^126, a finite float32) at
-    which ``n`` contributions to one accumulator, each at most ``magnitude`` in size, stay
-    within int64. ``name``: the input ``magnitude`` comes from, for the error on a value that is
-    not finite."""
+    which ``patches`` patches' contributions to one accumulator, each at most ``magnitude`` in
+    size, stay within int64: at most ``pt ps^2`` per patch (times 4 bilinear corners at
+    fractional positions, not ``whole``). ``name``: the input ``magnitude`` comes from, for the
+    error on a value that is not finite."""
     m = float(magnitude)
+    n = patches * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
     return _fixed_point(
         m * max(1, n),
         f"{name} must be finite under torch.use_deterministic_algorithms(True) (its sums are "
@@ -1034,10 +1036,8 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     e = geom.pt * c * geom.ps * geom.ps
     scale = None
     if patches.numel() and torch.are_deterministic_algorithms_enabled():
-        # each accumulator takes at most pt ps^2 values (x4 corners) per patch
         one = patches.as_strided((1,), (1,)) if const else patches
-        n = q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
-        scale = _fixed_scale("patches", one.detach().abs().amax(), n)
+        scale = _fixed_scale("patches", one.detach().abs().amax(), q * k, geom, whole)
     acc = _acc(patches.dtype)
     buf, strides = _buffer(
         (b, hd, t, c, h, w), torch.int64 if scale is not None else acc, patches.device
@@ -1100,12 +1100,9 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     scale = None
-    if r and k and e and torch.are_deterministic_algorithms_enabled():
-        # contributions w g: at most pt ps^2 (x4 corners) per neighbour
+    if r and k and e and torch.are_deterministic_algorithms_enabled():  # terms: w g
         size = grad.detach().abs().amax() * weights.detach().abs().amax()
-        scale = _fixed_scale(
-            "grad", size, q * k * geom.pt * geom.ps * geom.ps * (1 if whole else 4)
-        )
+        scale = _fixed_scale("grad", size, q * k, geom, whole)
     gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale is not None else acc, vid.device)
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
