@@ -309,6 +309,19 @@ def test_channels_last_layout(monkeypatch):
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold (tile kernel)")
 
 
+def use_staged(mp, cfg, last=False):
+    """Run gather and wpsum through the staged kernel at ``cfg`` (under the interpreter and on
+    CUDA); ``last``: every video counts as many-channelled (read channels-last)."""
+    from dnls.ops import _patches_triton
+
+    if last:
+        mp.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
+    for op in ("gather", "wpsum"):
+        name = op + ("_last" if last else "")
+        mp.setitem(_patches_triton.STAGED_INTERPRET, name, cfg)
+        mp.setitem(_patches_triton.CONFIG, f"staged_{name}", cfg)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
@@ -325,14 +338,7 @@ def test_staged_modes(monkeypatch, cfg, central, last):
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
     the region modes take the direct kernels."""
-    from dnls.ops import _patches_triton
-
-    if last:
-        monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
-    for op in ("gather", "wpsum"):
-        name = op + ("_last" if last else "")
-        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, name, cfg)
-        monkeypatch.setitem(_patches_triton.CONFIG, f"staged_{name}", cfg)
+    use_staged(monkeypatch, cfg, last)
     shape = (2, 2, 4, 12, 11)
     case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=15)
     vid = rand_video(shape, seed=16).to(DEVICE)
@@ -380,7 +386,6 @@ def test_staged_random(case):
     """The staged kernel over random configurations (mode, tile sizes, channels-first or
     -last, dtype) and problems whose positions mostly keep the patches inside the frame: gather
     and wpsum, outputs and gradients, equal the reference's."""
-    from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
     geom, hd = case["geom"], case["nheads"]
@@ -399,12 +404,7 @@ def test_staged_random(case):
     vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
     weights = rand_video(size, dtype, seed=case["seed"] + 2).to(DEVICE)
     with pytest.MonkeyPatch.context() as mp:
-        if case["last"]:
-            mp.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
-        for op in ("gather", "wpsum"):
-            name = op + ("_last" if case["last"] else "")
-            mp.setitem(_patches_triton.STAGED_INTERPRET, name, case["cfg"])
-            mp.setitem(_patches_triton.CONFIG, f"staged_{name}", case["cfg"])
+        use_staged(mp, case["cfg"], case["last"])
         fn = lambda v, i: dnls.gather(v, i, nheads=hd, **geom)  # noqa: E731
         check(run_both(mp, fn, [vid, inds]), dtype, f"gather {dtype}", scale=10)
         fn = lambda v, wt, i: dnls.wpsum(v, wt, i, nheads=hd, **geom)  # noqa: E731
@@ -420,8 +420,7 @@ def test_wide_offsets(monkeypatch, cfg):
 
     modes = _patches_triton._modes
     monkeypatch.setattr(_patches_triton, "_modes", lambda *a: {**modes(*a), "I64": True})
-    for op in ("gather", "wpsum"):
-        monkeypatch.setitem(_patches_triton.STAGED_INTERPRET, op, cfg)
+    use_staged(monkeypatch, cfg)
     shape = (2, 2, 4, 12, 11)
     case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=19)
     vid = rand_video(shape, seed=20).to(DEVICE)
