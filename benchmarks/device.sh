@@ -4,7 +4,7 @@
 # and the commit (with the number of uncommitted files).
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
-#   PARTS: tests,search,patches,attention,profile,stagedsweep
+#   PARTS: tests,search,patches,attention,profile,stagedsweep,runssweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -13,7 +13,8 @@
 # The part "profile" runs Nsight Compute (clocks left alone) on the forward of each row in
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
 # occupancy and the instruction mix. The part "stagedsweep" times the staged gather/wpsum tiles
-# against the direct kernels (patches.py --rows stagedsweep).
+# against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
+# backward by runs of equal positions against the defaults (--rows runssweep).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}
@@ -45,12 +46,14 @@ for part in ${parts//,/ }; do
         search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
+        runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
         attention) run attention python benchmarks/attention.py ;;
         profile) run profile "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" \
             --clock-control none --profile-from-start off --section SpeedOfLight \
             --section WarpStateStats --section SchedulerStats --section InstructionStats \
             --section Occupancy python benchmarks/search.py --profile "${PROFILE_ROWS:-W3,W1s}" ;;
-        *) echo "unknown part: $part (tests, search, patches, attention, profile, stagedsweep)" >&2
+        *) echo "unknown part: $part (tests, search, patches, attention, profile, stagedsweep,
+           runssweep)" >&2
            exit 2 ;;
     esac
 done

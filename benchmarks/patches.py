@@ -208,6 +208,21 @@ def staged_sweep(results, args):
     kernels.CONFIG.update(default)
 
 
+def runs_sweep(results, args):
+    """scatter and wpsum's backward by runs of equal positions (the positions sorted, each
+    run's patches summed in registers and added once) against the defaults, and the runs
+    kernel's launches: (streams per program, entries per stream, warps). The kernel times
+    include the sort."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    launches = ((1, 32, 1), (1, 64, 1), (1, 128, 1), (1, 64, 2), (2, 64, 2), (4, 32, 4))
+    configs = [("scatter", {}), ("wpsum f+b", {})]
+    configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in launches]
+    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r)) for r in launches[:4]]
+    _run_sweep(results, args, configs, default)
+
+
 def det_rows(results, args):
     """scatter and wpsum forward+backward on the knn rows under
     ``torch.use_deterministic_algorithms(True)`` (int64 fixed-point sums) against the default
@@ -277,8 +292,9 @@ def _run_sweep(results, args, configs, default, rows=None):
         direct = {
             f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
         }
-        kernels.CONFIG.update(default, scatter_tile=None, **direct)
-        expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum")}
+        kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
+                              wpsum_bwd_runs=False, **direct)  # fmt: skip
+        expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum", "wpsum f+b")}
         for name, cfg in configs:
             kernels.CONFIG.update(default)
             kernels.CONFIG.update(cfg)
@@ -414,7 +430,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
-    "stagedsweep": staged_sweep, "layout": layout_rows, "det": det_rows,
+    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "layout": layout_rows,
+    "det": det_rows,
     "profile": profile_rows,
 }  # fmt: skip
 

@@ -184,15 +184,13 @@ def test_dtypes(monkeypatch, dtype, fractional):
     check(run_both(monkeypatch, fn, [patches]), dtype, f"ifold {dtype}", scale=10)
 
 
-@pytest.mark.parametrize("tile", [None, (4, 16, 4)])
+@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs"])
 @pytest.mark.parametrize("fractional", [False, True])
 def test_deterministic_mode(monkeypatch, tile, fractional):
     """Under torch.use_deterministic_algorithms the kernels that add with atomics (scatter's
-    flat and tile kernels, wpsum's backward) add fixed-point values into int64: repeated runs
-    give the same bits, and the results equal the reference's."""
-    from dnls.ops import _patches_triton
-
-    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
+    flat, tile and runs kernels, wpsum's backward) add fixed-point values into int64: repeated
+    runs give the same bits, and the results equal the reference's."""
+    use_scatter(monkeypatch, tile)
     shape = (1, 2, 3, 16, 16) if CUDA else (1, 2, 2, 5, 6)
     vid = rand_video(shape, torch.float32, seed=9).to(DEVICE)
     case = dict(shape=shape, nheads=1, q=30, k=4, fractional=fractional, seed=10)
@@ -309,6 +307,18 @@ def test_channels_last_layout(monkeypatch):
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold (tile kernel)")
 
 
+def use_scatter(mp, kind):
+    """How scatter (and wpsum's video gradient) add at whole positions: ``None`` the flat
+    kernel, a tuple scatter's tile kernel at that tile, ``"runs"`` runs of equal positions
+    (:func:`_scatter_runs_kernel`, both ops)."""
+    from dnls.ops import _patches_triton
+
+    runs = kind == "runs"
+    mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if runs else kind)
+    mp.setitem(_patches_triton.CONFIG, "scatter_runs", runs)
+    mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_runs", runs)
+
+
 def use_staged(mp, cfg, last=False):
     """Run gather and wpsum through the staged kernel at ``cfg`` (under the interpreter and on
     CUDA); ``last``: every video counts as many-channelled (read channels-last)."""
@@ -411,16 +421,20 @@ def test_staged_random(case):
         check(run_both(mp, fn, [vid, weights, inds]), dtype, f"wpsum {dtype}", scale=10)
 
 
-@pytest.mark.parametrize("cfg", [("interior", 4, 2, 16, 9, 64, 4), ("flat", 4, 2, 16, 9, 64, 4)])
-def test_wide_offsets(monkeypatch, cfg):
+@pytest.mark.parametrize(
+    ("cfg", "scatter"),
+    [(("interior", 4, 2, 16, 9, 64, 4), None), (("flat", 4, 2, 16, 9, 64, 4), "runs")],
+)
+def test_wide_offsets(monkeypatch, cfg, scatter):
     """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on
-    tiny tensors: gather, wpsum and scatter, staged (most tiles inside the frame) and direct,
-    forward and gradients, equal the reference's."""
+    tiny tensors: gather, wpsum and scatter (flat, or by runs of equal positions), staged (most
+    tiles inside the frame) and direct, forward and gradients, equal the reference's."""
     from dnls.ops import _patches_triton
 
     modes = _patches_triton._modes
     monkeypatch.setattr(_patches_triton, "_modes", lambda *a: {**modes(*a), "I64": True})
     use_staged(monkeypatch, cfg)
+    use_scatter(monkeypatch, scatter)
     shape = (2, 2, 4, 12, 11)
     case = dict(shape=shape, nheads=2, q=9, k=5, fractional=False, seed=19)
     vid = rand_video(shape, seed=20).to(DEVICE)
@@ -439,17 +453,18 @@ def test_wide_offsets(monkeypatch, cfg):
 
 @pytest.mark.parametrize(
     ("dilation", "last", "tile"),
-    [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (2, False, None)],
-)
+    [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (2, False, None),
+     (2, False, "runs"), (1, True, "runs")],
+)  # fmt: skip
 def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
     """Whole positions: scatter's tile kernel (or, with ``tile`` None, its flat kernel) and
     wpsum's backward address the patches of a program by offsets where they all lie inside the
     video, else through the border rule (most positions are inside, a few at the edges, so both
-    kinds of program run), channels-first or -last. Outputs and gradients equal the
-    reference's."""
+    kinds of program run), channels-first or -last; ``"runs"``: both add runs of equal
+    positions through the border rule. Outputs and gradients equal the reference's."""
     from dnls.ops import _patches_triton
 
-    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
+    use_scatter(monkeypatch, tile)
     if last:
         monkeypatch.setattr(_patches_triton, "CHANNELS_LAST_MIN", 1)
     b, t, c, h, w = shape = (1, 3, 3, 14, 15)
@@ -473,14 +488,66 @@ def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
         check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
 
 
-@pytest.mark.parametrize("tile", [None, (4, 16, 4)])
-def test_scatter_of_one_value_expanded(monkeypatch, tile):
-    """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is
-    read as that value, not materialised, by the flat kernel and the tile kernel; the sums
-    equal the reference's."""
+@st.composite
+def runs_cases(draw):
+    """Whole positions drawn from a few (so that runs of equal positions are long and cross
+    the streams' ends), some at the frame's edges; the runs kernel's launch; a dtype."""
+    case = draw(patch_cases())
+    return dict(
+        case, fractional=False, pool=draw(st.integers(1, 4)),
+        launch=(draw(st.sampled_from([1, 2, 4])), draw(st.integers(1, 9)), 4),
+        dtype=draw(st.sampled_from(DTYPES)),
+    )  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(runs_cases())
+def test_runs_random(case):
+    """scatter and wpsum's video gradient by runs of equal positions, over random
+    configurations, positions with many repeats and launches: outputs and gradients equal the
+    reference's, per dtype; under deterministic algorithms (float32), the same bits twice."""
     from dnls.ops import _patches_triton
 
-    monkeypatch.setitem(_patches_triton.CONFIG, "scatter_tile", tile)
+    b, t, c, h, w = case["shape"]
+    geom, hd = case["geom"], case["nheads"]
+    g = torch.Generator().manual_seed(case["seed"])
+    size = (b, hd, case["q"], case["k"])
+    pool = torch.stack([torch.randint(0, t - geom["pt"] + 1, (case["pool"],), generator=g),
+                        torch.randint(0, h, (case["pool"],), generator=g),
+                        torch.randint(0, w, (case["pool"],), generator=g)], -1)  # fmt: skip
+    inds = pool[torch.randint(0, case["pool"], size, generator=g)].int().to(DEVICE)
+    dtype = case["dtype"]
+    vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
+    weights = rand_video(size, dtype, seed=case["seed"] + 2).to(DEVICE)
+    patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
+                         seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
+    sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
+    with pytest.MonkeyPatch.context() as mp:
+        use_scatter(mp, "runs")
+        mp.setattr(_patches_triton, "RUNS_INTERPRET", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "runs", case["launch"])
+        fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
+        check(run_both(mp, fn, [patches]), dtype, f"scatter {dtype}", scale=10)
+        fn = lambda v, wt: dnls.wpsum(v, wt, inds, nheads=hd, **geom)  # noqa: E731
+        check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
+        if dtype == torch.float32:
+            old = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                mp.setenv("DNLS_BACKEND", "triton")
+                runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
+            finally:
+                torch.use_deterministic_algorithms(old)
+            for a, b in zip(*runs, strict=True):
+                assert torch.equal(a, b), "deterministic scatter by runs: two runs differ"
+
+
+@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs"])
+def test_scatter_of_one_value_expanded(monkeypatch, tile):
+    """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is
+    read as that value, not materialised, by the flat, tile and runs kernels; the sums equal
+    the reference's."""
+    use_scatter(monkeypatch, tile)
     shape = (1, 2, 3, 6, 7)
     case = dict(shape=shape, nheads=1, q=5, k=3, fractional=False, seed=18)
     inds = make_inds(case).to(DEVICE)

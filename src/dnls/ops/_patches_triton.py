@@ -316,6 +316,90 @@ def _scatter_tile_kernel(
 
 
 @triton.jit
+def _scatter_runs_kernel(
+    patches,  # (B * HD * QK, E) rows, contiguous; CONST: one value; WEIGHTED: (B * HD * Q, E)
+    weights,  # WEIGHTED: (B * HD * QK,) each entry's factor (its row is ``n // K``)
+    inds,  # (B * HD * QK, 3) whole positions
+    order,  # (N,) the entries ordered by position: equal positions are adjacent
+    out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
+    N, QK, K, T, H, W,
+    o_bh, o_t, o_c, o_y, o_x, scale,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr,
+    CONST: tl.constexpr, WEIGHTED: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr,
+    EP: tl.constexpr,
+):  # fmt: skip
+    """Whole positions, the entries taken in ``order`` (sorted by position): NS streams per
+    program, each walking CH consecutive entries and summing the patches of a run of equal
+    positions in registers; a run's sum is added into the video (atomics, through the border
+    rule; FIXED: at fixed point ``scale`` into int64) once, when the run ends. Positions that
+    come from a search hold each pixel about K times, so this adds about K times fewer values
+    atomically than one add per patch element. The streams of a program advance together, so
+    NS patch rows are in flight at each step."""
+    E: tl.constexpr = PT * C * PS * PS
+    s = tl.program_id(0) * NS + tl.arange(0, NS)
+    if I64:
+        g = s.to(tl.int64) * CH
+    else:
+        g = s * CH
+    e = tl.arange(0, EP)
+    em = e < E
+    acc = tl.zeros((NS, EP), dtype=ACC)
+    run_bh = tl.full((NS,), -1, tl.int32)
+    run_t = tl.zeros((NS,), tl.int32)
+    run_y = tl.zeros((NS,), tl.int32)
+    run_x = tl.zeros((NS,), tl.int32)
+    n = tl.load(order + g, mask=g < N, other=0)
+    for _ in range(CH):
+        live = g < N
+        # the next entry's index is read a step ahead: its load overlaps this step's
+        n_next = tl.load(order + g + 1, mask=g + 1 < N, other=0)
+        if not I64:
+            n = n.to(tl.int32)
+        bh = (n // QK).to(tl.int32)
+        t, y, x = _load_pos(inds, n, live, True, ACC)
+        new = live & ((bh != run_bh) | (t != run_t) | (y != run_y) | (x != run_x))
+        done = new & (run_bh >= 0)
+        # the runs that end here are added first: their sums, not the new rows, are live
+        if tl.max(done.to(tl.int32), axis=0) > 0:
+            _flush_runs(out, acc, done, run_bh, run_t, run_y, run_x, e, em, T, H, W,
+                        o_bh, o_t, o_c, o_y, o_x, scale, C, PS, DIL, BORDER, I64, ACC,
+                        FIXED)  # fmt: skip
+        m = live[:, None] & em[None, :]
+        if CONST:
+            v = tl.where(m, tl.load(patches).to(ACC), 0.0)
+        elif WEIGHTED:
+            f = tl.load(weights + n, mask=live, other=0.0).to(ACC)
+            v = tl.load(patches + (n // K)[:, None] * E + e[None, :], mask=m, other=0.0)
+            v = v.to(ACC) * f[:, None]
+        else:
+            v = tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
+        acc = tl.where(new[:, None], v, acc + v)
+        run_bh = tl.where(new, bh, run_bh)
+        run_t = tl.where(new, t, run_t)
+        run_y = tl.where(new, y, run_y)
+        run_x = tl.where(new, x, run_x)
+        g += 1
+        n = n_next
+    _flush_runs(out, acc, run_bh >= 0, run_bh, run_t, run_y, run_x, e, em, T, H, W,
+                o_bh, o_t, o_c, o_y, o_x, scale, C, PS, DIL, BORDER, I64, ACC,
+                FIXED)  # fmt: skip
+
+
+@triton.jit
+def _flush_runs(out, acc, done, bh, t, y, x, e, em, T, H, W, o_bh, o_t, o_c, o_y, o_x, scale,
+                C: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr, BORDER: tl.constexpr,
+                I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr):  # fmt: skip
+    """Add the sums ``acc`` of the runs ``done`` (slice ``bh``, position ``t, y, x``) into
+    the video through the border rule."""
+    dt, c, oy, ox = _element(e, C, PS, DIL)
+    base = out + tl.maximum(bh, 0).to(tl.int64)[:, None] * o_bh + (c.to(tl.int64) * o_c)[None, :]
+    _add(base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
+         T, H, W, o_t, o_y, o_x, acc, done[:, None] & em[None, :], scale, BORDER, I64, True,
+         ACC, FIXED)  # fmt: skip
+
+
+@triton.jit
 def _gather_dpos_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     inds,  # (N, 3) floating positions
@@ -634,12 +718,13 @@ def _wpsum_bwd_kernel(
     o_bh, o_t, o_c, o_y, o_x, scale,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr, FIXED: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr, FIXED: tl.constexpr, GVID: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
     (reductions over E) and the video gradient (atomic adds; FIXED: at fixed point ``scale``
-    into int64). At whole positions, a neighbour whose patches all lie inside the video is read
-    and added at offsets (no border rule)."""
+    into int64; at whole positions only with GVID, else :func:`_scatter_runs_kernel` adds it).
+    At whole positions, a neighbour whose patches all lie inside the video is read and added at
+    offsets (no border rule)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = r < R
     bh = r // Q
@@ -674,17 +759,19 @@ def _wpsum_bwd_kernel(
                 if fast:
                     ev = dt * s_t + c * s_c + oy * s_y + ox * s_x
                     v = tl.load(pv[:, None] + ev[None, :], mask=m, other=0.0).to(ACC)
-                    eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
-                    _accumulate(po[:, None] + eo[None, :], wg, m, scale, FIXED)
+                    if GVID:
+                        eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
+                        _accumulate(po[:, None] + eo[None, :], wg, m, scale, FIXED)
                 else:
                     v, _, _ = _read(
                         vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
                         T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
                     )  # fmt: skip
-                    _add(
-                        gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
-                        T, H, W, o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
-                    )  # fmt: skip
+                    if GVID:
+                        _add(
+                            gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx, T, H, W,
+                            o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
+                        )  # fmt: skip
             else:
                 v, dy, dx = _read(
                     vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
@@ -812,8 +899,12 @@ def _fold_kernel(
 # kernel, or None for the flat kernel (one element per lane, its position decoded per
 # element). Measured on the H200 (BENCHMARKS.md, kernels' time): K14 ps7 C3 3.41 ms with the
 # tile kernel at (16, 32, 4), 1.74 ms flat (an earlier run); K16 ps1 C128 0.459 / 0.453 ms.
+# scatter_runs / wpsum_bwd_runs: scatter, and wpsum's video gradient, at whole positions by
+# runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
+# entries per stream, warps); not timed yet, so off.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
+    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
@@ -831,6 +922,10 @@ STAGED_INTERPRET = {
     "gather1": ("region", 4, 1, 16, 9, 256, 4), "wpsum_last": ("interior", 4, 2, 16, 1, 1, 4),
     "gather_last": ("interior", 4, 2, 16, 1, 1, 4), "gather1_last": None,
 }  # fmt: skip
+
+
+# _scatter_runs_kernel's launch under the interpreter: short streams, so that runs cross them
+RUNS_INTERPRET = (2, 3, 4)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -1026,6 +1121,41 @@ def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
     return gpos
 
 
+def _runs_order(inds: torch.Tensor, shape6) -> torch.Tensor:
+    """The entries of whole positions ``inds (B, HD, Q, K, 3)`` ordered by (slice, position),
+    raster order (int64 indices into the flattened ``B * HD * Q * K``): equal positions end up
+    adjacent. The sort is stable, so the order, and the sums of :func:`_scatter_runs`, are the
+    same on every run."""
+    b, hd, t, _, h, w = shape6
+    p = inds.reshape(b * hd, -1, 3).long()
+    slot = torch.arange(b * hd, device=inds.device)[:, None]
+    key = ((slot * t + p[..., 0].clamp(0, t - 1)) * h + p[..., 1].clamp(0, h - 1)) * w
+    key = (key + p[..., 2].clamp(0, w - 1)).reshape(-1)
+    if b * hd * t * h * w < 2**31:
+        key = key.int()  # (a 32-bit radix sort)
+    return torch.sort(key, stable=True).indices
+
+
+def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False, k=1,
+                  FIXED, ACC) -> None:  # fmt: skip
+    """Add patches at whole positions ``inds (B, HD, Q, K, 3)`` into ``buf`` with
+    :func:`_scatter_runs_kernel`, in position order: ``rows`` one patch per entry (or one value,
+    ``const``), or with ``weights (B, HD, Q, K)``, the row ``q`` of ``rows (B, HD, Q, E)``
+    times the weight of each of its K entries (wpsum's video gradient)."""
+    b, hd, t, c, h, w = buf.shape
+    n = inds.numel() // 3
+    qk = n // (b * hd)
+    ns, ch, warps = CONFIG["runs"] if buf.device.type == "cuda" else RUNS_INTERPRET
+    e = geom.pt * c * geom.ps * geom.ps
+    _scatter_runs_kernel[(triton.cdiv(n, ns * ch),)](
+        rows, rows if weights is None else weights.contiguous(), _inds(inds),
+        _runs_order(inds, buf.shape), buf, n, qk, k, t, h, w, *strides, scale or 1.0,
+        C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+        **_modes(buf.shape, geom, True, rows, inds), FIXED=FIXED, ACC=ACC, CONST=const,
+        WEIGHTED=weights is not None, NS=ns, CH=ch, EP=next_power_of_2(e), num_warps=warps,
+    )  # fmt: skip
+
+
 def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
@@ -1046,7 +1176,12 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     tile = CONFIG["scatter_tile"]
     if tile and patches.device.type != "cuda":
         tile = (4, 16, 4)  # small tiles under the interpreter
-    if patches.numel() and whole and tile:
+    if patches.numel() and whole and CONFIG["scatter_runs"]:
+        _scatter_runs(
+            patches.as_strided((1,), (1,)) if const else patches.contiguous(), None, inds, buf,
+            strides, scale, geom, const=const, **fixed,
+        )  # fmt: skip
+    elif patches.numel() and whole and tile:
         block_n, block_e, warps = tile
         block_e = min(block_e, next_power_of_2(e))
         _scatter_tile_kernel[(triton.cdiv(q * k, block_n), b * hd)](
@@ -1106,6 +1241,10 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale is not None else acc, vid.device)
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
+    runs = whole and CONFIG["wpsum_bwd_runs"]
+    if r and k and runs:
+        _scatter_runs(grad.contiguous(), weights, inds, gvid, strides, scale, geom, k=k,
+                      FIXED=scale is not None, ACC=_TL_DTYPES[acc])  # fmt: skip
     if r and k:
         block_e, block_q, warps = _tile(e, vid.device, "wpsum_bwd")
         src = _reads(vid)
@@ -1115,7 +1254,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             r, q, k, hd, t, h, w, *src.stride(), *strides, scale or 1.0,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
             WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
-            FIXED=scale is not None, num_warps=warps,
+            FIXED=scale is not None, GVID=not runs, num_warps=warps,
         )  # fmt: skip
     return _unfixed(gvid, scale, vid.dtype), gw, gpos
 
