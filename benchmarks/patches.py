@@ -221,6 +221,11 @@ def runs_sweep(results, args):
     configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in launches]
     configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r)) for r in launches[:4]]
     _run_sweep(results, args, configs, default)
+    for label, vid, inds, _ in _knn_inputs(args):  # the sort's share
+        fn = lambda: kernels._runs_order(inds, (*inds.shape[:2], *vid.shape[1:]))  # noqa: E731, B023
+        ms, kms = bench(fn, 100), kernel_ms(fn)
+        print(f"runs order {label}: {ms:.3f} ms, kernels {kms:.3f} ms", flush=True)  # noqa: T201
+        results.append(dict(op="runs order", case=label, ms=ms, kernel_ms=kms))
 
 
 def det_rows(results, args):

@@ -18,7 +18,10 @@ Backward, with ``P(v, x)`` the patches of ``v`` at ``x`` and ``S = P^T`` (a scat
              gvid = sum_k S(w_qk g_q, x_qk)   gw_qk = <g_q, P(v, x_qk)>   gx_qk = <w_qk g_q, dP/dx>
 
 Reads are gathers that coalesce along ``j`` (consecutive columns). Generic scatters add with
-atomics into a float32 (float64) buffer, so their bits can vary between runs. Under
+atomics into a float32 (float64) buffer, so their bits can vary between runs. At whole
+positions they can also go by runs of equal positions (the entries sorted by position, each
+run's patches summed in registers and added once): positions from a search hold each pixel
+about K times, so that takes about K times fewer atomics. Under
 ``torch.use_deterministic_algorithms(True)`` they add into int64 accumulators instead, each
 contribution rounded to a fixed point ``1 / scale`` (``scale`` the largest power of two that
 no sum can overflow): integer addition is associative, so every run gives the same bits.
