@@ -5,6 +5,8 @@ before a GPU run to catch a kernel that spills or takes minutes to compile, and 
 change adds or removes.
 
     python benchmarks/offline.py W3 [--part fwd|bwd] [--config '{"rows_strip": 3}'] [--mix 12]
+    python benchmarks/offline.py patches        # every patch kernel, under every setting
+    python benchmarks/offline.py search-small   # every search and attention kernel, small
 
 The search runs on CPU tensors of the row's real size with every Triton launch turned into a
 compile only (``warmup``), against a stand-in driver that reports an sm_90 target; the launches'
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +34,9 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 import dnls
+from dnls.ops import attention as attention_op
+from dnls.ops import fold as fold_op
+from dnls.ops import patches as patches_op
 from dnls.ops import search as search_op
 
 # Triton 3.6 (the device's) fuses multiply-adds by default; later versions warn until it is set
@@ -83,53 +89,185 @@ def _resources(cubin: bytes) -> tuple[dict, collections.Counter]:
     return usage, mix
 
 
+@contextlib.contextmanager
+def compile_only():
+    """Within: every Triton launch compiles its kernel for sm_90 and launches nothing, and the
+    ops take their Triton path on CPU tensors (as on CUDA ones: no interpreter); yields the
+    list of (kernel name, compile seconds, cubin) it fills."""
+    driver.set_active(_Offline())
+    launches = []
+    run = JITFunction.run
+
+    def compile_launch(self, *args, grid, warmup, **kwargs):
+        t0 = time.perf_counter()
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self.fn.__name__, time.perf_counter() - t0, kernel.asm["cubin"]))
+        return kernel
+
+    saved = [(m, m.backend) for m in (search_op, patches_op, fold_op, attention_op)]
+    saved += [(m, m.fused_cpu) for m in (patches_op, fold_op)]
+    JITFunction.run = compile_launch
+    for m, _ in saved[:4]:
+        m.backend = lambda device, op: "triton"
+    for m, _ in saved[4:]:
+        m.fused_cpu = lambda device: False
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+        for m, fn in saved:
+            setattr(m, fn.__name__, fn)
+
+
 def compile_row(name: str, part: str, config: dict) -> list[tuple[str, float, bytes]]:
     """(kernel name, compile seconds, cubin) of each kernel launch of row ``name``'s search
     (``part`` "bwd": its backward too) under the kernel settings ``config``."""
     from dnls.ops import _search_triton as kernels
 
     kernels.CONFIG.update(config)
-    search_op.backend = lambda device, op: "triton"  # (CPU tensors: no interpreter wanted)
-    driver.set_active(_Offline())
-    launches = []
-    run = JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        t0 = time.perf_counter()
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launches.append((self.fn.__name__, time.perf_counter() - t0, kernel.asm["cubin"]))
-        return kernel
-
-    JITFunction.run = compile_only
-    try:
+    with compile_only() as launches:
         row = rows_table.ROWS[name]
         vid = torch.rand(row.shape, requires_grad=part == "bwd")
         d, _ = dnls.search(vid, **row.kw)
         if part == "bwd":
             d.sum().backward()
+    return launches
+
+
+def compile_search_small() -> list[tuple[str, str, float, bytes]]:
+    """(case, kernel name, compile seconds, cubin) of each launch of searches forward and
+    backward at small sizes that reach each search kernel: the row kernel (3 channels, the
+    query in registers; 16 channels, channels outermost), the direct kernel (dot product,
+    heads; sub-pixel flows), the default and the deterministic backward; and of the fused
+    attention, forward and backward. Small patches and windows unroll less, so this compiles
+    in seconds (the rows' real kernels take up to a minute each: ``offline.py ROW``)."""
+    torch.manual_seed(0)
+    flows = torch.rand(1, 3, 3, 2, 16, 16) * 2 - 1
+    cases = {
+        "rows C3 l2": (torch.rand(1, 3, 3, 24, 24), dict(ws=5, wt=1, ps=3, k=4)),
+        "rows C16 l2": (torch.rand(1, 3, 16, 20, 20), dict(ws=5, wt=1, ps=3, k=3)),
+        "direct dot, heads": (torch.rand(1, 3, 8, 16, 16),
+                              dict(ws=3, wt=1, ps=1, k=4, nheads=2, dist="dot")),
+        "direct, sub-pixel flows": (torch.rand(1, 3, 3, 16, 16),
+                                    dict(ws=3, wt=1, ps=3, k=4, flows=flows)),
+    }  # fmt: skip
+    launches = []
+    try:
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det)
+            for name, (vid, kw) in cases.items():
+                with compile_only() as done:
+                    v = vid.clone().requires_grad_()
+                    d, _ = dnls.search(v, **kw)
+                    d.sum().backward()
+                label = name + (", deterministic" if det else "")
+                launches += [(label, *launch) for launch in done]
     finally:
-        JITFunction.run = run
+        torch.use_deterministic_algorithms(False)
+    with compile_only() as done:
+        q, k, v = (torch.rand(1, 3, 8, 12, 12, requires_grad=True) for _ in range(3))
+        out = dnls.nn.non_local_attention(q, k, v, ws=3, wt=1, nheads=2)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    return launches + [("attention", *launch) for launch in done]
+
+
+def _patch_calls(vid, inds, weights, patches, ps):
+    """gather, scatter, wpsum (forward and backward) and, on a 5-D grid, iunfold / ifold."""
+    v = vid.detach().requires_grad_()
+    w = weights.detach().requires_grad_()
+    i = inds.detach().requires_grad_(inds.is_floating_point())
+    out = dnls.gather(v, i, ps=ps)
+    torch.autograd.grad(out, [x for x in (v, i) if x.requires_grad], torch.rand(out.shape))
+    dnls.scatter(patches, inds, shape=vid.shape)
+    out = dnls.wpsum(v, w, i, ps=ps)
+    torch.autograd.grad(out, [x for x in (v, w, i) if x.requires_grad], torch.rand(out.shape))
+    unf = dnls.iunfold(vid, ps=ps)
+    dnls.ifold(unf, shape=vid.shape)
+
+
+def compile_patches() -> list[tuple[str, str, float, bytes]]:
+    """(setting, kernel name, compile seconds, cubin) of each launch of the patch ops, for
+    whole and fractional positions, 3 and 16 channels, under each setting of the kernels that
+    CUDA can take (the CUDA launch shapes, not the interpreter's), and in the deterministic
+    mode. Small sizes: a kernel's code does not depend on them (below 2^31 elements)."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    settings = {
+        "default": {},
+        "scatter tile": dict(scatter_tile=(16, 32, 4)),
+        "runs": dict(scatter_runs=True, wpsum_bwd_runs=True),
+        "staged flat": dict(staged_gather=("flat", 4, 1, 1024, 1, 1, 4),
+                            staged_wpsum=("flat", 8, 1, 1024, 1, 1, 4),
+                            staged_gather_last=("flat", 4, 1, 1024, 1, 1, 4),
+                            staged_wpsum_last=("flat", 4, 1, 1024, 1, 1, 4)),
+        "staged region": dict(staged_gather=("region", 16, 1, 128, 71, 8192, 4),
+                              staged_wpsum=("region", 8, 2, 64, 71, 8192, 4)),
+        "direct": {k: None for k in default if k.startswith("staged_")},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    cases = []
+    for c, ps in ((3, 7), (16, 1)):
+        vid = torch.rand(1, 2, c, 40, 40)
+        size = (1, 1, 64, 4)
+        whole = torch.stack([torch.randint(0, 2, size), torch.randint(0, 40, size),
+                             torch.randint(0, 40, size)], -1).int()  # fmt: skip
+        # fractional (y, x) inside the frame, whole t
+        jitter = torch.rand(whole.shape) * torch.tensor([0.0, 0.5, 0.5])
+        frac = whole.float() * torch.tensor([1.0, 0.95, 0.95]) + jitter
+        patches = torch.rand(*size, 1, c, ps, ps)
+        cases += [(vid, inds, torch.rand(size), patches, ps) for inds in (whole, frac)]
+    launches = []
+    interpret = dict(kernels.STAGED_INTERPRET), kernels.RUNS_INTERPRET
+    try:
+        for name, setting in settings.items():
+            kernels.CONFIG.update(default, **setting)
+            # CPU tensors take the interpreter's launch shapes: here, the CUDA ones
+            kernels.STAGED_INTERPRET.update(
+                {k: kernels.CONFIG["staged_" + k] for k in kernels.STAGED_INTERPRET}
+            )
+            kernels.RUNS_INTERPRET = kernels.CONFIG["runs"]
+            for det in (False, True) if name in ("default", "runs") else (False,):
+                torch.use_deterministic_algorithms(det)
+                with compile_only() as done:
+                    for case in cases:
+                        _patch_calls(*case)
+                label = name + (", deterministic" if det else "")
+                launches += [(label, *launch) for launch in done]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        kernels.CONFIG.update(default)
+        kernels.STAGED_INTERPRET.update(interpret[0])
+        kernels.RUNS_INTERPRET = interpret[1]
     return launches
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("row", choices=sorted(rows_table.ROWS))
+    parser.add_argument("row", choices=[*sorted(rows_table.ROWS), "patches", "search-small"])
     parser.add_argument("--part", choices=("fwd", "bwd"), default="fwd")
     parser.add_argument("--config", type=json.loads, default={}, help="kernel settings (JSON)")
     parser.add_argument("--mix", type=int, default=10, help="most frequent opcodes to list")
     args = parser.parse_args()
     print(f"{args.row} {args.part} {args.config or ''} (sm_90, triton {triton.__version__})")
+    if args.row == "patches":
+        launches = compile_patches()
+    elif args.row == "search-small":
+        launches = compile_search_small()
+    else:
+        launches = [("", *x) for x in compile_row(args.row, args.part, args.config)]
     seen = set()
-    for kname, secs, cubin in compile_row(args.row, args.part, args.config):
+    for setting, kname, secs, cubin in launches:
         if cubin in seen:
             continue
         seen.add(cubin)
         usage, mix = _resources(cubin)
         top = ", ".join(f"{op} {n}" for op, n in mix.most_common(args.mix))
+        label = f"{setting}: " if setting else ""
         print(
-            f"{kname}: {secs:.1f} s, {usage.get('REG')} registers, stack {usage.get('STACK')} B, "
-            f"shared {usage.get('SHARED')} B, {sum(mix.values())} SASS instructions ({top})"
+            f"{label}{kname}: {secs:.1f} s, {usage.get('REG')} registers, "
+            f"stack {usage.get('STACK')} B, shared {usage.get('SHARED')} B, "
+            f"{sum(mix.values())} SASS instructions ({top})"
         )
 
 

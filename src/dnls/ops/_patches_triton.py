@@ -325,8 +325,11 @@ def _scatter_runs_kernel(
     inds,  # (B * HD * QK, 3) whole positions
     order,  # (N,) the entries ordered by position: equal positions are adjacent
     out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
-    N, QK, K, T, H, W,
+    vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
+    gw,  # WEIGHTED: (B * HD * QK,) output, the weights' gradient
+    N, QK, K, HD, T, H, W,
     o_bh, o_t, o_c, o_y, o_x, scale,
+    s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr,
     CONST: tl.constexpr, WEIGHTED: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr,
@@ -338,7 +341,11 @@ def _scatter_runs_kernel(
     rule; FIXED: at fixed point ``scale`` into int64) once, when the run ends. Positions that
     come from a search hold each pixel about K times, so this adds about K times fewer values
     atomically than one add per patch element. The streams of a program advance together, so
-    NS patch rows are in flight at each step."""
+    NS patch rows are in flight at each step.
+
+    WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
+    ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch
+    read once per run."""
     E: tl.constexpr = PT * C * PS * PS
     s = tl.program_id(0) * NS + tl.arange(0, NS)
     if I64:
@@ -348,12 +355,13 @@ def _scatter_runs_kernel(
     e = tl.arange(0, EP)
     em = e < E
     acc = tl.zeros((NS, EP), dtype=ACC)
+    vp = tl.zeros((NS, EP), dtype=ACC)  # WEIGHTED: the video's patch at the run's position
     run_bh = tl.full((NS,), -1, tl.int32)
     run_t = tl.zeros((NS,), tl.int32)
     run_y = tl.zeros((NS,), tl.int32)
     run_x = tl.zeros((NS,), tl.int32)
     n = tl.load(order + g, mask=g < N, other=0)
-    for _ in range(CH):
+    for _step in range(CH):
         live = g < N
         # the next entry's index is read a step ahead: its load overlaps this step's
         n_next = tl.load(order + g + 1, mask=g + 1 < N, other=0)
@@ -373,8 +381,20 @@ def _scatter_runs_kernel(
             v = tl.where(m, tl.load(patches).to(ACC), 0.0)
         elif WEIGHTED:
             f = tl.load(weights + n, mask=live, other=0.0).to(ACC)
-            v = tl.load(patches + (n // K)[:, None] * E + e[None, :], mask=m, other=0.0)
-            v = v.to(ACC) * f[:, None]
+            gq = tl.load(patches + (n // K)[:, None] * E + e[None, :], mask=m, other=0.0)
+            gq = gq.to(ACC)
+            if tl.max(new.to(tl.int32), axis=0) > 0:
+                dt, c, oy, ox = _element(e, C, PS, DIL)
+                b64 = bh.to(tl.int64)
+                base = vid + ((b64 // HD) * s_b + (b64 % HD) * s_h)[:, None]
+                rd, _, _ = _read(
+                    base + (c.to(tl.int64) * s_c)[None, :], t[:, None] + dt[None, :],
+                    y[:, None] + oy[None, :], x[:, None] + ox[None, :], T, H, W,
+                    s_t, s_y, s_x, new[:, None] & em[None, :], BORDER, I64, True, ACC,
+                )  # fmt: skip
+                vp = tl.where(new[:, None], rd, vp)
+            tl.store(gw + n, tl.sum(gq * vp, axis=1).to(gw.dtype.element_ty), mask=live)
+            v = gq * f[:, None]
         else:
             v = tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
         acc = tl.where(new[:, None], v, acc + v)
@@ -721,13 +741,12 @@ def _wpsum_bwd_kernel(
     o_bh, o_t, o_c, o_y, o_x, scale,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, WHOLE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr, FIXED: tl.constexpr, GVID: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_E: tl.constexpr, FIXED: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_Q queries per program; for each neighbour, the weight and position gradients
     (reductions over E) and the video gradient (atomic adds; FIXED: at fixed point ``scale``
-    into int64; at whole positions only with GVID, else :func:`_scatter_runs_kernel` adds it).
-    At whole positions, a neighbour whose patches all lie inside the video is read and added at
-    offsets (no border rule)."""
+    into int64). At whole positions, a neighbour whose patches all lie inside the video is read
+    and added at offsets (no border rule)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = r < R
     bh = r // Q
@@ -762,19 +781,17 @@ def _wpsum_bwd_kernel(
                 if fast:
                     ev = dt * s_t + c * s_c + oy * s_y + ox * s_x
                     v = tl.load(pv[:, None] + ev[None, :], mask=m, other=0.0).to(ACC)
-                    if GVID:
-                        eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
-                        _accumulate(po[:, None] + eo[None, :], wg, m, scale, FIXED)
+                    eo = dt * o_t + c * o_c + oy * o_y + ox * o_x
+                    _accumulate(po[:, None] + eo[None, :], wg, m, scale, FIXED)
                 else:
                     v, _, _ = _read(
                         vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
                         T, H, W, s_t, s_y, s_x, m, BORDER, I64, WHOLE, ACC,
                     )  # fmt: skip
-                    if GVID:
-                        _add(
-                            gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx, T, H, W,
-                            o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
-                        )  # fmt: skip
+                    _add(
+                        gbase[:, None] + (c64 * o_c)[None, :], tt, yy, xx,
+                        T, H, W, o_t, o_y, o_x, wg, m, scale, BORDER, I64, WHOLE, ACC, FIXED,
+                    )  # fmt: skip
             else:
                 v, dy, dx = _read(
                     vbase[:, None] + (c64 * s_c)[None, :], tt, yy, xx,
@@ -1140,21 +1157,24 @@ def _runs_order(inds: torch.Tensor, shape6) -> torch.Tensor:
 
 
 def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False, k=1,
-                  FIXED, ACC) -> None:  # fmt: skip
+                  vid=None, gw=None, FIXED, ACC) -> None:  # fmt: skip
     """Add patches at whole positions ``inds (B, HD, Q, K, 3)`` into ``buf`` with
     :func:`_scatter_runs_kernel`, in position order: ``rows`` one patch per entry (or one value,
     ``const``), or with ``weights (B, HD, Q, K)``, the row ``q`` of ``rows (B, HD, Q, E)``
-    times the weight of each of its K entries (wpsum's video gradient)."""
+    times the weight of each of its K entries, and into ``gw`` (like ``weights``) the product
+    of that row with ``vid``'s patch at the entry's position (wpsum's backward)."""
     b, hd, t, c, h, w = buf.shape
     n = inds.numel() // 3
     qk = n // (b * hd)
     ns, ch, warps = CONFIG["runs"] if buf.device.type == "cuda" else RUNS_INTERPRET
     e = geom.pt * c * geom.ps * geom.ps
+    src = rows if vid is None else _reads(vid)
     _scatter_runs_kernel[(triton.cdiv(n, ns * ch),)](
         rows, rows if weights is None else weights.contiguous(), _inds(inds),
-        _runs_order(inds, buf.shape), buf, n, qk, k, t, h, w, *strides, scale or 1.0,
+        _runs_order(inds, buf.shape), buf, src, rows if gw is None else gw, n, qk, k, hd, t, h,
+        w, *strides, scale or 1.0, *(src.stride() if vid is not None else (0,) * 6),
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-        **_modes(buf.shape, geom, True, rows, inds), FIXED=FIXED, ACC=ACC, CONST=const,
+        **_modes(buf.shape, geom, True, rows, inds, src), FIXED=FIXED, ACC=ACC, CONST=const,
         WEIGHTED=weights is not None, NS=ns, CH=ch, EP=next_power_of_2(e), num_warps=warps,
     )  # fmt: skip
 
@@ -1245,10 +1265,10 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
     runs = whole and CONFIG["wpsum_bwd_runs"]
-    if r and k and runs:
+    if r and k and runs:  # (e > 0: a patch has at least one element)
         _scatter_runs(grad.contiguous(), weights, inds, gvid, strides, scale, geom, k=k,
-                      FIXED=scale is not None, ACC=_TL_DTYPES[acc])  # fmt: skip
-    if r and k:
+                      vid=vid, gw=gw, FIXED=scale is not None, ACC=_TL_DTYPES[acc])  # fmt: skip
+    elif r and k:
         block_e, block_q, warps = _tile(e, vid.device, "wpsum_bwd")
         src = _reads(vid)
         _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
@@ -1257,7 +1277,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
             r, q, k, hd, t, h, w, *src.stride(), *strides, scale or 1.0,
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation, **_modes(vid.shape, geom, whole),
             WHOLE=whole, ACC=_TL_DTYPES[acc], BLOCK_Q=block_q, BLOCK_E=block_e,
-            FIXED=scale is not None, GVID=not runs, num_warps=warps,
+            FIXED=scale is not None, num_warps=warps,
         )  # fmt: skip
     return _unfixed(gvid, scale, vid.dtype), gw, gpos
 
