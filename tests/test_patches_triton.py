@@ -542,6 +542,31 @@ def test_runs_random(case):
                 assert torch.equal(a, b), "deterministic scatter by runs: two runs differ"
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_runs_order_groups_positions(wide):
+    """The order the runs kernel walks: a permutation of the entries that puts equal (slice,
+    position) together, in raster order, keeping each group's entries in their original order
+    (stable); with 64-bit keys where the video has 2^31 elements or more."""
+    from dnls.ops import _patches_triton
+
+    g = torch.Generator().manual_seed(3)
+    pool = torch.stack([torch.randint(0, 2, (5,), generator=g),
+                        torch.randint(0, 7, (5,), generator=g),
+                        torch.randint(0, 6, (5,), generator=g)], -1)  # fmt: skip
+    inds = pool[torch.randint(0, 5, (2, 3, 7, 4), generator=g)].int()
+    shape6 = (2, 3, 2, 1, 2**16, 2**16) if wide else (2, 3, 2, 1, 7, 6)
+    order = _patches_triton._runs_order(inds.to(DEVICE), shape6).cpu()
+    assert torch.equal(order.sort().values, torch.arange(inds.numel() // 3))
+    slot = torch.arange(6).repeat_interleave(7 * 4)
+    h, w = shape6[4:]
+    flat = inds.reshape(-1, 3).long()
+    key = ((slot * 2 + flat[:, 0]) * h + flat[:, 1]) * w + flat[:, 2]
+    keys = key[order]
+    assert (keys[1:] >= keys[:-1]).all(), "not in raster order"
+    same = keys[1:] == keys[:-1]
+    assert (order[1:][same] > order[:-1][same]).all(), "a group's entries out of order"
+
+
 @pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs"])
 def test_scatter_of_one_value_expanded(monkeypatch, tile):
     """A patches tensor that is one value expanded (how dnls.scatter computes its counts) is

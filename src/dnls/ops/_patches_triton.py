@@ -423,6 +423,23 @@ def _flush_runs(out, acc, done, bh, t, y, x, e, em, T, H, W, o_bh, o_t, o_c, o_y
 
 
 @triton.jit
+def _runs_key_kernel(inds, key, N, QK, T, H, W, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Each entry's sort key: its slice and position (clamped into the video), raster order
+    (WIDE: int64)."""
+    if WIDE:
+        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = tl.minimum(tl.maximum(tl.load(inds + n * 3, mask=m, other=0), 0), T - 1)
+    y = tl.minimum(tl.maximum(tl.load(inds + n * 3 + 1, mask=m, other=0), 0), H - 1)
+    x = tl.minimum(tl.maximum(tl.load(inds + n * 3 + 2, mask=m, other=0), 0), W - 1)
+    if WIDE:
+        t = t.to(tl.int64)
+    tl.store(key + n, (((n // QK) * T + t) * H + y) * W + x, mask=m)
+
+
+@triton.jit
 def _gather_dpos_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     inds,  # (N, 3) floating positions
@@ -1147,12 +1164,14 @@ def _runs_order(inds: torch.Tensor, shape6) -> torch.Tensor:
     adjacent. The sort is stable, so the order, and the sums of :func:`_scatter_runs`, are the
     same on every run."""
     b, hd, t, _, h, w = shape6
-    p = inds.reshape(b * hd, -1, 3).long()
-    slot = torch.arange(b * hd, device=inds.device)[:, None]
-    key = ((slot * t + p[..., 0].clamp(0, t - 1)) * h + p[..., 1].clamp(0, h - 1)) * w
-    key = (key + p[..., 2].clamp(0, w - 1)).reshape(-1)
-    if b * hd * t * h * w < 2**31:
-        key = key.int()  # (a 32-bit radix sort)
+    n = inds.numel() // 3
+    wide = b * hd * t * h * w >= 2**31  # else 32-bit keys (a radix sort of half the passes)
+    key = torch.empty(n, dtype=torch.int64 if wide else torch.int32, device=inds.device)
+    if n:
+        block = 1024
+        _runs_key_kernel[(triton.cdiv(n, block),)](
+            _inds(inds), key, n, n // (b * hd), t, h, w, WIDE=wide, BLOCK=block
+        )
     return torch.sort(key, stable=True).indices
 
 
