@@ -327,13 +327,12 @@ def _scatter_runs_kernel(
     out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
     vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
     gw,  # WEIGHTED: (B * HD * QK,) output, the weights' gradient
-    N, QK, K, HD, T, H, W,
+    N, QK, K, HD, T, H, W, CH,
     o_bh, o_t, o_c, o_y, o_x, scale,
     s_b, s_h, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr,
-    CONST: tl.constexpr, WEIGHTED: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr,
-    EP: tl.constexpr,
+    CONST: tl.constexpr, WEIGHTED: tl.constexpr, NS: tl.constexpr, EP: tl.constexpr,
 ):  # fmt: skip
     """Whole positions, the entries taken in ``order`` (sorted by position): NS streams per
     program, each walking CH consecutive entries and summing the patches of a run of equal
@@ -1191,10 +1190,10 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     _scatter_runs_kernel[(triton.cdiv(n, ns * ch),)](
         rows, rows if weights is None else weights.contiguous(), _inds(inds),
         _runs_order(inds, buf.shape), buf, src, rows if gw is None else gw, n, qk, k, hd, t, h,
-        w, *strides, scale or 1.0, *(src.stride() if vid is not None else (0,) * 6),
+        w, ch, *strides, scale or 1.0, *(src.stride() if vid is not None else (0,) * 6),
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
         **_modes(buf.shape, geom, True, rows, inds, src), FIXED=FIXED, ACC=ACC, CONST=const,
-        WEIGHTED=weights is not None, NS=ns, CH=ch, EP=next_power_of_2(e), num_warps=warps,
+        WEIGHTED=weights is not None, NS=ns, EP=next_power_of_2(e), num_warps=warps,
     )  # fmt: skip
 
 

@@ -1288,10 +1288,10 @@ def _search_bwd_runs_kernel(
     q_ptr, k_ptr, gd_ptr, ko_ptr, order, gk_ptr,
     sq_b, sq_h, sq_t, sq_c, sq_y, sq_x,
     sk_b, sk_h, sk_c, sk_y, sk_x, sa_c,
-    N, HD, T, C, H, W, start, count, t0, h0, w0, nh, nw, stride0, K, scale,
+    N, HD, T, C, H, W, start, count, t0, h0, w0, nh, nw, stride0, K, scale, CH,
     PS: tl.constexpr, DIL: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-    FIXED: tl.constexpr, ACC: tl.constexpr, NS: tl.constexpr, CH: tl.constexpr,
-    CP: tl.constexpr, PSP: tl.constexpr,
+    FIXED: tl.constexpr, ACC: tl.constexpr, NS: tl.constexpr, CP: tl.constexpr,
+    PSP: tl.constexpr,
 ):  # fmt: skip
     """dL/dk of the backward's first pass (whole positions, patches of one frame, key patches
     inside the frame) by runs of results at the same key: the results in ``order`` (sorted by
@@ -2005,9 +2005,9 @@ def _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, hd, psp, acc) -> None:
         qvid, kvid, gd, ko, order, gk, *qvid.stride(),
         kvid.stride(0), kvid.stride(1), *kvid.stride()[3:], gk.stride(3),
         n, hd, nframes, c, height, width, p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
-        p.nk, 1.0 if scale is None else scale,
+        p.nk, 1.0 if scale is None else scale, ch,
         PS=p.ps, DIL=p.dilation, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-        FIXED=scale is not None, ACC=_TL_DTYPES[acc], NS=ns, CH=ch,
+        FIXED=scale is not None, ACC=_TL_DTYPES[acc], NS=ns,
         CP=next_power_of_2(c), PSP=psp, num_warps=warps,
     )  # fmt: skip
 
