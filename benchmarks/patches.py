@@ -216,7 +216,7 @@ def runs_sweep(results, args):
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
-    launches = ((2, 64, 1), (1, 64, 1), (4, 64, 2), (2, 128, 1), (2, 32, 1), (4, 32, 4))
+    launches = ((1, 64, 1), (2, 64, 1), (1, 64, 2), (1, 128, 1), (1, 32, 1), (2, 64, 4))
     configs = [("scatter", {}), ("wpsum f+b", {})]
     configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in launches]
     configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r)) for r in launches[:4]]

@@ -940,7 +940,7 @@ def _fold_kernel(
 # entries per stream, warps); not timed yet, so off.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
-    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (2, 64, 1),
+    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
