@@ -221,11 +221,20 @@ def runs_sweep(results, args):
     configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in launches]
     configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r)) for r in launches[:4]]
     _run_sweep(results, args, configs, default)
-    for label, vid, inds, _ in _knn_inputs(args):  # the sort's share
+    for label, vid, inds, ps in _knn_inputs(args):  # the sort's share, and peak memory
         fn = lambda: kernels._runs_order(inds, (*inds.shape[:2], *vid.shape[1:]))  # noqa: E731, B023
         ms, kms = bench(fn, 100), kernel_ms(fn)
         print(f"runs order {label}: {ms:.3f} ms, kernels {kms:.3f} ms", flush=True)  # noqa: T201
         results.append(dict(op="runs order", case=label, ms=ms, kernel_ms=kms))
+        ops = _knn_ops(vid, inds, ps)
+        for runs in (False, True):
+            kernels.CONFIG.update(default, scatter_runs=runs, wpsum_bwd_runs=runs)
+            for name in ("scatter", "wpsum f+b"):
+                mb = peak_mb(ops[name])
+                print(f"peak {name} {label} runs={runs}: {mb:.1f} MB", flush=True)  # noqa: T201
+                results.append(dict(op=f"{name} peak", case=label, runs=runs, mb=mb))
+        kernels.CONFIG.update(default)
+        del ops
 
 
 def det_rows(results, args):
