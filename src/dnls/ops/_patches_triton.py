@@ -1283,7 +1283,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
     runs = whole and CONFIG["wpsum_bwd_runs"]
-    if r and k and runs:  # (e > 0: a patch has at least one element)
+    if r and k and runs:
         _scatter_runs(grad.contiguous(), weights, inds, gvid, strides, scale, geom, k=k,
                       vid=vid, gw=gw, FIXED=scale is not None, ACC=_TL_DTYPES[acc])  # fmt: skip
     elif r and k:
