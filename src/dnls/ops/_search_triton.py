@@ -1319,7 +1319,7 @@ def _search_bwd_runs_kernel(
         n_next = tl.load(order + g + 1, mask=g + 1 < N, other=0)
         ko = tl.load(ko_ptr + n, mask=g < N, other=-1).to(tl.int64)
         live = (g < N) & (ko >= 0)  # (the others: the second pass's)
-        bh = n // (count * K)
+        bh = (n // K) // count  # (not n // (count * K): that product may pass int32)
         new = live & ((bh != run_bh) | (ko != run_ko))
         done = new & (run_bh >= 0)
         if tl.max(done.to(tl.int32), axis=0) > 0:
