@@ -1187,9 +1187,10 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     ns, ch, warps = CONFIG["runs"] if buf.device.type == "cuda" else RUNS_INTERPRET
     e = geom.pt * c * geom.ps * geom.ps
     src = rows if vid is None else _reads(vid)
+    pos = _inds(inds)  # (converted once: _inds in _runs_order then returns it as it is)
     _scatter_runs_kernel[(triton.cdiv(n, ns * ch),)](
-        rows, rows if weights is None else weights.contiguous(), _inds(inds),
-        _runs_order(inds, buf.shape), buf, src, rows if gw is None else gw, n, qk, k, hd, t, h,
+        rows, rows if weights is None else weights.contiguous(), pos,
+        _runs_order(pos, buf.shape), buf, src, rows if gw is None else gw, n, qk, k, hd, t, h,
         w, ch, *strides, scale or 1.0, *(src.stride() if vid is not None else (0,) * 6),
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
         **_modes(buf.shape, geom, True, rows, inds, src), FIXED=FIXED, ACC=ACC, CONST=const,

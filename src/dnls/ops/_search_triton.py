@@ -1961,7 +1961,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
             )  # fmt: skip
         runs = keys and CONFIG["bwd_runs"]
         if runs:
-            _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, hd, psp, acc)
+            _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, (t0, h0, w0, nh, nw), psp, acc)
         for pass_ in (1, 2) if keys else (0,):
             _search_bwd_kernel[grid](
                 qvid, kvid, fl, gd, gi, widx, ko, gq, gk, gf,
@@ -1987,11 +1987,12 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     return gq.to(qvid.dtype).contiguous(), gk.to(kvid.dtype).contiguous(), gflows
 
 
-def _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, hd, psp, acc) -> None:
+def _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, grid, psp, acc) -> None:
     """dL/dk of the first backward pass (key offsets ``ko``, -1 where the key patch leaves the
     frame) by :func:`_search_bwd_runs_kernel`: the results sorted by (slice, key offset), a
-    stable sort, so the run sums and the deterministic mode's bits are the same on every run."""
-    b, _, nframes, c, height, width = qvid.shape
+    stable sort, so the run sums and the deterministic mode's bits are the same on every run.
+    ``grid``: ``(t0, h0, w0, nh, nw)`` of the query grid (:class:`_Layout`)."""
+    b, hd, nframes, c, height, width = qvid.shape
     n = ko.numel()
     span = sum((s - 1) * st for s, st in zip(kvid.shape[2:], kvid.stride()[2:], strict=True))
     wide = b * hd * (span + 1) >= 2**31
@@ -2000,11 +2001,10 @@ def _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, hd, psp, acc) -> None:
     order = torch.sort(key, stable=True).indices
     del key
     ns, ch, warps = CONFIG["bwd_runs"]
-    t0, h0, w0, nh, nw = _Layout.of(qvid, None, p)[:5]
     _search_bwd_runs_kernel[(triton.cdiv(n, ns * ch),)](
         qvid, kvid, gd, ko, order, gk, *qvid.stride(),
         kvid.stride(0), kvid.stride(1), *kvid.stride()[3:], gk.stride(3),
-        n, hd, nframes, c, height, width, p.start, p.count, t0, h0, w0, nh, nw, p.stride0,
+        n, hd, nframes, c, height, width, p.start, p.count, *grid, p.stride0,
         p.nk, 1.0 if scale is None else scale, ch,
         PS=p.ps, DIL=p.dilation, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
         FIXED=scale is not None, ACC=_TL_DTYPES[acc], NS=ns,
