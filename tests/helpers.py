@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
@@ -58,3 +60,14 @@ def regions(draw, t, h, w):
         w0,
         draw(st.integers(w0 + 1, w)),
     )
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` within, the previous setting after."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old)

@@ -6,7 +6,7 @@ same tests run on CUDA tensors, larger and with more examples."""
 
 import pytest
 import torch
-from helpers import assert_close, rand_video, regions
+from helpers import assert_close, deterministic, rand_video, regions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,15 +207,11 @@ def test_deterministic_mode(monkeypatch, tile, fractional):
         sums = dnls.scatter(patches, inds, shape=shape, dilation=1, border="reflect")
         return (*grads, *sums)
 
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         monkeypatch.setenv("DNLS_BACKEND", "triton")
         runs = [run(), run()]
         monkeypatch.setenv("DNLS_BACKEND", "torch")
         ref = run()
-    finally:
-        torch.use_deterministic_algorithms(old)
     names = ("wpsum's video gradient", "wpsum's weight gradient", "scatter", "scatter's counts")
     for name, a, b, r in zip(names, *runs, ref, strict=True):
         assert torch.equal(a, b), f"{name}: two runs differ"
@@ -234,9 +230,7 @@ def test_deterministic_random(case):
                           geom["ps"]), torch.float32, seed=case["seed"] + 1).to(DEVICE)  # fmt: skip
     weights = rand_video(inds.shape[:4], torch.float32, seed=case["seed"] + 2).to(DEVICE)
     sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         with pytest.MonkeyPatch.context() as mp:
             fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
             check(run_both(mp, fn, [patches]), torch.float32, "scatter (deterministic)")
@@ -245,8 +239,6 @@ def test_deterministic_random(case):
         check(runs[0], torch.float32, "wpsum (deterministic)", scale=10)
         for a, b in zip(runs[0][1][1], runs[1][1][1], strict=True):
             assert a is None or torch.equal(a, b), "wpsum's gradients differ between two runs"
-    finally:
-        torch.use_deterministic_algorithms(old)
 
 
 def test_deterministic_float64_takes_the_reference(monkeypatch):
@@ -256,15 +248,11 @@ def test_deterministic_float64_takes_the_reference(monkeypatch):
     case = dict(shape=shape, nheads=1, q=6, k=3, fractional=False, seed=15)
     inds = make_inds(case).to(DEVICE)
     patches = rand_video((1, 1, 6, 3, 1, 2, 3, 3), torch.float64, seed=16).to(DEVICE)
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        outs = []
+    outs = []
+    with deterministic():
         for name in ("triton", "torch"):
             monkeypatch.setenv("DNLS_BACKEND", name)
             outs.append(dnls.scatter(patches, inds, shape=shape)[0])
-    finally:
-        torch.use_deterministic_algorithms(old)
     assert torch.equal(outs[0], outs[1])
 
 
@@ -278,13 +266,8 @@ def test_deterministic_mode_needs_finite_values(monkeypatch):
     patches = rand_video((1, 1, 3, 2, 1, 1, 3, 3), torch.float32, seed=14).to(DEVICE)
     patches[0, 0, 1, 1, 0, 0, 1, 1] = float("inf")
     assert torch.isinf(dnls.scatter(patches, inds, shape=shape)[0]).any()
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(ValueError, match="patches must be finite"):
-            dnls.scatter(patches, inds, shape=shape)
-    finally:
-        torch.use_deterministic_algorithms(old)
+    with deterministic(), pytest.raises(ValueError, match="patches must be finite"):
+        dnls.scatter(patches, inds, shape=shape)
 
 
 def test_channels_last_layout(monkeypatch):
@@ -531,13 +514,9 @@ def test_runs_random(case):
         fn = lambda v, wt: dnls.wpsum(v, wt, inds, nheads=hd, **geom)  # noqa: E731
         check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
         if dtype == torch.float32:
-            old = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
-                mp.setenv("DNLS_BACKEND", "triton")
+            mp.setenv("DNLS_BACKEND", "triton")
+            with deterministic():
                 runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
-            finally:
-                torch.use_deterministic_algorithms(old)
             for a, b in zip(*runs, strict=True):
                 assert torch.equal(a, b), "deterministic scatter by runs: two runs differ"
 
