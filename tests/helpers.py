@@ -18,15 +18,16 @@ TOL = {
 }
 
 
-def assert_close(actual, expected, dtype=torch.float64, what="result", scale=1.0):
-    """Compare with the tolerance of ``dtype``; on failure print where and by how much."""
+def assert_close(actual, expected, dtype=torch.float64, what="result", scale=1.0, nan_ok=False):
+    """Compare with the tolerance of ``dtype`` (``nan_ok``: NaN equals NaN); on failure print
+    where and by how much."""
     actual = torch.as_tensor(np.asarray(actual) if not torch.is_tensor(actual) else actual)
     expected = torch.as_tensor(np.asarray(expected) if not torch.is_tensor(expected) else expected)
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     rtol, atol = TOL[dtype]
-    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol * scale)
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=nan_ok)
     if bad.any():
         idx = bad.nonzero()[0].tolist()
         err = (actual - expected).abs().max().item()

@@ -55,6 +55,17 @@ def patch(vid, b, chans, pos, ps, pt, dilation, border) -> np.ndarray:
     return out
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def rank(key: float, top: float) -> float:
+    """A search key as the library's selection compares it: ``+inf`` at or past ``top`` (or
+    NaN), ``-inf`` at or below ``-top``."""
+    if not key < top:
+        return math.inf
+    return -math.inf if key <= -top else key
+
+
 def grid_positions(thw, stride, region=None):
     nt, nh, nw = thw
     t0, t1, h0, h1, w0, w1 = region or (0, nt, 0, nh, 0, nw)
@@ -84,8 +95,13 @@ def search(
     region,
     self_match,
     border,
+    top=FLOAT32_MAX,
 ):
-    """Returns ``(dists (B, HD, Q, K), inds (B, HD, Q, K, 3))``; ``flows`` is per window."""
+    """Returns ``(dists (B, HD, Q, K), inds (B, HD, Q, K, 3))``; ``flows`` is per window.
+    Candidates rank by distance (l2) or minus the product (dot), ties by window order. ``top``
+    is the largest finite value of the dtype the library sums in (float32 for every input but
+    float64): a key at or past it, or NaN, ranks last, tied with every other such key, and a
+    key at or below ``-top`` (minus infinity there) ties with the others that are."""
     bsz, nt, nc, nh, nw = qvid.shape
     cph = nc // nheads
     nslots = 2 * wt + 1
@@ -129,7 +145,8 @@ def search(
                 if self_match != "keep":
                     order = [j for j in order if not own[j]]
                 if k is not None:
-                    order = sorted(order, key=lambda j: (sign * ds[j], j))
+                    keys = [rank(sign * d, top) for d in ds]
+                    order = sorted(order, key=lambda j: (keys[j], j))
                     order = order[: (k - 1 if self_match == "anchor" else k)]
                 res_d = [ds[j] for j in order]
                 res_i = [cands[j] for j in order]

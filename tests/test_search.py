@@ -183,6 +183,60 @@ def test_ties_go_to_earlier_candidate():
     assert torch.equal(inds, window) and torch.all(dists == 0)
 
 
+def nonfinite_video(kind: str, shape, seed: int) -> torch.Tensor:
+    """A float32 video whose distances are partly not finite: ``"nan"``, a NaN pixel in it;
+    ``"overflow"``, a block of values near 1e20 whose squared differences pass float32's
+    largest value (their products too: minus infinity for dot)."""
+    vid = rand_video(shape, seed=seed).float()
+    b, t, c, h, w = shape
+    if kind == "nan":
+        vid[0, t // 2, c // 2, h // 2, w // 3] = float("nan")
+    else:
+        vid[..., : h // 2, : w // 2] *= 1e20
+    return vid
+
+
+def assert_nonfinite_match(d, i, ed, ei, shape):
+    """Results of a search on :func:`nonfinite_video` against the oracle's: the same positions
+    (all inside the video, none twice for one query), NaN where the oracle has NaN, an infinity
+    of the oracle's sign where its float64 value passes float32's range."""
+    assert torch.equal(i.double(), torch.as_tensor(ei)), "inds differ"
+    t, h, w = shape[1], shape[3], shape[4]
+    assert ((i >= 0) & (i <= torch.tensor([t - 1, h - 1, w - 1]).to(i))).all()
+    flat = i.reshape(-1, i.shape[-2], 3)
+    assert all(len(set(map(tuple, q.tolist()))) == len(q) for q in flat), "a repeated position"
+    top = float(np.finfo(np.float32).max)
+    expected = torch.as_tensor(ed)
+    expected = torch.where(expected.abs() >= top, expected.sign() * torch.inf, expected)
+    assert_close(d, expected, dtype=torch.float32, what="dists", nan_ok=True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("kind", ["nan", "overflow"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ws=3, ps=3, k=6),
+        dict(ws=3, wt=1, ps=3, k=9, dist="dot", self_match="exclude"),
+        dict(ws=5, ps=1, k=20, self_match="anchor", border="zero"),
+    ],
+)
+def test_nonfinite_distances_rank_last(monkeypatch, backend, kind, kw):
+    """Distances that are NaN or pass the largest finite value rank after every other
+    candidate, tied, so in window order: every query gets k distinct positions inside the
+    video, with those distances as computed (both CPU backends: the reference and the fused
+    kernels)."""
+    monkeypatch.setenv("DNLS_BACKEND", backend)
+    shape = (1, 3, 2, 8, 9)
+    vid = nonfinite_video(kind, shape, seed=11)
+    full = dict(wt=0, pt=1, dist="l2", stride0=1, stride1=1, dilation=1, nheads=1, region=None,
+                self_match="keep", border="reflect") | kw  # fmt: skip
+    d, i = dnls.search(vid, **kw)
+    ed, ei = oracle.search(vid.double().numpy(), vid.double().numpy(), flows=None, **full)
+    assert_nonfinite_match(d, i, ed, ei, shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_matches_float64(dtype):
     vid = rand_video((1, 3, 3, 8, 8))
@@ -313,6 +367,68 @@ def test_search_memory_does_not_grow_with_queries():
     assert large - small < (outputs + 24 * 2**20) / 1024, (small, large)
 
 
+_BATCH_PROBE = textwrap.dedent(
+    """
+    import os, resource, sys, torch, dnls
+    torch.set_num_threads(1)
+    os.environ["DNLS_BACKEND"] = "torch"
+    v = torch.rand(1, 1, 3, 32, 32).half()
+    d, i = dnls.search(v, ws=5, ps=5, k=4, count=64)  # warm up: lazy init
+    dnls.gather(v, i, ps=5), dnls.wpsum(v, d, i, ps=5)
+    n = int(sys.argv[1])
+    vid = torch.rand(1, 1, 3, n, n).half()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d, i = dnls.search(vid, ws=5, ps=5, k=4, start=n * n // 2, count=256)
+    dnls.gather(vid, i, ps=5), dnls.wpsum(vid, d, i, ps=5)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """
+)
+
+
+def test_reference_batch_memory_does_not_grow_with_the_video():
+    """The reference path (every op's oracle, and the CPU backend where no fused kernel
+    applies) reads patches straight from the video: a batch of 256 queries of a float16
+    video of 1024x1024 peaks no higher than of 256x256. (It used to copy the whole video to
+    float32 rows on every call, twice for a search of a video against itself: 25 MB here.)"""
+
+    def peak_kib(size):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(
+            [sys.executable, "-c", _BATCH_PROBE, str(size)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        return int(out.stdout.strip())
+
+    small, large = peak_kib(256), peak_kib(1024)
+    assert large - small < 4 * 1024, (small, large)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+@pytest.mark.parametrize("pair", [False, True])
+def test_whole_flows_past_int32(monkeypatch, backend, pair):
+    """Whole flows past int32's range move a window to the frame's edge, as any flow past the
+    frame does (they used to wrap around in the kernels' int32 positions)."""
+    monkeypatch.setenv("DNLS_BACKEND", backend)
+    vid = rand_video((1, 3, 1, 6, 7), seed=5)
+    size = (1, 3, 2, 6, 7) if pair else (1, 3, 3, 2, 6, 7)
+    sign = torch.where(torch.rand(size, generator=torch.Generator().manual_seed(6)) < 0.5, -1, 1)
+    huge = [sign * (2**32 + 1), sign * (2**62)]
+    far = sign * 100  # past the frame, well inside int32
+    kw = dict(ws=3, wt=1, ps=3, k=4)
+
+    def flows(f):
+        return (f, -f) if pair else f
+
+    expected = dnls.search(vid, flows=flows(far), **kw)
+    for f in huge:
+        d, i = dnls.search(vid, flows=flows(f), **kw)
+        assert torch.equal(i, expected[1])
+        assert_close(d, expected[0], what="dists")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_batch(monkeypatch, backend):
     """B = 0: every op returns empty results of the right shapes, and gradients flow."""
@@ -327,5 +443,8 @@ def test_empty_batch(monkeypatch, backend):
     assert out.shape == v.shape and counts.shape == (0, 1, 1, 8, 8)
     w = dnls.wpsum(v, torch.softmax(-dists, -1), inds, ps=3, nheads=2)
     assert w.shape == (0, 2, 64, 1, 2, 3, 3)
-    (dists.sum() + out.sum() + w.sum()).backward()
+    monkeypatch.setenv("DNLS_BACKEND", "torch")  # (refine has no Triton kernel)
+    rd, ri = dnls.refine(v, None, inds, wr=3, ps=3, k=3, nheads=2)
+    assert rd.shape == (0, 2, 64, 3) and ri.shape == (0, 2, 64, 3, 3)
+    (dists.sum() + out.sum() + w.sum() + rd.sum()).backward()
     assert v.grad.shape == v.shape

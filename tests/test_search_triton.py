@@ -415,6 +415,35 @@ def test_row_kernel_widths(monkeypatch, bx):
     assert torch.equal(i1, i0)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", ["nan", "overflow"])
+@pytest.mark.parametrize(
+    ("shape", "kw", "config"),
+    [
+        # the direct kernel: one-pixel patches (channels in registers), then whole patches
+        ((1, 3, 2, 5, 6), dict(ws=3, wt=1, ps=1, k=6, dist="dot", self_match="exclude"), {}),
+        ((1, 1, 2, 6, 7), dict(ws=5, ps=3, k=8, self_match="anchor"), {}),
+        # the row kernel: the query in registers; channel-blocked copies, channels outermost
+        ((1, 1, 3, 5, 24), dict(ws=3, ps=3, k=9), {}),
+        ((1, 1, 8, 4, 24), dict(ws=3, ps=3, k=5, dist="dot", border="zero"), dict(rows_qreg=0)),
+    ],
+)
+def test_nonfinite_distances_rank_last(monkeypatch, kind, shape, kw, config):
+    """NaN distances and those past float32's range tie after every finite one, in window
+    order, and are returned as computed: the kernels' selection equals the reference's (which
+    tests/test_search.py checks against the oracle), so no slot stays empty."""
+    from test_search import nonfinite_video
+
+    from dnls.ops import _search_triton as kernels
+
+    for key, value in config.items():
+        monkeypatch.setitem(kernels.CONFIG, key, value)
+    vid = nonfinite_video(kind, shape, seed=12).to(DEVICE)
+    (d0, i0), (d1, i1) = both(monkeypatch, vid, **kw)
+    assert_close(d1, d0, dtype=torch.float32, what="dists", nan_ok=True)
+    assert torch.equal(i1, i0)
+
+
 @pytest.mark.parametrize("ps", [1, 3])
 def test_channels_last_views(monkeypatch, ps):
     """Videos whose channels are innermost (as attention layers make them) give the same

@@ -10,9 +10,10 @@ A patch at ``(t, h, w)`` covers frames ``t .. t+pt-1`` and pixels ``h + (i - ps/
 "reflect" mirrors without repeating the edge (``-1 -> 1``, ``H -> H-2``), "zero" reads zero.
 
 A read is a sum over *taps*: for whole positions one tap per patch pixel, for fractional ones
-the four bilinear corners. Each tap is a flat row index into the video laid out as
-``(B*HD*T*H*W, C)`` plus a weight (``None`` for 1); the derivative of the weight with respect to
-``h`` and ``w`` gives the position gradient:
+the four bilinear corners. Each tap is an index per pixel plus a weight (``None`` for 1): a
+write's index is the row of the ``(B*HD*T*H*W, C)`` layout it adds into, a read's the offset of
+the pixel in the video itself (:class:`VideoRows`, no copy of the video). The derivative of the
+weight with respect to ``h`` and ``w`` gives the position gradient:
 
     value(h, w)   = sum_c w_c(h, w) * v_c
     d value / d h = sum_c (d w_c / d h) * v_c,  with w_c = (1 - fh | fh) * (1 - fw | fw).
@@ -37,7 +38,7 @@ class PatchGeom:
 
 @dataclass
 class Tap:
-    index: torch.Tensor  # (B, HD, N, pt, ps, ps) int64 rows of the (B*HD*T*H*W, C) video
+    index: torch.Tensor  # (B, HD, N, pt, ps, ps) int64: rows, or offsets (see taps)
     weight: torch.Tensor | None  # broadcastable to index; None means 1
     dweight_h: torch.Tensor | None = None  # d weight / d h (fractional positions only)
     dweight_w: torch.Tensor | None = None  # d weight / d w
@@ -68,21 +69,30 @@ def _and(*masks: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def taps(pos: torch.Tensor, shape6: tuple[int, ...], geom: PatchGeom) -> list[Tap]:
-    """The taps that read the patches at ``pos`` (``(B, HD, N, 3)``) of a video of ``shape6``."""
+def taps(
+    pos: torch.Tensor,
+    shape6: tuple[int, ...],
+    geom: PatchGeom,
+    strides: tuple[int, ...] | None = None,
+) -> list[Tap]:
+    """The taps that read the patches at ``pos`` (``(B, HD, N, 3)``) of a video of ``shape6``.
+    Their index is the row of the ``(B*HD*T*H*W, C)`` layout, or with ``strides`` (of ``B, HD,
+    T, H, W``) the offset of the pixel's first channel in a video of those strides."""
     b_, hd_, t_, _, h_, w_ = shape6
+    sb, shd, st, sy, sx = strides or (hd_ * t_ * h_ * w_, t_ * h_ * w_, h_ * w_, w_, 1)
     dev = pos.device
     offs = (torch.arange(geom.ps, device=dev) - geom.ps // 2) * geom.dilation
     frames = pos[..., 0].round().long()[..., None] + torch.arange(geom.pt, device=dev)
     tt, tvalid = border_index(frames, t_, geom.border)  # (B, HD, N, pt)
-    base = torch.arange(b_ * hd_, device=dev).view(b_, hd_, 1, 1) * t_
-    frame_row = ((base + tt) * h_)[..., :, None, None]  # (B, HD, N, pt, 1, 1)
+    base = torch.arange(b_, device=dev).view(b_, 1, 1, 1) * sb
+    base = base + torch.arange(hd_, device=dev).view(1, hd_, 1, 1) * shd
+    frame_off = (base + tt * st)[..., :, None, None]  # (B, HD, N, pt, 1, 1)
     tmask = None if tvalid is None else tvalid[..., :, None, None]
 
     def rows(hi: torch.Tensor, wi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hh, hv = border_index(hi, h_, geom.border)
         ww, wv = border_index(wi, w_, geom.border)
-        index = (frame_row + hh[..., None, :, None]) * w_ + ww[..., None, None, :]
+        index = frame_off + hh[..., None, :, None] * sy + ww[..., None, None, :] * sx
         hv = None if hv is None else hv[..., None, :, None]
         wv = None if wv is None else wv[..., None, None, :]
         return index, _and(tmask, hv, wv)
@@ -115,17 +125,44 @@ def _at(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pos.to(dtype) if pos.is_floating_point() and dtype == torch.float64 else pos
 
 
-def flat_video(vid6: torch.Tensor) -> torch.Tensor:
-    """``(B, HD, T, C, H, W)`` -> rows ``(B*HD*T*H*W, C)`` in the accumulation dtype."""
-    c = vid6.shape[3]
-    return vid6.permute(0, 1, 2, 4, 5, 3).reshape(-1, c).to(acc_dtype(vid6.dtype))
+class VideoRows:
+    """A video ``(B, HD, T, C, H, W)`` read as the rows ``(B*HD*T*H*W, C)`` of the taps, in the
+    accumulation dtype, without a copy of the video: each read gathers only the rows it asks
+    for, so the memory a reference op uses follows its batch, not the video."""
+
+    def __init__(self, vid6: torch.Tensor) -> None:
+        self.shape6 = tuple(vid6.shape)
+        self.dtype = acc_dtype(vid6.dtype)
+        self.device = vid6.device
+        sb, shd, st, sc, sy, sx = vid6.stride()
+        self.strides = (sb, shd, st, sy, sx)  # what :func:`taps` indexes with
+        # every element of the video, as one flat view of its storage from its first element
+        span = 1 + sum((n - 1) * s for n, s in zip(vid6.shape, vid6.stride(), strict=True))
+        self._flat = vid6.as_strided((span if vid6.numel() else 0,), (1,))
+        self._chan = torch.arange(self.shape6[3], device=vid6.device) * sc
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The pixels at the offsets ``index`` (int64, any shape, from :func:`taps` with
+        :attr:`strides`) as ``index.shape + (C,)``."""
+        return self._flat[index[..., None] + self._chan].to(self.dtype)
+
+    def new_empty(self, *size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=self.dtype, device=self.device)
+
+    def new_zeros(self, *size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=self.dtype, device=self.device)
 
 
-def read(flat: torch.Tensor, shape6: tuple[int, ...], pos: torch.Tensor, geom: PatchGeom):
+def flat_video(vid6: torch.Tensor) -> VideoRows:
+    """``(B, HD, T, C, H, W)`` -> its rows ``(B*HD*T*H*W, C)`` in the accumulation dtype."""
+    return VideoRows(vid6)
+
+
+def read(flat: VideoRows, shape6: tuple[int, ...], pos: torch.Tensor, geom: PatchGeom):
     """Patches ``(B, HD, N, pt, C, ps, ps)`` at ``pos`` of the video whose rows are ``flat``."""
     out = None
-    for tap in taps(_at(pos, flat.dtype), shape6, geom):
-        v = flat.index_select(0, tap.index.reshape(-1)).view(*tap.index.shape, flat.shape[1])
+    for tap in taps(_at(pos, flat.dtype), shape6, geom, flat.strides):
+        v = flat.rows(tap.index)
         if tap.weight is not None:
             v = v * tap.weight[..., None].to(v.dtype)
         out = v if out is None else out + v
@@ -133,7 +170,7 @@ def read(flat: torch.Tensor, shape6: tuple[int, ...], pos: torch.Tensor, geom: P
 
 
 def read_dpos(
-    flat: torch.Tensor,
+    flat: VideoRows,
     shape6: tuple[int, ...],
     pos: torch.Tensor,
     geom: PatchGeom,
@@ -142,8 +179,8 @@ def read_dpos(
     """``d <grad, read(pos)> / d pos``: ``(B, HD, N, 3)`` (zero for ``t``; needs float ``pos``)."""
     g = grad.permute(0, 1, 2, 3, 5, 6, 4)  # (B, HD, N, pt, ps, ps, C)
     gh = gw = None
-    for tap in taps(_at(pos, flat.dtype), shape6, geom):
-        v = flat.index_select(0, tap.index.reshape(-1)).view(*tap.index.shape, flat.shape[1])
+    for tap in taps(_at(pos, flat.dtype), shape6, geom, flat.strides):
+        v = flat.rows(tap.index)
         s = (v * g).sum(-1)
         th = (s * tap.dweight_h.to(s.dtype)).sum((3, 4, 5))
         tw = (s * tap.dweight_w.to(s.dtype)).sum((3, 4, 5))

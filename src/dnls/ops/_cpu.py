@@ -217,6 +217,8 @@ def search_bands(
     ps,
     mode,  # KEEP, EXCLUDE or ANCHOR
     is_dot,
+    top,  # the largest finite value of the keys' dtype: keys at or past it (overflows, NaN)
+    # are set to it and tie last, in window order (search.rank_key)
     out_d,  # (BH, N, K) distances
     out_w,  # (BH, N, K) int32 window indices (-1: the query itself, anchor)
     out_p,  # (BH, N, K, 3) int32 positions
@@ -285,6 +287,8 @@ def search_bands(
                             base = rr * n
                             for m in range(m_lo, m_hi):
                                 d = box[(m - m_lo) * s0]
+                                if not d < top:
+                                    d = top
                                 if d < thr[base + m]:
                                     _insert(td, ti, base + m, kk, d, j)
                                     thr[base + m] = td[base + m, kk - 1]
@@ -306,6 +310,8 @@ def search_bands(
                             if mode != KEEP and slot == own and yk == h and xk == w:
                                 continue
                             d = _patch_key(q, k, bh, tq, h - y0, w, tk, yk - y0, xk, ps, is_dot)
+                            if not d < top:
+                                d = top
                             if d < td[mm, kk - 1]:
                                 _insert(td, ti, mm, kk, d, (slot * ws + a) * ws + b)
         # Write the results in final order, with their positions.
@@ -326,12 +332,16 @@ def search_bands(
                     j = ti[mm, i]
                     slot, a, b = j // (ws * ws), (j // ws) % ws, j % ws
                     ch, cw = _centre(flows, has_flows, bb, t, h, w, slot, own, lo, hi_h, hi_w)
+                    yk, xk = ch + (a - half) * s1, cw + (b - half) * s1
                     d = td[mm, i]
+                    if d == top:  # set to it: the distance as computed (inf, NaN) instead
+                        d = _patch_key(q, k, bh, tq, h - y0, w, t0 + slot - f0, yk - y0, xk, ps,
+                                       is_dot)  # fmt: skip
                     out_d[bh, o, first + i] = -d if is_dot else d
                     out_w[bh, o, first + i] = j
                     out_p[bh, o, first + i, 0] = t0 + slot
-                    out_p[bh, o, first + i, 1] = ch + (a - half) * s1
-                    out_p[bh, o, first + i, 2] = cw + (b - half) * s1
+                    out_p[bh, o, first + i, 1] = yk
+                    out_p[bh, o, first + i, 2] = xk
 
 
 def query_rows(grid, start: int, count: int) -> np.ndarray:
@@ -417,6 +427,7 @@ def search(qvid, kvid, flows, p, grid):
         p.ps,
         SELF_MODES[p.self_match],
         p.dist == "dot",
+        dists.numpy().dtype.type(torch.finfo(dtype).max),
         dists.numpy(),
         widx.numpy(),
         inds.numpy(),

@@ -69,4 +69,7 @@ def accumulate_flows(fflow: torch.Tensor, bflow: torch.Tensor, wt: int) -> torch
                 u += step
                 slots[u] = torch.stack([ph - base_h, pw - base_w], dim=1)
         per_frame.append(torch.stack([slots[t0 + s] for s in range(2 * wt + 1)], dim=1))
-    return torch.stack(per_frame, dim=1).to(fflow.dtype)
+    out = torch.stack(per_frame, dim=1)
+    if not fflow.is_floating_point():  # sums of whole flows, kept within int32 (search.FLOW_LIMIT)
+        out = out.clamp(-(2**30), 2**30)
+    return out.to(fflow.dtype)

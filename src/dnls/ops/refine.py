@@ -184,7 +184,7 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
         d = qflat.new_empty(b, hd, n, nwin)
         for w0 in range(0, nwin, wchunk):
             w1 = min(nwin, w0 + wchunk)
-            pos = cands[:, :, :, w0:w1].reshape(b, hd, -1, 3)
+            pos = cands[:, :, :, w0:w1].reshape(b, hd, n * (w1 - w0), 3)
             kp = read(kflat, shape6, pos, geom)
             d[..., w0:w1] = _distance(qp, kp.view(b, hd, n, w1 - w0, *kp.shape[3:]), p.dist)
         own = (cands == qpos[:, None, :].to(pdtype)).all(-1)  # (B, HD, n, nwin)
@@ -256,7 +256,7 @@ torch.library.define(
 )
 
 
-@torch.library.impl("dnls::refine", ("cpu", "cuda"))
+@torch.library.impl("dnls::refine", "default")
 def _refine_impl(qvid, kvid, inds, **kw):
     backend(qvid.device, "refine")  # raises where an explicitly requested backend cannot run
     return _refine_ref(qvid, kvid, inds, _params(kw))
@@ -273,7 +273,7 @@ def _(qvid, kvid, inds, *, kr, wr, k, count, stride1, **_):
     )
 
 
-@torch.library.impl("dnls::refine_backward", ("cpu", "cuda"))
+@torch.library.impl("dnls::refine_backward", "default")
 def _refine_backward_impl(gdists, ginds, qvid, kvid, inds, widx, **kw):
     backend(qvid.device, "refine")
     return _refine_backward_ref(gdists, ginds, qvid, kvid, inds, widx, _params(kw))

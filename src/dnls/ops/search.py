@@ -37,6 +37,10 @@ from .flows import accumulate_flows
 DISTS = ("l2", "dot")
 SELF_MATCH = ("keep", "anchor", "exclude")
 
+# Whole flows are clamped to +-FLOW_LIMIT: farther than any frame reaches (a window centre is
+# clamped into the frame), and a position plus such a flow still fits int32.
+FLOW_LIMIT = 2**30
+
 # Elements of the largest temporary a reference chunk may build (patches of a chunk of
 # queries times candidates). Fixes the workspace whatever the number of queries.
 WORKSPACE = 1 << 20
@@ -194,13 +198,23 @@ def _stable_argsort(key: torch.Tensor) -> torch.Tensor:
     return torch.sort(key, dim=-1, stable=True).indices
 
 
+def rank_key(d: torch.Tensor, dist: str) -> torch.Tensor:
+    """What the selection sorts by, smaller first: the distance (l2) or minus the product
+    (dot), with every key at or past the dtype's largest finite value (an overflow, or a NaN
+    from the videos) set to that value, so that all of them tie last, in window order. The
+    kernels compare the same keys; the distances they return stay as computed."""
+    key = d if dist == "l2" else -d
+    top = torch.finfo(key.dtype).max
+    return torch.where(key < top, key, top)
+
+
 def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor:
     """Window indices ``(B, HD, n, K)`` of the results; ``-1`` stands for the query's own
     position (the first result with ``self_match="anchor"``)."""
     own = own.expand_as(d)
     window_order = torch.arange(d.shape[-1], device=d.device).expand_as(d)
     if p.k >= 0:
-        order = _stable_argsort(d if p.dist == "l2" else -d)
+        order = _stable_argsort(rank_key(d, p.dist))
     else:
         order = window_order
     if p.self_match == "keep":
@@ -247,7 +261,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
         for w0 in range(0, nwin, wchunk):
             w1 = min(nwin, w0 + wchunk)
             pos = cands[:, None, :, w0:w1].expand(b, hd, n, w1 - w0, 3)
-            kp = read(kflat, shape6, pos.reshape(b, hd, -1, 3), geom)
+            kp = read(kflat, shape6, pos.reshape(b, hd, n * (w1 - w0), 3), geom)
             d[..., w0:w1] = _distance(qp, kp.view(b, hd, n, w1 - w0, *kp.shape[3:]), p.dist)
         own = (cands == qpos[None, :, None, :].to(pdtype)).all(-1)[:, None]  # (Bf, 1, n, W)
         sel = _select(d, own, p)
@@ -400,7 +414,7 @@ def _int32_frames(*vids: torch.Tensor) -> bool:
     return True
 
 
-@torch.library.impl("dnls::search", ("cpu", "cuda"))
+@torch.library.impl("dnls::search", "default")
 def _search_impl(qvid, kvid, flows, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     if qvid.shape[0] == 0:  # an empty batch
@@ -440,7 +454,7 @@ def _(qvid, kvid, flows, *, k, count, self_match, ws, wt, stride1, **_):
     )
 
 
-@torch.library.impl("dnls::search_backward", ("cpu", "cuda"))
+@torch.library.impl("dnls::search_backward", "default")
 def _search_backward_impl(gdists, ginds, qvid, kvid, flows, widx, **kw):
     p = SearchParams(**{**kw, "region": tuple(kw["region"])})
     # The deterministic mode (torch.use_deterministic_algorithms) of the Triton backward is a
@@ -524,6 +538,9 @@ def _check_flows(flows, b, nframes, height, width, wt, device) -> torch.Tensor |
             _checks.fail(name, f, f"on the video's device ({device})")
         if f.is_floating_point():
             _checks.check_data(torch.isfinite(f).all(), name, f, "finite (it holds inf or nan)")
+    # whole flows past any frame move a window as far as the frame's edge does (windows are
+    # slid inside): clamped, so that the kernels' int32 positions cannot wrap around
+    tensors = [f if f.is_floating_point() else f.clamp(-FLOW_LIMIT, FLOW_LIMIT) for f in tensors]
     if len(tensors) == 2:
         return accumulate_flows(tensors[0], tensors[1], wt)
     return tensors[0]
