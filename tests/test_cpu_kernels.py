@@ -104,6 +104,44 @@ def test_nlm_weights_are_the_softmax_of_the_formula(dtype):
     assert_close(_weights(far, npix, sigma, h), torch.full_like(far, 0.25), dtype, "far")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "name", "error"),
+    [
+        (dict(sigma=0.0), "sigma", ValueError),
+        (dict(sigma=float("inf")), "sigma", ValueError),
+        (dict(h=-1.0), "h", ValueError),
+        (dict(flows=5), "flows", TypeError),
+        (dict(progress=5), "progress", TypeError),
+        (dict(batch=0), "batch", ValueError),
+    ],
+)
+def test_nlm_errors(kwargs, name, error):
+    args = dict(sigma=0.1) | kwargs
+    with pytest.raises(error, match=f"^{name} must be"):
+        nlm(torch.rand(1, 1, 3, 8, 8), args.pop("sigma"), **args)
+
+
+@pytest.mark.parametrize(("sigma", "h"), [(1e-30, 1.0), (0.1, 1e-20), (1e-200, 1.0)])
+def test_nlm_tiny_filter_keeps_the_nearest_patch(sigma, h):
+    """As ``h * sigma`` goes to 0 every weight but the nearest neighbour's vanishes; the
+    smallest positive values (their scale past float32's range) give that limit, not NaN: each
+    patch is its own nearest neighbour, so the output is the input."""
+    noisy = rand_video((1, 1, 3, 12, 12), torch.float32, seed=3)
+    assert_close(nlm(noisy, sigma, h=h), noisy, torch.float32, "nlm")
+
+
+@pytest.mark.parametrize(("sigma", "h"), [(1e200, 1.0), (1e20, 1.0), (0.1, 1e300)])
+def test_nlm_huge_filter_averages_uniformly(sigma, h):
+    """As ``h * sigma`` grows every weight tends to 1 / k; the largest finite values (their
+    squares past float64's range) give that limit instead of an OverflowError or NaN."""
+    noisy = rand_video((1, 1, 3, 12, 12), torch.float32, seed=3)
+    dists = torch.rand(1, 1, 5, 4, dtype=torch.float32)
+    assert torch.equal(_weights(dists, 75, sigma, h), torch.full_like(dists, 0.25))
+    out = nlm(noisy, sigma, h=h)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, nlm(noisy, 1.0, h=1e300))
+
+
 def test_torch_threads_quiet_restores_and_nests(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -63,6 +63,8 @@ CASES = [
     ("self_match", ValueError, _s(self_match="drop")),
     ("self_match", ValueError, _s(self_match="exclude", stride1=2)),
     ("border", ValueError, _s(border="wrap")),
+    ("qvid", ValueError, lambda: dnls.search(torch.rand(1, 0, 3, 4, 8, 8), ws=3)),
+    ("stride1", TypeError, lambda: dnls.nn.non_local_attention(V, V, V, ws=3, stride1=True)),
     # search, flows
     ("flows", ValueError, _s(wt=1, flows=torch.zeros(1, 3, 1, 2, 8, 8))),
     ("flows", ValueError, _s(wt=1, flows=FLOWS.clone().fill_(float("nan")))),
@@ -89,6 +91,10 @@ CASES = [
     ("start", ValueError, _s(start=-1)),
     ("start", ValueError, _s(start=1000)),
     ("count", ValueError, _s(start=190, count=10)),
+    ("device", ValueError, lambda: dnls.query_grid(V.shape).positions(0, 2, device="bogus")),
+    ("stride", ValueError, lambda: dnls.QueryGrid((3, 8, 8), 0, None)),
+    ("region", ValueError, lambda: dnls.QueryGrid((3, 8, 8), 1, (0, 3, 0, 20, 0, 8))),
+    ("thw", ValueError, lambda: dnls.QueryGrid((3, 8), 1, None)),
     # gather
     ("vid", TypeError, _g(vid=None)),
     ("inds", ValueError, _g(inds=INDS[0])),
@@ -117,6 +123,8 @@ CASES = [
     ("out", ValueError, _sc(out=torch.zeros(1, 3, 4, 8, 7))),
     ("counts", ValueError, _sc(counts=torch.zeros(1, 3, 4, 8, 8))),
     ("out", TypeError, _sc(out=torch.zeros(1, 3, 4, 8, 8, dtype=torch.int32))),
+    ("out", ValueError, _sc(out=torch.zeros(1, 1, 4, 8, 8).expand(1, 3, 4, 8, 8))),
+    ("counts", ValueError, _sc(counts=torch.zeros(1, 3, 1, 8, 8, requires_grad=True))),
     # wpsum
     ("weights", ValueError, lambda: dnls.wpsum(V, torch.rand(1, 1, 5, 3), INDS, ps=3)),
     (
@@ -136,6 +144,11 @@ CASES = [
         lambda: dnls.ifold(torch.rand(1, 5, 1, 4, 3, 3), shape=V.shape, start=190),
     ),
     ("patches", ValueError, lambda: dnls.ifold(torch.rand(1, 5, 4, 3, 3), shape=V.shape)),
+    (
+        "start",
+        ValueError,
+        lambda: dnls.ifold(torch.rand(1, 0, 1, 4, 3, 3), shape=V.shape, start=193),
+    ),
     ("shape", ValueError, lambda: dnls.ifold(torch.rand(1, 5, 1, 4, 3, 3), shape=(1, 3, 3, 8, 8))),
     (
         "dilation",
@@ -175,25 +188,45 @@ def test_backend_variable(monkeypatch):
 
 
 def test_search_positions_skip_the_range_check_until_changed():
-    """The positions ``search`` returns are inside the video by construction, so the ops that
-    read them do not read their range again; an in-place change, a copy, a view, a smaller
-    video or an inference tensor brings the check back."""
+    """On a GPU the ops that read the positions ``search`` returns do not read their range
+    again (two reductions and a device sync saved): ``search`` marks them. A change through
+    torch, a copy, a view, a smaller video or an inference tensor brings the check back. The
+    mark is per tensor: checked here on the meta device, as this machine has no GPU."""
     from dnls import _checks
 
-    _, inds = dnls.search(V, ws=3, k=2)
     thw = (3, 8, 8)
+    inds = torch.zeros(1, 1, 192, 2, 3, dtype=torch.int32, device="meta")
+    _checks.mark_positions(inds, thw)
     assert _checks._known_inside(inds, thw)
     assert not _checks._known_inside(inds.clone(), thw)
     assert not _checks._known_inside(inds[:, :, :5], thw)
     assert not _checks._known_inside(inds, (3, 7, 8))  # a smaller video: checked again
-    assert dnls.gather(V, inds, ps=3).shape == (1, 1, 192, 2, 1, 4, 3, 3)
-    with pytest.raises(ValueError, match="^inds must be positions inside the video"):
-        dnls.gather(V[..., :6], inds, ps=3)
-    inds[0, 0, 0, 0, 2] = 8  # in place, past the last column
+    inds[0, 0, 0, 0, 2] = 8  # in place
     assert not _checks._known_inside(inds, thw)
-    with pytest.raises(ValueError, match=r"^inds must be positions inside .*w in \[0, 8\]"):
-        dnls.gather(V, inds, ps=3)
     with torch.inference_mode():
-        _, inds = dnls.search(V, ws=3, k=2)
-    assert not _checks._known_inside(inds, thw)
+        frozen = torch.zeros(1, 1, 192, 2, 3, dtype=torch.int32, device="meta")
+    _checks.mark_positions(frozen, thw)
+    assert not _checks._known_inside(frozen, thw)
+
+
+@pytest.mark.parametrize("how", ["numpy", "data"])
+def test_cpu_positions_are_always_checked(how):
+    """On the CPU the check costs no sync and the kernels index memory with the positions, so
+    even ``search``'s own outputs are checked: a change that bypasses the version counter
+    (``.numpy()``, ``.data``) raises instead of reaching a kernel (it wrote out of bounds)."""
+    from dnls import _checks
+
+    _, inds = dnls.search(V, ws=3, k=2)
+    assert not _checks._known_inside(inds, (3, 8, 8))
     assert dnls.gather(V, inds, ps=3).shape == (1, 1, 192, 2, 1, 4, 3, 3)
+    if how == "numpy":
+        inds.numpy()[0, 0, 0, 0] = (0, 40, 40)
+    else:
+        inds.data[0, 0, 0, 0, 1] = 5000
+    patches = torch.ones(1, 1, 192, 2, 1, 4, 3, 3)
+    with pytest.raises(ValueError, match="^inds must be positions inside the video"):
+        dnls.gather(V, inds, ps=3)
+    with pytest.raises(ValueError, match="^inds must be positions inside the video"):
+        dnls.scatter(patches, inds, shape=V.shape)
+    with pytest.raises(ValueError, match="^inds must be positions inside the video"):
+        dnls.wpsum(V, torch.ones(1, 1, 192, 2), inds, ps=3)

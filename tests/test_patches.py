@@ -1,3 +1,5 @@
+from functools import partial
+
 import oracle
 import pytest
 import torch
@@ -173,6 +175,23 @@ def test_inputs_not_modified():
     dnls.gather(vid, inds, ps=3)
     dnls.wpsum(vid, w, inds, ps=3)
     assert torch.equal(vid, v0) and torch.equal(inds, i0) and torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("op", ["scatter", "ifold"])
+def test_bad_counts_leave_out_unchanged(op):
+    """``out`` and ``counts`` are both checked before either is added into: a wrong ``counts``
+    raises with ``out`` as it was."""
+    vid = rand_video((1, 2, 2, 5, 5))
+    out = torch.zeros(vid.shape, dtype=torch.float64)
+    if op == "scatter":
+        inds = torch.zeros(1, 1, 4, 2, 3, dtype=torch.int32)
+        patches = torch.rand(1, 1, 4, 2, 1, 2, 3, 3, dtype=torch.float64)
+        call = partial(dnls.scatter, patches, inds, shape=vid.shape)
+    else:
+        call = partial(dnls.ifold, dnls.iunfold(vid, ps=3), shape=vid.shape)
+    with pytest.raises(ValueError, match="^counts must be"):
+        call(out=out, counts=torch.zeros(2))
+    assert torch.count_nonzero(out) == 0
 
 
 def test_gather_batch_sizes_zero_one_two():

@@ -23,6 +23,11 @@ def test_plan_grows_with_budget_and_shrinks_with_work():
     assert cuda > large  # no CPU workspace or padded frames
 
 
+def test_plan_without_per_query_work_takes_the_whole_grid():
+    """``ifold`` alone holds only what the whole call holds: one batch of every query."""
+    assert dnls.plan_batches((1, 2, 3, 32, 40), 2**28, k=4, steps=("ifold",)) == 2 * 32 * 40
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -32,6 +37,11 @@ def test_plan_grows_with_budget_and_shrinks_with_work():
         (dict(max_memory=2**30, steps="search"), "steps"),
         (dict(max_memory=2**30, k=0), "k"),
         (dict(max_memory=2**30, dtype=torch.int32), "dtype"),
+        (dict(max_memory=2**30, steps=()), "steps"),
+        (dict(max_memory=2**30, steps=None), "steps"),
+        (dict(max_memory=2**30, steps=iter(["search"])), "steps"),
+        (dict(max_memory=2**30, device="bogus"), "device"),
+        (dict(max_memory=2**30, device=3), "device"),
     ],
 )
 def test_plan_errors(kwargs, name):

@@ -56,6 +56,16 @@ def check_positive_number(name: str, value: object) -> float:
     return float(value)
 
 
+def check_device_name(name: str, value: object) -> torch.device:
+    """A ``torch.device`` or a device name (``"cpu"``, ``"cuda:0"``)."""
+    if not isinstance(value, (str, torch.device)):
+        fail(name, value, "a torch.device or a device name such as 'cpu' or 'cuda'", TypeError)
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        fail(name, value, "a device name such as 'cpu', 'cuda' or 'cuda:0'")
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
@@ -79,6 +89,8 @@ def check_video(name: str, value: object) -> torch.Tensor:
         fail(name, x, "a video with C, H and W of at least 1")
     if x.shape[-4] == 0:
         fail(name, x, "a video with at least one frame")
+    if x.ndim == 6 and x.shape[1] == 0:
+        fail(name, x, "a video with at least one head (HD >= 1)")
     return x
 
 
@@ -144,8 +156,11 @@ def check_start_count(start: object, count: object, total: int) -> tuple[int, in
 
 # Position tensors known to lie inside a video, as they are now: id -> (weak reference, version
 # counter, (T, H, W)). ``search`` records its outputs, whose positions are inside the frame by
-# construction, so the ops that read them skip the range check (two reductions and a device
-# sync per call). Any in-place change bumps the version counter and brings the check back.
+# construction, so the ops that read them on a GPU skip the range check (two reductions and a
+# device sync per call). An in-place change through torch bumps the version counter and brings
+# the check back; one through ``.data``, ``.numpy()`` or DLPack does not, so CPU tensors, whose
+# check costs no sync, are always checked (their kernels index memory with the positions), and
+# the Triton kernels read any position through the border rule, never outside the video.
 _INSIDE: dict[int, tuple[weakref.ref, int, tuple[int, int, int]]] = {}
 
 
@@ -161,7 +176,7 @@ def mark_positions(inds: torch.Tensor, thw: tuple[int, int, int]) -> None:
 
 def _known_inside(inds: torch.Tensor, thw: tuple[int, int, int]) -> bool:
     entry = _INSIDE.get(id(inds))
-    if entry is None or inds.is_inference():
+    if entry is None or inds.is_inference() or inds.device.type == "cpu":
         return False
     ref, version, known = entry
     return (
@@ -175,7 +190,7 @@ def check_positions(
     name: str, inds: torch.Tensor, thw: tuple[int, int, int], lead: tuple[int, ...]
 ) -> None:
     """Index tensor ``lead + (3,)`` of positions ``(t, h, w)`` inside a ``(T, H, W)`` video.
-    The range is not read again for the outputs of ``search`` (:func:`mark_positions`)."""
+    The range is not read again for the outputs of ``search`` on a GPU (:func:`mark_positions`)."""
     if inds.dtype not in INDEX_INT_DTYPES and not inds.is_floating_point():
         fail(name, inds, "int32, int64 or a floating dtype", TypeError)
     if tuple(inds.shape) != (*lead, 3):

@@ -24,6 +24,18 @@ class QueryGrid:
     stride: int
     region: tuple[int, int, int, int, int, int]
 
+    def __post_init__(self) -> None:
+        thw = self.thw
+        if (
+            not isinstance(thw, Sequence)
+            or len(thw) != 3
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in thw)
+        ):
+            _checks.fail("thw", thw, "3 ints (T, H, W) >= 1")
+        _checks.check_int("stride", self.stride, min_value=1)
+        object.__setattr__(self, "thw", tuple(thw))
+        object.__setattr__(self, "region", _checks.check_region(self.region, tuple(thw)))
+
     @property
     def sizes(self) -> tuple[int, int, int]:
         """Number of query points along ``t``, ``h`` and ``w``."""
@@ -42,6 +54,8 @@ class QueryGrid:
     ) -> torch.Tensor:
         """The ``(count, 3)`` int64 positions ``(t, h, w)`` of queries ``[start, start+count)``."""
         start, count = _checks.check_start_count(start, count, self.count)
+        if device is not None:
+            device = _checks.check_device_name("device", device)
         return self.positions_unchecked(start, count, device)
 
     def positions_unchecked(self, start, count, device=None) -> torch.Tensor:

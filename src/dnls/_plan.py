@@ -67,11 +67,13 @@ def plan_batches(
     k = _checks.check_int("k", k, min_value=1)
     ps = _checks.check_int("ps", ps, min_value=1)
     pt = _checks.check_int("pt", pt, min_value=1)
-    if isinstance(steps, str) or any(s not in STEPS for s in steps):
-        _checks.fail("steps", steps, f"a sequence of names among {STEPS}")
+    if isinstance(steps, str) or not isinstance(steps, Sequence):
+        _checks.fail("steps", steps, f"a sequence of names among {STEPS}", TypeError)
+    if not steps or any(s not in STEPS for s in steps):
+        _checks.fail("steps", steps, f"a non-empty sequence of names among {STEPS}")
     if dtype not in _checks.FLOAT_DTYPES:
         _checks.fail("dtype", dtype, "float16, bfloat16, float32 or float64", TypeError)
-    device = torch.device(device)
+    device = _checks.check_device_name("device", device)
     b, t, c, h, w = shape
     size = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
@@ -95,4 +97,6 @@ def plan_batches(
     need = fixed + per_query * _MARGIN
     if max_memory < need:
         _checks.fail("max_memory", max_memory, f"at least {int(need) + 1} bytes for this video")
+    if per_query == 0:  # ("ifold" alone holds nothing per query): the whole grid at once
+        return b * t * h * w
     return max(1, int((max_memory - fixed) / (per_query * _MARGIN)))

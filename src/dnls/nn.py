@@ -113,6 +113,7 @@ def non_local_attention(
     else:
         scale = _checks.check_positive_number("scale", scale)
 
+    stride1 = _checks.check_positive_number("stride1", stride1)
     if fused.applies(ps, pt, k, flows, stride1, scale):
         ws = _checks.check_int("ws", ws, min_value=1)
         wt = _checks.check_int("wt", wt, min_value=0)

@@ -29,8 +29,14 @@ def _weights(dists: torch.Tensor, npix: int, sigma: float, h: float) -> torch.Te
     """``softmax(-max(d / npix - 2 sigma^2, 0) / (h sigma)^2)`` over the last axis, written out
     (in place on one temporary): ``torch.softmax`` over 14 values a row costs ten times more."""
     e = dists.to(torch.float32 if dists.dtype != torch.float64 else dists.dtype)
-    e = e.sub(2 * sigma**2 * npix).clamp_(min=0)
-    e = e.sub_(e.amin(-1, keepdim=True)).mul_(-1 / (npix * (h * sigma) ** 2)).exp_()
+    # (products, not powers: a Python float power past the range raises instead of giving inf;
+    # the scale capped at the dtype's largest value: an infinite one would make 0 * inf = NaN
+    # at each row's nearest neighbour, so a tiny h * sigma keeps the nearest ones instead)
+    denom = npix * (h * sigma) * (h * sigma)
+    top = torch.finfo(e.dtype).max
+    scale = top if denom == 0 else min(1 / denom, top)
+    e = e.sub(2 * npix * sigma * sigma).clamp_(min=0)
+    e = e.sub_(e.amin(-1, keepdim=True)).mul_(-scale).exp_()
     return e.div_(e.sum(-1, keepdim=True))
 
 
@@ -99,6 +105,8 @@ def nlm(
         fail("noisy", noisy, "5-D (B, T, C, H, W)")
     sigma = check_positive_number("sigma", sigma)
     h = check_positive_number("h", h)
+    if progress is not None and not callable(progress):
+        fail("progress", progress, "None or a callable progress(done, total)", TypeError)
     if max_memory is not None:
         max_memory = check_int("max_memory", max_memory, min_value=1)
         limit = batch_for_memory(noisy.shape, max_memory, ps=ps, k=k, device=noisy.device)
@@ -109,8 +117,8 @@ def nlm(
     out = counts = None
     # Whole-pixel flows keep every op on the fused CPU kernels; fractional ones send the search
     # to the reference path, which needs torch's threads.
-    fractional = [f for f in ([flows] if torch.is_tensor(flows) else flows or []) if
-                  torch.is_tensor(f) and f.is_floating_point()]  # fmt: skip
+    given = [flows] if torch.is_tensor(flows) else flows if isinstance(flows, (tuple, list)) else []
+    fractional = [f for f in given if torch.is_tensor(f) and f.is_floating_point()]
     quiet = torch_threads_quiet(noisy.device) if not fractional else contextlib.nullcontext()
     with torch.no_grad(), quiet:
         for start, count in grid.batches(batch):

@@ -17,7 +17,7 @@ from .._common import backend, fused_cpu
 from .._grid import query_grid
 from .._ref import PatchGeom, acc_dtype
 from . import _cpu
-from .patches import _add_into, _gather_ref, _run, _scatter_ref
+from .patches import _add_into, _check_into, _gather_ref, _run, _scatter_ref
 
 
 def iunfold(
@@ -98,17 +98,20 @@ def ifold(
     start = _checks.check_int("start", start, min_value=0)
     grid = query_grid(shape, stride, region)
     total = grid.count
+    if start > total:
+        _checks.fail("start", start, f"at most the grid's query count Q={total}")
     if start + q > total:
         _checks.fail(
             "patches",
             patches,
             f"at most Q - start = {total - start} queries (the grid has Q={total}, start={start})",
         )
+    _check_into(out, counts, shape, (b, shape[1], 1, shape[3], shape[4]), patches.device)
     vid, cnt = torch.ops.dnls.ifold(
         patches, shape=shape, stride=stride, dilation=dilation, region=grid.region, start=start,
         border=border,
     )  # fmt: skip
-    return _add_into(vid, out, "out"), _add_into(cnt, counts, "counts")
+    return _add_into(vid, out, cnt, counts)
 
 
 def _grid_pos(shape, stride, region, start, count, device) -> torch.Tensor:

@@ -321,17 +321,38 @@ def _counts_view(counts6: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return merge_heads(counts6.expand(b, hd, t, c, h, w))
 
 
-def _add_into(result: torch.Tensor, into: torch.Tensor | None, name: str) -> torch.Tensor:
-    if into is None:
-        return result
-    into = _checks.check_tensor(name, into)
-    if into.shape != result.shape:
-        _checks.fail(name, into, f"of shape {tuple(result.shape)}")
-    if into.device != result.device:
-        _checks.fail(name, into, f"on device {result.device}")
-    if not into.is_floating_point():
-        _checks.fail(name, into, "a floating tensor", TypeError)
-    return into.add_(result)
+def _check_into(
+    out: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    shape: tuple[int, ...],
+    counts_shape: tuple[int, ...],
+    device: torch.device,
+) -> None:
+    """``out`` and ``counts``, tensors to add a result of ``shape`` and counts of
+    ``counts_shape`` into, where given: checked before anything is computed or changed."""
+    for into, name, size in ((out, "out", shape), (counts, "counts", counts_shape)):
+        if into is None:
+            continue
+        into = _checks.check_tensor(name, into)
+        if tuple(into.shape) != tuple(size):
+            _checks.fail(name, into, f"of shape {tuple(size)}")
+        if into.device != device:
+            _checks.fail(name, into, f"on device {device}")
+        if not into.is_floating_point():
+            _checks.fail(name, into, "a floating tensor", TypeError)
+        if any(st == 0 and n > 1 for n, st in zip(into.shape, into.stride(), strict=True)):
+            _checks.fail(name, into, "a tensor with distinct elements in memory (not expanded)")
+        if into.requires_grad and into.is_leaf and torch.is_grad_enabled():
+            _checks.fail(name, into, "a tensor autograd lets change in place (not a leaf that "
+                         "requires grad)")  # fmt: skip
+
+
+def _add_into(
+    vid: torch.Tensor, out: torch.Tensor | None, cnt: torch.Tensor, counts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out + vid, counts + cnt)`` in place where given (:func:`_check_into`), else the
+    results themselves."""
+    return (vid if out is None else out.add_(vid), cnt if counts is None else counts.add_(cnt))
 
 
 def scatter(
@@ -381,12 +402,17 @@ def scatter(
     inds = _check_inds(inds, (b, hd, t, c, h, w), patches.device)
     if inds.shape[:4] != patches.shape[:4]:
         _checks.fail("inds", inds, f"of shape {(*patches.shape[:4], 3)} to match patches")
+    if len(shape) == 6:
+        counts_shape = (b, hd, t, 1, h, w)
+    else:
+        counts_shape = (b, t, 1 if hd == 1 else hd * c, h, w)
+    _check_into(out, counts, shape, counts_shape, patches.device)
     kw = dict(frames=t, height=h, width=w, dilation=dilation, border=border)
     vid6 = _scatter_op(patches, inds, **kw)
     ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
     counts6 = _scatter_op(ones.expand(*patches.shape[:5], 1, ps, ps), inds, **kw)
     vid = vid6 if len(shape) == 6 else merge_heads(vid6)
-    return _add_into(vid, out, "out"), _add_into(_counts_view(counts6, shape), counts, "counts")
+    return _add_into(vid, out, _counts_view(counts6, shape), counts)
 
 
 def wpsum(
