@@ -101,7 +101,9 @@ def search(
     Candidates rank by distance (l2) or minus the product (dot), ties by window order. ``top``
     is the largest finite value of the dtype the library sums in (float32 for every input but
     float64): a key at or past it, or NaN, ranks last, tied with every other such key, and a
-    key at or below ``-top`` (minus infinity there) ties with the others that are."""
+    key at or below ``-top`` (minus infinity there) ties with the others that are. With ``k``
+    given, the results ranked last that way are reported infinitely far (+inf for l2, -inf
+    for dot)."""
     bsz, nt, nc, nh, nw = qvid.shape
     cph = nc // nheads
     nslots = 2 * wt + 1
@@ -144,11 +146,13 @@ def search(
                 order = list(range(len(cands)))
                 if self_match != "keep":
                     order = [j for j in order if not own[j]]
+                keys = [rank(sign * d, top) for d in ds]
                 if k is not None:
-                    keys = [rank(sign * d, top) for d in ds]
                     order = sorted(order, key=lambda j: (keys[j], j))
                     order = order[: (k - 1 if self_match == "anchor" else k)]
-                res_d = [ds[j] for j in order]
+                # a selected key ranked last for not being finite is infinitely far
+                far = [k is not None and keys[j] == math.inf for j in order]
+                res_d = [sign * math.inf if f else ds[j] for j, f in zip(order, far, strict=True)]
                 res_i = [cands[j] for j in order]
                 if self_match == "anchor":
                     res_d.insert(0, distance(qp, kpatch((t, h, w))))

@@ -196,10 +196,10 @@ def nonfinite_video(kind: str, shape, seed: int) -> torch.Tensor:
     return vid
 
 
-def assert_nonfinite_match(d, i, ed, ei, shape):
+def assert_nonfinite_match(d, i, ed, ei, shape, anchor):
     """Results of a search on :func:`nonfinite_video` against the oracle's: the same positions
-    (all inside the video, none twice for one query), NaN where the oracle has NaN, an infinity
-    of the oracle's sign where its float64 value passes float32's range."""
+    (all inside the video, none twice for one query), and the same distances, an infinity of
+    the oracle's sign where its float64 value passes float32's range."""
     assert torch.equal(i.double(), torch.as_tensor(ei)), "inds differ"
     t, h, w = shape[1], shape[3], shape[4]
     assert ((i >= 0) & (i <= torch.tensor([t - 1, h - 1, w - 1]).to(i))).all()
@@ -208,6 +208,8 @@ def assert_nonfinite_match(d, i, ed, ei, shape):
     top = float(np.finfo(np.float32).max)
     expected = torch.as_tensor(ed)
     expected = torch.where(expected.abs() >= top, expected.sign() * torch.inf, expected)
+    ranked = d[..., 1:] if anchor else d  # (the anchored query's own distance is not ranked)
+    assert not ranked.isnan().any(), "a NaN distance among the ranked results"
     assert_close(d, expected, dtype=torch.float32, what="dists", nan_ok=True)
 
 
@@ -225,7 +227,7 @@ def assert_nonfinite_match(d, i, ed, ei, shape):
 def test_nonfinite_distances_rank_last(monkeypatch, backend, kind, kw):
     """Distances that are NaN or pass the largest finite value rank after every other
     candidate, tied, so in window order: every query gets k distinct positions inside the
-    video, with those distances as computed (both CPU backends: the reference and the fused
+    video, those reported infinitely far (both CPU backends: the reference and the fused
     kernels)."""
     monkeypatch.setenv("DNLS_BACKEND", backend)
     shape = (1, 3, 2, 8, 9)
@@ -234,7 +236,7 @@ def test_nonfinite_distances_rank_last(monkeypatch, backend, kind, kw):
                 self_match="keep", border="reflect") | kw  # fmt: skip
     d, i = dnls.search(vid, **kw)
     ed, ei = oracle.search(vid.double().numpy(), vid.double().numpy(), flows=None, **full)
-    assert_nonfinite_match(d, i, ed, ei, shape)
+    assert_nonfinite_match(d, i, ed, ei, shape, kw.get("self_match") == "anchor")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

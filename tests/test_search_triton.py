@@ -430,8 +430,8 @@ def test_row_kernel_widths(monkeypatch, bx):
 )
 def test_nonfinite_distances_rank_last(monkeypatch, kind, shape, kw, config):
     """NaN distances and those past float32's range tie after every finite one, in window
-    order, and are returned as computed: the kernels' selection equals the reference's (which
-    tests/test_search.py checks against the oracle), so no slot stays empty."""
+    order, and are reported infinitely far: the kernels' selection equals the reference's
+    (which tests/test_search.py checks against the oracle), so no slot stays empty."""
     from test_search import nonfinite_video
 
     from dnls.ops import _search_triton as kernels

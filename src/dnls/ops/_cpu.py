@@ -218,7 +218,8 @@ def search_bands(
     mode,  # KEEP, EXCLUDE or ANCHOR
     is_dot,
     top,  # the largest finite value of the keys' dtype: keys at or past it (overflows, NaN)
-    # are set to it and tie last, in window order (search.rank_key)
+    # are set to it, tie last, in window order, and are returned as infinitely far, as
+    # search.rank_key and search.reported say
     out_d,  # (BH, N, K) distances
     out_w,  # (BH, N, K) int32 window indices (-1: the query itself, anchor)
     out_p,  # (BH, N, K, 3) int32 positions
@@ -334,9 +335,8 @@ def search_bands(
                     ch, cw = _centre(flows, has_flows, bb, t, h, w, slot, own, lo, hi_h, hi_w)
                     yk, xk = ch + (a - half) * s1, cw + (b - half) * s1
                     d = td[mm, i]
-                    if d == top:  # set to it: the distance as computed (inf, NaN) instead
-                        d = _patch_key(q, k, bh, tq, h - y0, w, t0 + slot - f0, yk - y0, xk, ps,
-                                       is_dot)  # fmt: skip
+                    if d == top:  # set to it: infinitely far (search.reported)
+                        d = np.inf
                     out_d[bh, o, first + i] = -d if is_dot else d
                     out_w[bh, o, first + i] = j
                     out_p[bh, o, first + i, 0] = t0 + slot

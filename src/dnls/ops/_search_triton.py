@@ -76,8 +76,25 @@ def _rank_key(key):
     """The selection's key (``search.rank_key``): keys at or past the largest finite value (an
     overflow, or NaN from the videos) set to it, so that they tie last, in window order, and
     fill the slots no finite key takes (the slots start at +inf, which is never inserted)."""
-    top = _key_top(key)
-    return tl.where(key < top, key, top)
+    return tl.minimum(key, _key_top(key))  # (a minimum that drops NaN operands, as PTX's does)
+
+
+@triton.jit
+def _report_far(dist_ptr, first, mask, KP: tl.constexpr, KEEP, zero, DOT: tl.constexpr):
+    """Rewrite the KEEP distances stored from ``first`` on (each lane's) whose key
+    :func:`_rank_key` set to the top as infinitely far (+inf for l2, -inf for dot), as
+    ``search.reported`` does. They are read back from memory rather than compared in
+    registers: a comparison of the slots there took 40 more registers in W3's kernel
+    (offline), for a case that is all but absent. Float16 and bfloat16 distances need nothing:
+    the top already rounds to infinity there."""
+    ty = dist_ptr.dtype.element_ty
+    if ty == tl.float32 or ty == tl.float64:
+        for i in tl.static_range(KP):
+            m = mask & (zero + i < KEEP)
+            d = tl.load(dist_ptr + first + i, mask=m, other=0.0)
+            key = -d if DOT else d
+            far = tl.full(d.shape, -float("inf") if DOT else float("inf"), ty)
+            tl.store(dist_ptr + first + i, far, mask=m & (key == _key_top(key)))
 
 
 @triton.jit
@@ -148,14 +165,11 @@ def _patch_dist(
     REFLECT: tl.constexpr,
     WHOLE: tl.constexpr,
     ACC: tl.constexpr,
-    CV: tl.constexpr = 1,
 ):
     """Distance between the query patches at whole (qt, qy, qx) and the key patches at
     (kt, ky, kx) (bilinear when not WHOLE): sum of squared differences, or of products when DOT.
     Every operand is a vector of one value per query, so each lane sums its own query's patch
-    (no reduction across lanes): patch rows and columns are unrolled, channels are a loop. With
-    CV > 1 the videos are channel-blocked (:func:`_search_rows_kernel`; ``sq_c, sk_c`` the
-    strides of the groups of CV channels, all strides in values)."""
+    (no reduction across lanes): patch rows and columns are unrolled, channels are a loop."""
     acc = tl.zeros(qy.shape, ACC)
     if not WHOLE:
         y0f = tl.floor(ky)
@@ -181,14 +195,8 @@ def _patch_dist(
                 k_row1 = k_fr + kyi1.to(tl.int64) * sk_y
                 krv1 = ktv & kyv1
             for c in range(C):
-                if CV > 1:
-                    qo = (c // CV) * sq_c + c % CV
-                    ko = (c // CV) * sk_c + c % CV
-                else:
-                    qo = c * sq_c
-                    ko = c * sk_c
-                q_c = q_row + qo
-                k_c = k_row + ko
+                q_c = q_row + c * sq_c
+                k_c = k_row + c * sk_c
                 for jj in tl.static_range(PS):
                     qxi, qxv = _border(qx + (jj - PS // 2) * DIL, W, REFLECT)
                     kxi, kxv = _border(kx + (jj - PS // 2) * DIL, W, REFLECT)
@@ -196,7 +204,7 @@ def _patch_dist(
                     kv = tl.load(k_c + kxi * sk_x, mask=krv & kxv, other=0.0).to(ACC)
                     if not WHOLE:
                         kxi1, kxv1 = _border(kx + 1 + (jj - PS // 2) * DIL, W, REFLECT)
-                        k_c1 = k_row1 + ko
+                        k_c1 = k_row1 + c * sk_c
                         v01 = tl.load(k_c + kxi1 * sk_x, mask=krv & kxv1, other=0.0).to(ACC)
                         v10 = tl.load(k_c1 + kxi * sk_x, mask=krv1 & kxv, other=0.0).to(ACC)
                         v11 = tl.load(k_c1 + kxi1 * sk_x, mask=krv1 & kxv1, other=0.0).to(ACC)
@@ -493,25 +501,12 @@ def _search_fwd_kernel(
             )  # fmt: skip
             ky, kx = _offset(cy, cx, sid, lo_steps, s1, WS, POS)
             dist = -keys[i] if DOT else keys[i]
-            # a key set to the top by _rank_key: its distance as computed (inf, NaN)
-            fix = kept & (keys[i] == _key_top(keys[i]))
-            if tl.max(fix.to(tl.int32), 0) > 0:
-                if CQ > 0:
-                    d = _pixel_dist(
-                        qs, k_base, tf, ky, kx, sk_t, sk_c, sk_y, sk_x, CQ, DOT, ACC
-                    )  # fmt: skip
-                else:
-                    d = _patch_dist(
-                        q_base, k_base, qt, qy, qx, tf, ky, kx, C,
-                        sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                        PS, PT, DIL, DOT, REFLECT, WHOLE, ACC,
-                    )  # fmt: skip
-                dist = tl.where(fix, d, dist)
             tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
             tl.store(widx_ptr + out, ids[i], mask=kept)
             tl.store(inds_ptr + out * 3, tf.to(ity), mask=kept)
             tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=kept)
             tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=kept)
+        _report_far(dist_ptr, row * KOUT + (1 if ANCHOR else 0), qmask, KP, KEEP, zero, DOT)
         if ANCHOR:
             d = _patch_dist(
                 q_base,
@@ -1012,36 +1007,25 @@ def _rows_select(q_b, k_b, qt, qy, qmasks, tstart, cy, xc, qcol, qxv, keys, ids,
 
 @triton.jit
 def _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx, s1,
-                lo_steps, KEEP, KOUT, q_b, k_b, qt, qy, qx, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c,
-                sk_y, sk_x, T, H, W, WS: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr,
-                ANCHOR: tl.constexpr, C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr,
-                DIL: tl.constexpr, REFLECT: tl.constexpr, ACC: tl.constexpr,
-                CV: tl.constexpr):  # fmt: skip
+                lo_steps, KEEP, KOUT, WS: tl.constexpr, KP: tl.constexpr, DOT: tl.constexpr,
+                ANCHOR: tl.constexpr):  # fmt: skip
     """Write one query row's selection (its first KEEP slots) and their positions (``cy`` the
-    row's window centre, ``cx`` each lane's); a slot whose key :func:`_rank_key` set to the top
-    gets its distance as computed (inf, NaN: the query at ``(qt, qy, qx)``)."""
+    row's window centre, ``cx`` each lane's)."""
     ity = inds_ptr.dtype.element_ty
     for i in tl.static_range(KP):
         kept = qmask & (zero + i < KEEP)
         out = row * KOUT + i + (1 if ANCHOR else 0)
         sid = tl.where(kept, ids[i], 0)
-        kt = tstart + sid // (WS * WS)
-        ky = cy + ((sid // WS) % WS - lo_steps) * s1
-        kx = cx + (sid % WS - lo_steps) * s1
         dist = -keys[i] if DOT else keys[i]
-        fix = kept & (keys[i] == _key_top(keys[i]))
-        if tl.max(fix.to(tl.int32), 0) > 0:
-            d = _patch_dist(
-                q_b, k_b, qt + zero, qy + zero, qx, kt, ky, kx, C,
-                sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W,
-                PS, PT, DIL, DOT, REFLECT, True, ACC, CV,
-            )  # fmt: skip
-            dist = tl.where(fix, d, dist)
         tl.store(dist_ptr + out, dist.to(dist_ptr.dtype.element_ty), mask=kept)
         tl.store(widx_ptr + out, ids[i], mask=kept)
-        tl.store(inds_ptr + out * 3, kt.to(ity), mask=kept)
-        tl.store(inds_ptr + out * 3 + 1, ky.to(ity), mask=kept)
-        tl.store(inds_ptr + out * 3 + 2, kx.to(ity), mask=kept)
+        tl.store(inds_ptr + out * 3, (tstart + sid // (WS * WS)).to(ity), mask=kept)
+        tl.store(
+            inds_ptr + out * 3 + 1, (cy + ((sid // WS) % WS - lo_steps) * s1).to(ity), mask=kept
+        )
+        tl.store(inds_ptr + out * 3 + 2, (cx + (sid % WS - lo_steps) * s1).to(ity), mask=kept)
+    _report_far(dist_ptr, row * KOUT + (1 if ANCHOR else 0), qmask & (zero < KEEP), KP, KEEP,
+                zero, DOT)  # fmt: skip
 
 
 @triton.jit
@@ -1236,10 +1220,8 @@ def _search_rows_kernel(
                     kr, ir = _flush_row(kr, ir, KP, NB)
                     row = bh.to(tl.int64) * count + (qi + i * nw - start).to(tl.int64)
                     _rows_store(dist_ptr, inds_ptr, widx_ptr, kr, ir, row, qmasks[i], zero,
-                                tstart, qy + i, cx, s1, lo_steps, KEEP, KOUT, q_b, k_b, qt,
-                                qy + i, qx, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H,
-                                W, WS, KP, DOT, ANCHOR, C, PS, PT, DIL, REFLECT, ACC,
-                                CV)  # fmt: skip
+                                tstart, qy + i, cx, s1, lo_steps, KEEP, KOUT, WS, KP, DOT,
+                                ANCHOR)  # fmt: skip
                     if ANCHOR:
                         _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmasks[i], qt,
                                      qy + i, qx, zero, C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c,
@@ -1267,9 +1249,7 @@ def _search_rows_kernel(
             keys, ids = _flush_row(keys, ids, KP, NB)
             row = bh.to(tl.int64) * count + (qi - start).to(tl.int64)
             _rows_store(dist_ptr, inds_ptr, widx_ptr, keys, ids, row, qmask, zero, tstart, cy, cx,
-                        s1, lo_steps, KEEP, KOUT, q_b, k_b, qt, qy, qx, sq_t, sq_c, sq_y, sq_x,
-                        sk_t, sk_c, sk_y, sk_x, T, H, W, WS, KP, DOT, ANCHOR, C, PS, PT, DIL,
-                        REFLECT, ACC, CV)  # fmt: skip
+                        s1, lo_steps, KEEP, KOUT, WS, KP, DOT, ANCHOR)  # fmt: skip
             if ANCHOR:
                 _rows_anchor(q_b, k_b, dist_ptr, inds_ptr, widx_ptr, row, qmask, qt, qy, qx, zero,
                              C, sq_t, sq_c, sq_y, sq_x, sk_t, sk_c, sk_y, sk_x, T, H, W, KOUT,

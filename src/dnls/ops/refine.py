@@ -41,6 +41,7 @@ from .search import (
     _schema_params,
     _select,
     check_span,
+    reported,
 )
 
 
@@ -191,7 +192,9 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
         sel = _select(d, own, p)
         widx[:, :, chunk] = sel.to(torch.int32)
         picked = sel.clamp(min=0)
-        dists[:, :, chunk] = d.gather(-1, picked)
+        dists[:, :, chunk] = (
+            reported(d.gather(-1, picked), p.dist) if p.k >= 0 else d.gather(-1, picked)
+        )
         out[:, :, chunk] = cands.gather(-2, picked[..., None].expand(*picked.shape, 3))
         if p.self_match == "anchor":  # the query itself, whether or not it is a candidate
             own_kp = read(kflat, shape6, qpos6, geom)[:, :, :, None]

@@ -202,10 +202,17 @@ def rank_key(d: torch.Tensor, dist: str) -> torch.Tensor:
     """What the selection sorts by, smaller first: the distance (l2) or minus the product
     (dot), with every key at or past the dtype's largest finite value (an overflow, or a NaN
     from the videos) set to that value, so that all of them tie last, in window order. The
-    kernels compare the same keys; the distances they return stay as computed."""
+    kernels compare the same keys."""
     key = d if dist == "l2" else -d
     top = torch.finfo(key.dtype).max
     return torch.where(key < top, key, top)
+
+
+def reported(d: torch.Tensor, dist: str) -> torch.Tensor:
+    """The distances of selected results as returned: those whose :func:`rank_key` is the top
+    (overflowed, or NaN) are infinitely far, ``+inf`` for l2 and ``-inf`` for dot."""
+    far = rank_key(d, dist) == torch.finfo(d.dtype).max
+    return torch.where(far, torch.inf if dist == "l2" else -torch.inf, d)
 
 
 def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor:
@@ -268,7 +275,9 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
         chunk = slice(c0, c0 + n)
         widx[:, :, chunk] = sel.to(torch.int32)
         picked = sel.clamp(min=0)
-        dists[:, :, chunk] = d.gather(-1, picked)
+        dists[:, :, chunk] = (
+            reported(d.gather(-1, picked), p.dist) if p.k >= 0 else d.gather(-1, picked)
+        )
         inds[:, :, chunk] = (
             cands[:, None]
             .expand(b, hd, n, nwin, 3)
