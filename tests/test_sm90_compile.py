@@ -31,12 +31,12 @@ def _kernels(*modules: str) -> set[str]:
     return names
 
 
-def _compile(mode: str) -> str:
+def _compile(mode: str, timeout: int = 1800) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/offline.py"), mode],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
@@ -51,3 +51,13 @@ def test_kernels_compile_for_sm90(mode, modules):
     compiled = {line.split(": ")[1] for line in out.splitlines() if ": _" in line}
     missing = _kernels(*modules) - compiled
     assert not missing, f"kernels never compiled: {sorted(missing)}\n{out[-2000:]}"
+
+
+def test_real_size_row_kernel_compiles_in_minutes():
+    """W3's forward row kernel at its real size (ps 7, ws 21, k 14: every patch row and
+    result slot unrolled) compiles within five minutes, without spilling. A change that
+    inlined a whole patch distance per result slot took over 30 minutes to compile here
+    (seventeenth session), which the small kernels above did not show."""
+    out = _compile("W3", timeout=300)
+    line = next(x for x in out.splitlines() if "_search_rows_kernel" in x)
+    assert "stack 0 B" in line, line
