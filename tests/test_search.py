@@ -346,25 +346,22 @@ _MEMORY_PROBE = textwrap.dedent(
 )
 
 
+def _peak_kib(probe: str, size: int) -> int:
+    """The peak RSS growth (KiB) the script ``probe`` prints for ``size``, in a process of its
+    own. A fixed mmap threshold makes glibc return freed chunk workspaces to the system, so peak
+    RSS measures live memory rather than heap fragmentation."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, "-c", probe, str(size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return int(out.stdout.strip())
+
+
 def test_search_memory_does_not_grow_with_queries():
     """Peak RSS growth of one search at 128x128 and 384x384 (9x the queries). A Q x W float32
     tensor alone (W = 441) would add 232 MB between the two; the chunked search adds only its
     O(Q x K) outputs (dists, inds, and the window indices kept for the backward)."""
 
-    def peak_kib(size):
-        # A fixed mmap threshold makes glibc return freed chunk workspaces to the system, so
-        # peak RSS measures live memory rather than heap fragmentation.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, str(size)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        return int(out.stdout.strip())
-
-    small, large = peak_kib(128), peak_kib(384)
+    small, large = _peak_kib(_MEMORY_PROBE, 128), _peak_kib(_MEMORY_PROBE, 384)
     outputs = 384 * 384 * 4 * (4 + 12 + 4)  # dists, inds and window indices, in bytes
     assert large - small < (outputs + 24 * 2**20) / 1024, (small, large)
 
@@ -393,18 +390,7 @@ def test_reference_batch_memory_does_not_grow_with_the_video():
     video of 1024x1024 peaks no higher than of 256x256. (It used to copy the whole video to
     float32 rows on every call, twice for a search of a video against itself: 25 MB here.)"""
 
-    def peak_kib(size):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(
-            [sys.executable, "-c", _BATCH_PROBE, str(size)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        return int(out.stdout.strip())
-
-    small, large = peak_kib(256), peak_kib(1024)
+    small, large = _peak_kib(_BATCH_PROBE, 256), _peak_kib(_BATCH_PROBE, 1024)
     assert large - small < 4 * 1024, (small, large)
 
 
