@@ -32,7 +32,7 @@ class QueryGrid:
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in thw)
         ):
             _checks.fail("thw", thw, "3 ints (T, H, W) >= 1")
-        _checks.check_int("stride", self.stride, min_value=1)
+        object.__setattr__(self, "stride", _checks.check_int("stride", self.stride, min_value=1))
         object.__setattr__(self, "thw", tuple(thw))
         object.__setattr__(self, "region", _checks.check_region(self.region, tuple(thw)))
 
@@ -104,5 +104,4 @@ def query_grid(
     else:
         full = _checks.check_shape(shape)
         thw = full[-4], full[-2], full[-1]
-    stride = _checks.check_int("stride", stride, min_value=1)
-    return QueryGrid(thw, stride, _checks.check_region(region, thw))  # type: ignore[arg-type]
+    return QueryGrid(thw, stride, region)  # type: ignore[arg-type]  (it checks stride, region)

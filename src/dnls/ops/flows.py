@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# Whole flows are clamped to +-FLOW_LIMIT: farther than any frame reaches (a window centre is
+# clamped into the frame), and a position plus such a flow still fits int32.
+FLOW_LIMIT = 2**30
+
 
 def window_start(t: int, wt: int, nframes: int) -> int:
     """First frame of the ``2*wt + 1`` frame window of frame ``t``, slid inward at the ends."""
@@ -70,6 +74,6 @@ def accumulate_flows(fflow: torch.Tensor, bflow: torch.Tensor, wt: int) -> torch
                 slots[u] = torch.stack([ph - base_h, pw - base_w], dim=1)
         per_frame.append(torch.stack([slots[t0 + s] for s in range(2 * wt + 1)], dim=1))
     out = torch.stack(per_frame, dim=1)
-    if not fflow.is_floating_point():  # sums of whole flows, kept within int32 (search.FLOW_LIMIT)
-        out = out.clamp(-(2**30), 2**30)
+    if not fflow.is_floating_point():  # sums of whole flows, kept within int32
+        out = out.clamp(-FLOW_LIMIT, FLOW_LIMIT)
     return out.to(fflow.dtype)

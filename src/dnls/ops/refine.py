@@ -40,8 +40,8 @@ from .search import (
     _distance_backward,
     _schema_params,
     _select,
+    _selected_dists,
     check_span,
-    reported,
 )
 
 
@@ -192,9 +192,7 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
         sel = _select(d, own, p)
         widx[:, :, chunk] = sel.to(torch.int32)
         picked = sel.clamp(min=0)
-        dists[:, :, chunk] = (
-            reported(d.gather(-1, picked), p.dist) if p.k >= 0 else d.gather(-1, picked)
-        )
+        dists[:, :, chunk] = _selected_dists(d, picked, p.k, p.dist)
         out[:, :, chunk] = cands.gather(-2, picked[..., None].expand(*picked.shape, 3))
         if p.self_match == "anchor":  # the query itself, whether or not it is a candidate
             own_kp = read(kflat, shape6, qpos6, geom)[:, :, :, None]

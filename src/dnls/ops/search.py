@@ -32,14 +32,10 @@ from .._common import backend, fused_cpu, split_heads
 from .._grid import QueryGrid
 from .._ref import PatchGeom, flat_video, read, read_dpos, write
 from . import _cpu
-from .flows import accumulate_flows
+from .flows import FLOW_LIMIT, accumulate_flows
 
 DISTS = ("l2", "dot")
 SELF_MATCH = ("keep", "anchor", "exclude")
-
-# Whole flows are clamped to +-FLOW_LIMIT: farther than any frame reaches (a window centre is
-# clamped into the frame), and a position plus such a flow still fits int32.
-FLOW_LIMIT = 2**30
 
 # Elements of the largest temporary a reference chunk may build (patches of a chunk of
 # queries times candidates). Fixes the workspace whatever the number of queries.
@@ -215,6 +211,13 @@ def reported(d: torch.Tensor, dist: str) -> torch.Tensor:
     return torch.where(far, torch.inf if dist == "l2" else -torch.inf, d)
 
 
+def _selected_dists(d: torch.Tensor, picked: torch.Tensor, k: int, dist: str) -> torch.Tensor:
+    """The distances ``d`` at the window indices ``picked``: as :func:`reported` where ``k`` is
+    given (a selection), as computed for every candidate (``k`` < 0)."""
+    out = d.gather(-1, picked)
+    return reported(out, dist) if k >= 0 else out
+
+
 def _select(d: torch.Tensor, own: torch.Tensor, p: SearchParams) -> torch.Tensor:
     """Window indices ``(B, HD, n, K)`` of the results; ``-1`` stands for the query's own
     position (the first result with ``self_match="anchor"``)."""
@@ -275,9 +278,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
         chunk = slice(c0, c0 + n)
         widx[:, :, chunk] = sel.to(torch.int32)
         picked = sel.clamp(min=0)
-        dists[:, :, chunk] = (
-            reported(d.gather(-1, picked), p.dist) if p.k >= 0 else d.gather(-1, picked)
-        )
+        dists[:, :, chunk] = _selected_dists(d, picked, p.k, p.dist)
         inds[:, :, chunk] = (
             cands[:, None]
             .expand(b, hd, n, nwin, 3)
