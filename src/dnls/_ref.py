@@ -146,12 +146,6 @@ class VideoRows:
         :attr:`strides`) as ``index.shape + (C,)``."""
         return self._flat[index[..., None] + self._chan].to(self.dtype)
 
-    def new_empty(self, *size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=self.dtype, device=self.device)
-
-    def new_zeros(self, *size: int) -> torch.Tensor:
-        return torch.zeros(size, dtype=self.dtype, device=self.device)
-
 
 def flat_video(vid6: torch.Tensor) -> VideoRows:
     """``(B, HD, T, C, H, W)`` -> its rows ``(B*HD*T*H*W, C)`` in the accumulation dtype."""

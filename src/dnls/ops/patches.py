@@ -65,7 +65,8 @@ def _wpsum_ref(vid, weights, inds, geom: PatchGeom) -> torch.Tensor:
         out = term if out is None else out + term
     if out is None:
         b, hd, q = inds.shape[:3]
-        out = flat.new_zeros(b, hd, q, geom.pt, vid.shape[3], geom.ps, geom.ps)
+        size = (b, hd, q, geom.pt, vid.shape[3], geom.ps, geom.ps)
+        out = torch.zeros(size, dtype=flat.dtype, device=flat.device)
     return out.to(torch.promote_types(vid.dtype, weights.dtype)).contiguous()
 
 
@@ -402,11 +403,8 @@ def scatter(
     inds = _check_inds(inds, (b, hd, t, c, h, w), patches.device)
     if inds.shape[:4] != patches.shape[:4]:
         _checks.fail("inds", inds, f"of shape {(*patches.shape[:4], 3)} to match patches")
-    if len(shape) == 6:
-        counts_shape = (b, hd, t, 1, h, w)
-    else:
-        counts_shape = (b, t, 1 if hd == 1 else hd * c, h, w)
-    _check_into(out, counts, shape, counts_shape, patches.device)
+    counts_shape = _counts_view(torch.empty(b, hd, t, 1, h, w, device="meta"), shape).shape
+    _check_into(out, counts, shape, tuple(counts_shape), patches.device)
     kw = dict(frames=t, height=h, width=w, dilation=dilation, border=border)
     vid6 = _scatter_op(patches, inds, **kw)
     ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)

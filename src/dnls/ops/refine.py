@@ -171,7 +171,7 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
     pdtype = _pos_dtype(qvid, inds, p.stride1)
     nwin, nk = p.nwin, p.nk
     patch = p.pt * c * p.ps * p.ps
-    dists = qflat.new_empty(b, hd, p.count, nk)
+    dists = torch.empty((b, hd, p.count, nk), dtype=qflat.dtype, device=qflat.device)
     out = torch.empty(b, hd, p.count, nk, 3, dtype=_inds_dtype(inds, p.stride1), device=qvid.device)
     widx = torch.empty(b, hd, p.count, nk, dtype=torch.int32, device=qvid.device)
     wchunk = max(1, min(nwin, WORKSPACE // max(1, b * hd * patch)))
@@ -182,7 +182,7 @@ def _refine_ref(qvid, kvid, inds, p: RefineParams):
         cands = _candidates(win, p)  # (B, HD, n, nwin, 3)
         qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
         qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
-        d = qflat.new_empty(b, hd, n, nwin)
+        d = torch.empty((b, hd, n, nwin), dtype=qflat.dtype, device=qflat.device)
         for w0 in range(0, nwin, wchunk):
             w1 = min(nwin, w0 + wchunk)
             pos = cands[:, :, :, w0:w1].reshape(b, hd, n * (w1 - w0), 3)

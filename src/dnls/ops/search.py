@@ -255,7 +255,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
     pdtype = _pos_dtype(qvid, flows, p)
     nwin, nk = p.nwin, p.nk
     patch = p.pt * c * p.ps * p.ps
-    dists = qflat.new_empty(b, hd, p.count, nk)
+    dists = torch.empty((b, hd, p.count, nk), dtype=qflat.dtype, device=qflat.device)
     inds = torch.empty(
         b, hd, p.count, nk, 3, dtype=_inds_dtype(flows, p.stride1), device=qvid.device
     )
@@ -267,7 +267,7 @@ def _search_ref(qvid, kvid, flows, p: SearchParams):
         cands = _candidates(win, p)  # (Bf, n, W, 3)
         qpos6 = qpos.to(pdtype).expand(b, hd, n, 3)
         qp = read(qflat, shape6, qpos6, geom)[:, :, :, None]  # (B, HD, n, 1, pt, C, ps, ps)
-        d = qflat.new_empty(b, hd, n, nwin)
+        d = torch.empty((b, hd, n, nwin), dtype=qflat.dtype, device=qflat.device)
         for w0 in range(0, nwin, wchunk):
             w1 = min(nwin, w0 + wchunk)
             pos = cands[:, None, :, w0:w1].expand(b, hd, n, w1 - w0, 3)
