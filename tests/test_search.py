@@ -115,12 +115,14 @@ def assert_same_selection(case, inds, ed, ei):
     )
     cph = case["shape"][2] // kw["nheads"]
     geo = (kw["ps"], kw["pt"], kw["dilation"], kw["border"])
+    # fractional positions are float32: the rounding of one moves its distance by about 1e-8
+    tol = 1e-6 if inds.is_floating_point() else 1e-9
     for b, hd, qi, j in zip(*np.nonzero(~near), strict=True):
         chans = list(range(hd * cph, (hd + 1) * cph))
         qp = oracle.patch(q, b, chans, queries[qi], *geo)
         kp = oracle.patch(k, b, chans, tuple(got[b, hd, qi, j]), *geo)
         d = ((qp - kp) ** 2).sum() if kw["dist"] == "l2" else (qp * kp).sum()
-        assert abs(d - ed[b, hd, qi, j]) < 1e-9, (b, hd, qi, j, got[b, hd, qi, j], ei[b, hd, qi, j])
+        assert abs(d - ed[b, hd, qi, j]) < tol, (b, hd, qi, j, got[b, hd, qi, j], ei[b, hd, qi, j])
     rows = got.reshape(-1, got.shape[3], 3)
     for row in rows:
         assert len({tuple(r) for r in row}) == len(row), row
