@@ -319,7 +319,7 @@ def use_staged(mp, cfg, last=False):
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
      ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4),
-     ("flat", 4, 2, 16, 9, 64, 4), None],
+     ("flat", 4, 2, 16, 9, 64, 4), ("flatpix", 4, 2, 16, 9, 64, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("last", [False, True])
@@ -327,7 +327,8 @@ def test_staged_modes(monkeypatch, cfg, central, last):
     """gather and wpsum at whole positions through the staged kernel: a region every tile's box
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
     direct path), the interior mode (tiles inside the frame skip the border rule; "flat": such
-    a tile's output is written as flat runs, addresses from lookup tables), and without
+    a tile's output is written as flat runs, addresses from lookup tables; "flatpix": read
+    channels-last, pixel by pixel, stored through a table), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
     the region modes take the direct kernels."""
@@ -341,12 +342,15 @@ def test_staged_modes(monkeypatch, cfg, central, last):
         inds[..., 1:] = inds[..., 1:] % 7 + 2
     inds = inds.to(DEVICE)
     weights = rand_video(inds.shape[:4], seed=17).to(DEVICE)
-    for border in ("reflect", "zero"):
-        geom = dict(ps=3, pt=2, dilation=2, border=border)
-        fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=2, **geom)  # noqa: E731, B023
-        check(run_both(monkeypatch, fn, [vid, weights, inds]), torch.float64, "wpsum")
-        fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731, B023
-        check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
+    # float32 too: the flat pass packs each weight with its patch's offset (float accumulation)
+    for dtype in (torch.float64, torch.float32):
+        v, wt = vid.to(dtype), weights.to(dtype)
+        for border in ("reflect", "zero"):
+            geom = dict(ps=3, pt=2, dilation=2, border=border)
+            fn = lambda v, w, i: dnls.wpsum(v, w, i, nheads=2, **geom)  # noqa: E731, B023
+            check(run_both(monkeypatch, fn, [v, wt, inds]), dtype, "wpsum")
+            fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731, B023
+            check(run_both(monkeypatch, fn, [v, inds]), dtype, "gather")
 
 
 @st.composite
@@ -358,7 +362,7 @@ def staged_cases(draw):
     h, w = (reach + ps * dil + draw(st.integers(1, 6)) for _ in range(2))
     t = draw(st.integers(1, 3))
     nheads = draw(st.sampled_from([1, 2]))
-    mode = draw(st.sampled_from(["interior", "flat", "region"]))
+    mode = draw(st.sampled_from(["interior", "flat", "flatpix", "region"]))
     block_q = draw(st.sampled_from([1, 2, 4]))
     kb = draw(st.sampled_from([1, 2, 4]))
     block_e = draw(st.sampled_from([4, 16, 32]))
@@ -406,7 +410,11 @@ def test_staged_random(case):
 
 @pytest.mark.parametrize(
     ("cfg", "scatter"),
-    [(("interior", 4, 2, 16, 9, 64, 4), None), (("flat", 4, 2, 16, 9, 64, 4), "runs")],
+    [
+        (("interior", 4, 2, 16, 9, 64, 4), None),
+        (("flat", 4, 2, 16, 9, 64, 4), "runs"),
+        (("flatpix", 4, 2, 16, 9, 64, 4), None),
+    ],
 )
 def test_wide_offsets(monkeypatch, cfg, scatter):
     """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on

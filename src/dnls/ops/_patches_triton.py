@@ -88,6 +88,15 @@ def _element(e, C: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
+def _pixel_major(e, C: tl.constexpr, PS: tl.constexpr):
+    """Patch element ``e`` counted pixel by pixel (frame, row, column, then channel innermost)
+    -> its index in the patch's own order (frame, channel, row, column)."""
+    c = e % C
+    p = e // C
+    return ((p // (PS * PS) * C + c) * PS + (p // PS) % PS) * PS + p % PS
+
+
+@triton.jit
 def _load_pos(inds, n, mask, WHOLE: tl.constexpr, ACC: tl.constexpr):
     """Position ``(t, y, x)`` of patch ``n``: t whole; y, x whole, or floating in ACC."""
     pt = tl.load(inds + n * 3, mask=mask, other=0)
@@ -601,20 +610,30 @@ def _flat_pass(
     vid, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, PIX: tl.constexpr,
 ):  # fmt: skip
     """The rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the frame of one
     (batch, head) slice (``vid`` at its start). Their output is one contiguous run, ``rows x K x
     E`` values for gather, ``rows x E`` for wpsum (WSUM), written BLOCK at a time. A value's
     address is its patch's offset plus its element's, both looked up (``tl.gather``) in two
-    small tables made once (and wpsum's weights in a third): no padding of E to a power of two,
-    and no per-value decoding or position loads."""
+    small tables made once: no padding of E to a power of two, and no per-value decoding or
+    position loads. wpsum's weights share the patches' table (a float32 weight's bits and a
+    32-bit offset in one int64: one lookup per value and neighbour; offline, sm_90, the loop
+    over neighbours went from 96 to 57 instructions per 8 values a thread). PIX (a
+    channels-last video): each patch's
+    values are walked pixel by pixel, channels innermost, so that consecutive lanes read
+    consecutive addresses along a patch row (C times longer runs than a channel's row), and
+    are stored to their place in the output through a third table."""
     E: tl.constexpr = PT * C * PS * PS
     nq = tl.minimum(R - r0, BLOCK_Q)
     jj = tl.arange(0, BLOCK_Q * KP)
     jm = jj < nq * K
     t, y, x = _load_pos(inds, r0 * K + jj, jm, True, tl.float32)
-    dt, c, oy, ox = _element(tl.arange(0, EP), C, PS, DIL)
+    if PIX:
+        otab = _pixel_major(tl.arange(0, EP), C, PS)
+        dt, c, oy, ox = _element(otab, C, PS, DIL)
+    else:
+        dt, c, oy, ox = _element(tl.arange(0, EP), C, PS, DIL)
     if I64:
         ptab = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
         etab = dt.to(tl.int64) * s_t + c.to(tl.int64) * s_c + oy * s_y + ox * s_x
@@ -623,26 +642,45 @@ def _flat_pass(
         etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
     if WSUM:
         wtab = tl.load(weights + r0 * K + jj, mask=jm, other=0.0).to(ACC)
+        if ACC == tl.float32 and not I64:  # one table of (weight bits, offset) pairs
+            wtab = (wtab.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
+                ptab.to(tl.int64) & 0xFFFFFFFF
+            )
         total = nq * E
+        last = nq - 1
         obase = out + r0 * E
     else:
         total = nq * K * E
+        last = nq * K - 1
         obase = out + (r0 * K) * E
     for f0 in range(0, total, BLOCK):
         f = f0 + tl.arange(0, BLOCK)
         m = f < total
         j = f // E  # the patch (gather) or the query (wpsum) of each value
-        eoff = tl.gather(etab, f - j * E, 0)
+        el = f - j * E
+        # lanes past the run read a value of its last patch, not stored: no masked loads
+        j = tl.minimum(j, last)
+        eoff = tl.gather(etab, el, 0)
+        if PIX:
+            dst = obase + (j * E + tl.gather(otab, el, 0))
+        else:
+            dst = obase + f
         if WSUM:
             acc = tl.zeros((BLOCK,), dtype=ACC)
             for k in range(K):
-                jk = tl.where(m, j * K + k, 0)
-                v = tl.load(vid + (tl.gather(ptab, jk, 0) + eoff), mask=m, other=0.0)
-                acc += tl.gather(wtab, jk, 0) * v.to(ACC)
-            tl.store(obase + f, acc.to(out.dtype.element_ty), mask=m)
+                jk = j * K + k
+                if ACC == tl.float32 and not I64:
+                    pw = tl.gather(wtab, jk, 0)
+                    off = pw.to(tl.int32)
+                    w = (pw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                else:
+                    off = tl.gather(ptab, jk, 0)
+                    w = tl.gather(wtab, jk, 0)
+                acc += w * tl.load(vid + (off + eoff)).to(ACC)
+            tl.store(dst, acc.to(out.dtype.element_ty), mask=m)
         else:
-            v = tl.load(vid + (tl.gather(ptab, tl.where(m, j, 0), 0) + eoff), mask=m, other=0.0)
-            tl.store(obase + f, v, mask=m)
+            v = tl.load(vid + (tl.gather(ptab, j, 0) + eoff))
+            tl.store(dst, v, mask=m)
 
 
 @triton.jit
@@ -658,7 +696,7 @@ def _staged_kernel(
     BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr,
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
-    INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr,
+    INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr, PIX: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
     grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
@@ -703,7 +741,7 @@ def _staged_kernel(
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _flat_pass(
             vbase, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, ACC,
-            WSUM, BLOCK_Q, FLAT, KP, EP,
+            WSUM, BLOCK_Q, FLAT, KP, EP, PIX,
         )  # fmt: skip
     elif staged:
         if INTERIOR:
@@ -923,7 +961,10 @@ def _fold_kernel(
 # from their channels-last copy, not in region mode): None (the op's direct kernel), or its
 # mode ("region": staged in registers; "interior": tiles inside the frame skip the border rule;
 # "flat": as interior, and such a tile within one (batch, head) slice is written as flat runs
-# of block_e values, addresses from lookup tables), queries per program,
+# of block_e values, addresses from lookup tables; "flatpix": as flat, the video read from a
+# channels-last copy and each patch walked pixel by pixel, channels innermost, so that a
+# warp's load of wpsum touches 3.4 128-byte lines on K14 instead of 6.3,
+# benchmarks/access_model.py), queries per program,
 # neighbours per gather, patch elements per chunk, region row pitch (pixels) and size
 # (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
 # wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
@@ -997,10 +1038,11 @@ def _tile(e: int, device: torch.device, op: str) -> tuple[int, int, int]:
 CHANNELS_LAST_MIN = 8
 
 
-def _reads(vid: torch.Tensor) -> torch.Tensor:
-    """The video the read kernels take: a channels-last copy for many channels (as a view
-    with the logical shape (B, HD, T, C, H, W)), else the video itself."""
-    if vid.shape[3] < CHANNELS_LAST_MIN:
+def _reads(vid: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """The video the read kernels take: a channels-last copy for many channels, or for any
+    with ``last`` (as a view with the logical shape (B, HD, T, C, H, W)), else the video
+    itself."""
+    if vid.shape[3] < CHANNELS_LAST_MIN and not last:
         return vid
     return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
 
@@ -1079,7 +1121,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
     if mode == "region" and (last or (reg // pitch) // c < 1):
         return False
-    vid = _reads(vid)
+    vid = _reads(vid, mode == "flatpix")
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     stride, *gpar = (1, 0, 0, 0, 0, 1, 1) if grid is None else grid[1:]
@@ -1090,8 +1132,8 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         ACC=_TL_DTYPES[_acc(out.dtype)], WSUM=weights is not None, BLOCK_Q=block_q, KB=kb,
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
         STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
-        FLAT=block_e if mode == "flat" and grid is None else 0,
-        EP=next_power_of_2(e), num_warps=warps,
+        FLAT=block_e if mode in ("flat", "flatpix") and grid is None else 0,
+        EP=next_power_of_2(e), PIX=mode == "flatpix", num_warps=warps,
     )  # fmt: skip
     return True
 
