@@ -4,7 +4,7 @@
 # and the commit (with the number of uncommitted files).
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
-#   PARTS: tests,search,patches,attention,profile,stagedsweep,runssweep,bruns
+#   PARTS: tests,search,patches,attention,profile,stagedsweep,runssweep,dpossweep,bruns
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -14,7 +14,8 @@
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
 # occupancy and the instruction mix. The part "stagedsweep" times the staged gather/wpsum tiles
 # against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
-# backward by runs of equal positions against the defaults (--rows runssweep); "bruns" search's
+# backward by runs of equal positions against the defaults (--rows runssweep); "dpossweep"
+# gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
@@ -48,6 +49,7 @@ for part in ${parts//,/ }; do
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
         runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
+        dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
             --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
         attention) run attention python benchmarks/attention.py ;;
@@ -56,7 +58,7 @@ for part in ${parts//,/ }; do
             --section WarpStateStats --section SchedulerStats --section InstructionStats \
             --section Occupancy python benchmarks/search.py --profile "${PROFILE_ROWS:-W3,W1s}" ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, stagedsweep,
-           runssweep, bruns)" >&2
+           runssweep, dpossweep, bruns)" >&2
            exit 2 ;;
     esac
 done

@@ -211,6 +211,16 @@ def staged_sweep(results, args):
     kernels.CONFIG.update(default)
 
 
+def dpos_sweep(results, args):
+    """gather's position gradient (positions a quarter pixel off the search's) at the launches
+    of its kernel: (patches per program, warps); the default spills offline."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    launches = ((32, 4), (32, 8), (16, 4), (16, 8), (8, 4), (8, 8))
+    _run_sweep(results, args, [("gather dpos", dict(dpos=d)) for d in launches], default)
+
+
 def runs_sweep(results, args):
     """scatter and wpsum's backward by runs of equal positions (the positions sorted, each
     run's patches summed in registers and added once) against the defaults, and the runs
@@ -311,7 +321,8 @@ def _run_sweep(results, args, configs, default, rows=None):
         }
         kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
                               wpsum_bwd_runs=False, **direct)  # fmt: skip
-        expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum", "wpsum f+b")}
+        expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum", "wpsum f+b",
+                                                 "gather dpos")}  # fmt: skip
         for name, cfg in configs:
             kernels.CONFIG.update(default)
             kernels.CONFIG.update(cfg)
@@ -335,11 +346,15 @@ def _knn_ops(vid, inds, ps) -> dict:
     patches = dnls.gather(vid, inds, ps=ps)
     vg = vid.detach().requires_grad_()
     g = torch.rand(*inds.shape[:3], 1, vid.shape[2], ps, ps, device="cuda")
+    # fractional positions a quarter pixel off the search's, for gather's position gradient
+    frac = (inds.float() + torch.tensor([0.0, 0.25, 0.25], device="cuda")).requires_grad_()
+    gp = torch.rand_like(patches)
     return {
         "gather": lambda: dnls.gather(vid, inds, ps=ps),
         "scatter": lambda: dnls.scatter(patches, inds, shape=vid.shape),
         "wpsum": lambda: dnls.wpsum(vid, weights, inds, ps=ps),
         "wpsum f+b": lambda: torch.autograd.grad(dnls.wpsum(vg, weights, inds, ps=ps), vg, g),
+        "gather dpos": lambda: torch.autograd.grad(dnls.gather(vid, frac, ps=ps), frac, gp),
     }
 
 
@@ -447,8 +462,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
-    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "layout": layout_rows,
-    "det": det_rows,
+    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "dpossweep": dpos_sweep,
+    "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,
 }  # fmt: skip
 

@@ -184,6 +184,22 @@ def test_dtypes(monkeypatch, dtype, fractional):
     check(run_both(monkeypatch, fn, [patches]), dtype, f"ifold {dtype}", scale=10)
 
 
+@pytest.mark.parametrize("launch", [(32, 4), (8, 4), (16, 8)])
+def test_gather_position_gradient_launches(monkeypatch, launch):
+    """gather's position gradient (fractional positions) at launches of its kernel whose
+    programs end past the last patch (42 patches): the same as the reference's."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setitem(_patches_triton.CONFIG, "dpos", launch)
+    shape = (1, 2, 4, 9, 8)
+    case = dict(shape=shape, nheads=2, q=7, k=3, fractional=True, seed=23)
+    vid = rand_video(shape, seed=24).to(DEVICE)
+    inds = make_inds(case).to(DEVICE)
+    geom = dict(ps=3, pt=2, dilation=1, border="reflect")
+    fn = lambda v, i: dnls.gather(v, i, nheads=2, **geom)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
+
+
 @pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs"])
 @pytest.mark.parametrize("fractional", [False, True])
 def test_deterministic_mode(monkeypatch, tile, fractional):

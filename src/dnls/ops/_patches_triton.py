@@ -979,9 +979,12 @@ def _fold_kernel(
 # scatter_runs / wpsum_bwd_runs: scatter, and wpsum's video gradient, at whole positions by
 # runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
 # entries per stream, warps); not timed yet, so off.
+# dpos: (patches per program, warps) of gather's position gradient (fractional positions).
+# Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-byte stack);
+# (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
-    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1),
+    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
@@ -1189,12 +1192,13 @@ def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
     gpos = torch.empty(inds.shape, dtype=inds.dtype, device=vid.device)
     e = geom.pt * c * geom.ps * geom.ps
     if n:
-        block_n = 32
+        block_n, warps = CONFIG["dpos"]
         _gather_dpos_kernel[(triton.cdiv(n, block_n),)](
             vid, _inds(inds), grad.contiguous(), gpos, n, q * k, hd, t, h, w, *vid.stride(),
             C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
             **_modes(vid.shape, geom, False, grad),
             ACC=_TL_DTYPES[_acc(vid.dtype)], BLOCK_N=block_n, BLOCK_E=_block_e(e),
+            num_warps=warps,
         )  # fmt: skip
     return gpos
 
