@@ -346,8 +346,11 @@ def _knn_ops(vid, inds, ps) -> dict:
     patches = dnls.gather(vid, inds, ps=ps)
     vg = vid.detach().requires_grad_()
     g = torch.rand(*inds.shape[:3], 1, vid.shape[2], ps, ps, device="cuda")
-    # fractional positions a quarter pixel off the search's, for gather's position gradient
-    frac = (inds.float() + torch.tensor([0.0, 0.25, 0.25], device="cuda")).requires_grad_()
+    # fractional positions a quarter pixel off the search's (inside the frame), for gather's
+    # position gradient
+    top = torch.tensor([0.0, vid.shape[-2] - 1, vid.shape[-1] - 1], device=inds.device)
+    frac = torch.minimum(inds.float() + torch.tensor([0.0, 0.25, 0.25], device=inds.device), top)
+    frac.requires_grad_()
     gp = torch.rand_like(patches)
     return {
         "gather": lambda: dnls.gather(vid, inds, ps=ps),
