@@ -8,6 +8,10 @@ of the device's copy bandwidth (measured in the same run, or ``--copy-bw``; 2.9 
 H100). Every result is first checked against its baseline at the real size.
 
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
+
+``--smoke`` runs the sweeps (``knnsweep``, ``stagedsweep``, ``runssweep``, ``dpossweep``) on
+tiny inputs on the CPU, under Triton's interpreter, each configuration launched as on CUDA and
+checked, nothing timed: a check of the script itself before it costs device time.
 """
 
 from __future__ import annotations
@@ -16,18 +20,53 @@ import argparse
 import json
 import os
 import subprocess
+import sys
+
+if "--smoke" in sys.argv:  # (read when the kernel modules are imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["DNLS_BACKEND"] = "triton"  # (CPU tensors take the reference path by default)
 
 import _timing
 import torch
 import torch.nn.functional as F
 import triton.testing
-from _timing import kernel_ms, peak_mb
 
 import dnls
 
+DEV = "cuda"  # "cpu" with --smoke
+SMOKE = False
+
+
+# --smoke times nothing: each configuration has run once, for its check, before it is timed
+
 
 def bench(fn, rep_ms=200) -> float:
-    return _timing.bench(fn, rep_ms, warmup_ms=25)
+    return float("nan") if SMOKE else _timing.bench(fn, rep_ms, warmup_ms=25)
+
+
+def kernel_ms(fn) -> float:
+    return float("nan") if SMOKE else _timing.kernel_ms(fn)
+
+
+def peak_mb(fn) -> float:
+    return float("nan") if SMOKE else _timing.peak_mb(fn)
+
+
+def smoke_check(err: float, what: str) -> None:
+    """With --smoke, a configuration whose output differs from the default's fails the run."""
+    if SMOKE and err > 1e-4:
+        raise AssertionError(f"{what}: rel err {err:.1e} against the default kernels")
+
+
+def set_config(kernels, *updates: dict) -> None:
+    """Apply the kernel settings ``updates`` in turn; with --smoke, the interpreter then takes
+    the CUDA launches (staged tiles, runs) instead of its own small ones."""
+    for u in updates:
+        kernels.CONFIG.update(u)
+    if SMOKE:
+        staged = {k: kernels.CONFIG["staged_" + k] for k in kernels.STAGED_INTERPRET}
+        kernels.STAGED_INTERPRET.update(staged)
+        kernels.RUNS_INTERPRET = kernels.CONFIG["runs"]
 
 
 def with_backend(name, fn):
@@ -77,7 +116,7 @@ def fold_rows(results, args):
 
 def fold_case(results, args, b, c, hw, ps):
     case = f"B{b} C{c} {hw}x{hw} ps{ps}"
-    x = torch.rand(b, c, hw, hw, device="cuda")
+    x = torch.rand(b, c, hw, hw, device=DEV)
     vid = x[:, None]
     pad = ps // 2
     kw = dict(ps=ps, border="zero")
@@ -93,7 +132,7 @@ def fold_case(results, args, b, c, hw, ps):
         record(results, "iunfold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
                f"rel err {err:.1e}" if prov == "dnls" else "", fn)  # fmt: skip
     # --- fold (forward); also iunfold's backward
-    patches = torch.rand(b, q, 1, c, ps, ps, device="cuda")
+    patches = torch.rand(b, q, 1, c, ps, ps, device=DEV)
     cols = patches.reshape(b, q, e).transpose(1, 2).contiguous()
     ours, _ = dnls.ifold(patches, shape=vid.shape, border="zero")
     theirs = F.fold(cols, (hw, hw), ps, padding=pad)
@@ -105,7 +144,7 @@ def fold_case(results, args, b, c, hw, ps):
     # --- forward + backward of unfold
     xg = x.detach().requires_grad_()
     vg = xg[:, None]
-    g = torch.rand(b, q, 1, c, ps, ps, device="cuda")
+    g = torch.rand(b, q, 1, c, ps, ps, device=DEV)
     gcols = g.reshape(b, q, e).transpose(1, 2).contiguous()
 
     def ours_fb():
@@ -125,7 +164,7 @@ def fold_sweep(results, args):
 
     default = dict(kernels.FOLD_CONFIG)
     for b, c, hw, ps in ((4, 64, 256, 3), (1, 3, 1024, 7)):
-        patches = torch.rand(b, hw * hw, 1, c, ps, ps, device="cuda")
+        patches = torch.rand(b, hw * hw, 1, c, ps, ps, device=DEV)
         shape = (b, 1, c, hw, hw)
         for block_x in (32, 64, 128, 256):
             for warps in (1, 2, 4, 8):
@@ -195,20 +234,22 @@ def staged_sweep(results, args):
             configs += [(op, {key: None})] + [(op, {key: tile}) for tile in tiles[op + last]]
         _run_sweep(results, args, configs, default, row)
     # iunfold with few channels runs the staged gather of one neighbour
-    x = torch.rand(1, 1, 3, 1024, 1024, device="cuda")
-    kernels.CONFIG.update(default, staged_gather1=None)
+    side = 24 if SMOKE else 1024
+    x = torch.rand(1, 1, 3, side, side, device=DEV)
+    set_config(kernels, default, dict(staged_gather1=None))
     expect = dnls.iunfold(x, ps=7, border="zero")
     for tile in [None, ("region", 32, 1, 64, 39, 1024, 4), ("region", 32, 1, 32, 39, 1024, 4),
                  ("region", 16, 1, 64, 23, 1024, 4), ("interior", 32, 1, 64, 39, 1024, 4),
                  ("interior", 64, 1, 64, 39, 1024, 4)]:  # fmt: skip
         cfg = dict(staged_gather1=tile)
-        kernels.CONFIG.update(default)
-        kernels.CONFIG.update(cfg)
+        set_config(kernels, default, cfg)
         err = max_rel(dnls.iunfold(x, ps=7, border="zero"), expect)
+        smoke_check(err, f"iunfold {cfg}")
         ms = bench(lambda: dnls.iunfold(x, ps=7, border="zero"), 100)
-        print(f"iunfold sweep C3 1024x1024 ps7 {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
-        results.append(dict(op="iunfold sweep", case="C3 1024x1024 ps7", ms=ms, err=err, **cfg))
-    kernels.CONFIG.update(default)
+        case = f"C3 {side}x{side} ps7"
+        print(f"iunfold sweep {case} {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
+        results.append(dict(op="iunfold sweep", case=case, ms=ms, err=err, **cfg))
+    set_config(kernels, default)
 
 
 def dpos_sweep(results, args):
@@ -241,12 +282,12 @@ def runs_sweep(results, args):
         results.append(dict(op="runs order", case=label, ms=ms, kernel_ms=kms))
         ops = _knn_ops(vid, inds, ps)
         for runs in (False, True):
-            kernels.CONFIG.update(default, scatter_runs=runs, wpsum_bwd_runs=runs)
+            set_config(kernels, default, dict(scatter_runs=runs, wpsum_bwd_runs=runs))
             for name in ("scatter", "wpsum f+b"):
                 mb = peak_mb(ops[name])
                 print(f"peak {name} {label} runs={runs}: {mb:.1f} MB", flush=True)  # noqa: T201
                 results.append(dict(op=f"{name} peak", case=label, runs=runs, mb=mb))
-        kernels.CONFIG.update(default)
+        set_config(kernels, default)
         del ops
 
 
@@ -319,14 +360,14 @@ def _run_sweep(results, args, configs, default, rows=None):
         direct = {
             f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
         }
-        kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
-                              wpsum_bwd_runs=False, **direct)  # fmt: skip
+        set_config(kernels, default, dict(scatter_tile=None, scatter_runs=False,
+                                          wpsum_bwd_runs=False, **direct))  # fmt: skip
         expect = {name: ops[name]() for name in ("gather", "scatter", "wpsum", "wpsum f+b",
                                                  "gather dpos")}  # fmt: skip
         for name, cfg in configs:
-            kernels.CONFIG.update(default)
-            kernels.CONFIG.update(cfg)
+            set_config(kernels, default, cfg)
             err = max_rel(ops[name](), expect[name]) if name in expect else float("nan")
+            smoke_check(err, f"{name} {label} {cfg}")
             ms = bench(ops[name], 100)
             kms = kernel_ms(ops[name])
             print(f"knn sweep {name} {label} {cfg}: {ms:.3f} ms, kernels {kms:.3f} ms, "  # noqa: T201
@@ -335,17 +376,17 @@ def _run_sweep(results, args, configs, default, rows=None):
                 dict(op=f"{name} sweep", case=label, ms=ms, kernel_ms=kms, err=err, **cfg)
             )
         del expect
-        kernels.CONFIG.update(default)
+        set_config(kernels, default)
         del ops
         torch.cuda.empty_cache()
 
 
 def _knn_ops(vid, inds, ps) -> dict:
     """The timed calls of the knn sweep on one input."""
-    weights = torch.softmax(torch.rand(inds.shape[:-1], device="cuda"), -1)
+    weights = torch.softmax(torch.rand(inds.shape[:-1], device=DEV), -1)
     patches = dnls.gather(vid, inds, ps=ps)
     vg = vid.detach().requires_grad_()
-    g = torch.rand(*inds.shape[:3], 1, vid.shape[2], ps, ps, device="cuda")
+    g = torch.rand(*inds.shape[:3], 1, vid.shape[2], ps, ps, device=DEV)
     # fractional positions a quarter pixel off the search's (inside the frame), for gather's
     # position gradient
     top = torch.tensor([0.0, vid.shape[-2] - 1, vid.shape[-1] - 1], device=inds.device)
@@ -365,7 +406,7 @@ def _knn_inputs(args, rows=None):
     """(label, video, positions, ps) of the knn rows: the positions of a real search."""
     for label, shape, skw in rows or KNN:
         torch.manual_seed(0)
-        vid = torch.rand(shape, device="cuda")
+        vid = torch.rand(shape, device=DEV)
         _, inds = dnls.search(vid, count=_knn_count(args, skw), **skw)
         yield label, vid, inds, skw["ps"]
 
@@ -374,6 +415,15 @@ KNN = (
     ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14)),
     ("K16 ps1 C128 5x128x128", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16)),
 )
+
+
+# --smoke: the same ops, patch sizes and channel layouts (3 channels; 8, read channels-last),
+# tiny frames
+KNN_SMOKE = (
+    ("K14 ps7 C3 (smoke)", (1, 1, 3, 24, 24), dict(ws=5, ps=7, k=14)),
+    ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
+)
+SMOKE_ROWS = ("knnsweep", "stagedsweep", "runssweep", "dpossweep")
 
 
 def _knn_count(args, skw) -> int | None:
@@ -390,7 +440,7 @@ def knn_rows(results, args):
 
 def knn_case(results, args, case, shape, skw, ps, count):
     torch.manual_seed(0)
-    vid = torch.rand(shape, device="cuda")
+    vid = torch.rand(shape, device=DEV)
     dists, inds = dnls.search(vid, count=count, **skw)
     b, hd, q, k = dists.shape
     c = shape[2]
@@ -477,6 +527,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
     parser.add_argument("--ops", default="", help="knnsweep: only these ops (scatter,wpsum,...)")
+    parser.add_argument("--smoke", action="store_true", help="the sweeps, tiny, on the CPU")
     parser.add_argument(
         "--copy-bw",
         type=float,
@@ -484,8 +535,14 @@ def main() -> None:
         help="copy bandwidth in B/s (default: measured here, a 1 GiB copy)",
     )
     args = parser.parse_args()
+    if args.smoke:
+        global DEV, SMOKE, KNN
+        DEV, SMOKE, KNN = "cpu", True, KNN_SMOKE
+        args.queries, args.copy_bw = 48, 1.0
+        if not set(args.rows.split(",")) <= set(SMOKE_ROWS):
+            parser.error(f"--smoke runs only the rows {', '.join(SMOKE_ROWS)}")
     if args.copy_bw is None:
-        src, dst = torch.empty(2**28, device="cuda"), torch.empty(2**28, device="cuda")
+        src, dst = torch.empty(2**28, device=DEV), torch.empty(2**28, device=DEV)
         args.copy_bw = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
         del src, dst
     # DNLS_COMMIT first: the device's copy of the tree may carry a stale .git
@@ -495,7 +552,7 @@ def main() -> None:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
     )
-    gpu = torch.cuda.get_device_name()
+    gpu = "cpu (--smoke, Triton's interpreter)" if SMOKE else torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}, "  # noqa: T201
           f"copy {args.copy_bw / 1e12:.2f} TB/s")  # fmt: skip
     results: list[dict] = []
