@@ -235,15 +235,10 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
         patches = torch.rand(*size, 1, c, ps, ps)
         cases += [(vid, inds, torch.rand(size), patches, ps) for inds in (whole, frac)]
     launches = []
-    interpret = dict(kernels.STAGED_INTERPRET), kernels.RUNS_INTERPRET
+    kernels.CUDA_LAUNCHES = True  # CPU tensors take the CUDA launch shapes
     try:
         for name, setting in settings.items():
             kernels.CONFIG.update(default, **setting)
-            # CPU tensors take the interpreter's launch shapes: here, the CUDA ones
-            kernels.STAGED_INTERPRET.update(
-                {k: kernels.CONFIG["staged_" + k] for k in kernels.STAGED_INTERPRET}
-            )
-            kernels.RUNS_INTERPRET = kernels.CONFIG["runs"]
             for det in (False, True) if name in ("default", "runs") else (False,):
                 torch.use_deterministic_algorithms(det)
                 with compile_only() as done:
@@ -254,8 +249,7 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
     finally:
         torch.use_deterministic_algorithms(False)
         kernels.CONFIG.update(default)
-        kernels.STAGED_INTERPRET.update(interpret[0])
-        kernels.RUNS_INTERPRET = interpret[1]
+        kernels.CUDA_LAUNCHES = False
     return launches
 
 

@@ -59,14 +59,9 @@ def smoke_check(err: float, what: str) -> None:
 
 
 def set_config(kernels, *updates: dict) -> None:
-    """Apply the kernel settings ``updates`` in turn; with --smoke, the interpreter then takes
-    the CUDA launches (staged tiles, runs) instead of its own small ones."""
+    """Apply the kernel settings ``updates`` in turn."""
     for u in updates:
         kernels.CONFIG.update(u)
-    if SMOKE:
-        staged = {k: kernels.CONFIG["staged_" + k] for k in kernels.STAGED_INTERPRET}
-        kernels.STAGED_INTERPRET.update(staged)
-        kernels.RUNS_INTERPRET = kernels.CONFIG["runs"]
 
 
 def with_backend(name, fn):
@@ -538,6 +533,9 @@ def main() -> None:
     if args.smoke:
         global DEV, SMOKE, KNN
         DEV, SMOKE, KNN = "cpu", True, KNN_SMOKE
+        from dnls.ops import _patches_triton
+
+        _patches_triton.CUDA_LAUNCHES = True  # the interpreter takes the CUDA launch shapes
         args.queries, args.copy_bw = 48, 1.0
         if not set(args.rows.split(",")) <= set(SMOKE_ROWS):
             parser.error(f"--smoke runs only the rows {', '.join(SMOKE_ROWS)}")

@@ -980,7 +980,7 @@ def _fold_kernel(
 # runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
 # entries per stream, warps); not timed yet, so off.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
-# Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-byte stack);
+# Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
@@ -1027,11 +1027,21 @@ def _least_padding(e: int) -> int:
     return min((128, 64, 32, 16), key=lambda b: -(-e // b) * b)
 
 
+# The launch shapes (tiles, warps, the staged and runs settings) the kernels take: CONFIG's
+# for CUDA tensors; under the interpreter small ones, so that tiny test tensors cross tile
+# edges, unless CUDA_LAUNCHES is set (benchmarks/offline.py compiles, patches.py --smoke).
+CUDA_LAUNCHES = False
+
+
+def _cuda_launch(device: torch.device) -> bool:
+    return device.type == "cuda" or CUDA_LAUNCHES
+
+
 def _tile(e: int, device: torch.device, op: str) -> tuple[int, int, int]:
-    """(block_e, block_q, warps) of a wpsum launch (``op`` "wpsum" or "wpsum_bwd"); on CPU
-    (the interpreter) small tiles of 16 queries."""
+    """(block_e, block_q, warps) of a wpsum launch (``op`` "wpsum" or "wpsum_bwd"); under the
+    interpreter small tiles of 16 queries."""
     block_e = min(CONFIG[op + "_block_e"] or _least_padding(e), next_power_of_2(e))
-    if device.type != "cuda":
+    if not _cuda_launch(device):
         return block_e, 16, 4
     return block_e, max(1, CONFIG[op + "_tile"] // block_e), CONFIG[op + "_warps"]
 
@@ -1118,7 +1128,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     q, k = inds.shape[2:4] if grid is None else (grid[0], 1)
     last = c >= CHANNELS_LAST_MIN
     name = ("gather1" if op == "gather" and k == 1 else op) + ("_last" if last else "")
-    cfg = CONFIG["staged_" + name] if vid.device.type == "cuda" else STAGED_INTERPRET[name]
+    cfg = CONFIG["staged_" + name] if _cuda_launch(vid.device) else STAGED_INTERPRET[name]
     if cfg is None or (inds is not None and inds.is_floating_point()):
         return False
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
@@ -1171,7 +1181,7 @@ def unfold(vid, geom, stride: int, region, start: int, count: int) -> torch.Tens
     if out.numel() and not _staged("gather", vid[:, None], None, None, out, geom, grid):
         modes = _modes((b, 1, t, c, h, w), geom, True, out, vid)
         block_e = min(64, next_power_of_2(e))
-        block_q = 64 if vid.device.type == "cuda" else 16
+        block_q = 64 if _cuda_launch(vid.device) else 16
         grid = (triton.cdiv(count, block_q), triton.cdiv(e, block_e), b)
         _unfold_kernel[grid](
             vid, out, count, t, h, w, vid.stride(0), *vid.stride()[1:],
@@ -1230,7 +1240,7 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     b, hd, t, c, h, w = buf.shape
     n = inds.numel() // 3
     qk = n // (b * hd)
-    ns, ch, warps = CONFIG["runs"] if buf.device.type == "cuda" else RUNS_INTERPRET
+    ns, ch, warps = CONFIG["runs"] if _cuda_launch(buf.device) else RUNS_INTERPRET
     e = geom.pt * c * geom.ps * geom.ps
     src = rows if vid is None else _reads(vid)
     pos = _inds(inds)  # (converted once: _inds in _runs_order then returns it as it is)
@@ -1262,7 +1272,7 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     )
     fixed = dict(FIXED=scale is not None, ACC=_TL_DTYPES[acc])
     tile = CONFIG["scatter_tile"]
-    if tile and patches.device.type != "cuda":
+    if tile and not _cuda_launch(patches.device):
         tile = (4, 16, 4)  # small tiles under the interpreter
     if patches.numel() and whole and CONFIG["scatter_runs"]:
         _scatter_runs(
