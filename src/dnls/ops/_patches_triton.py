@@ -620,10 +620,10 @@ def _flat_pass(
     position loads. wpsum's weights share the patches' table (a float32 weight's bits and a
     32-bit offset in one int64: one lookup per value and neighbour; offline, sm_90, the loop
     over neighbours went from 96 to 57 instructions per 8 values a thread). PIX (a
-    channels-last video): each patch's
-    values are walked pixel by pixel, channels innermost, so that consecutive lanes read
-    consecutive addresses along a patch row (C times longer runs than a channel's row), and
-    are stored to their place in the output through a third table."""
+    channels-last video): each patch's values are walked pixel by pixel, channels innermost,
+    so that consecutive lanes read consecutive addresses along a patch row (C times longer runs
+    than a channel's row), and are stored to their place in the output through a third
+    table."""
     E: tl.constexpr = PT * C * PS * PS
     nq = tl.minimum(R - r0, BLOCK_Q)
     jj = tl.arange(0, BLOCK_Q * KP)
