@@ -12,6 +12,19 @@ warp load of wpsum (one neighbour of each query at a time):
 - "flat": the video channels-first, values in the patch's own order (channel, row, column);
 - "flatpix": the video channels-last, values pixel by pixel (row, column, channel).
 
+Then two floors for any kernel that gathers the patches from memory, whatever its walk:
+
+- "patch rows": each patch row read at once (a warp's load never splits a row, never joins two
+  patches): the lines of a patch's own rows, channels-first (3 x 7 runs of 28 bytes) or
+  channels-last (7 runs of 84 bytes);
+- "tile union": a tile of consecutive queries reads the union of its patches once (staged in
+  shared memory, then read from there): the lines of that union, per value gathered.
+
+Each count becomes a time for the benchmark row's 131072 queries at one 128-byte line per SM
+and cycle (the L1's rate the eighth session's profile agrees with; the H100 and the H200 both
+have 132 SMs at 1.98 GHz, so the same time on both), against the time at which wpsum would
+reach 50% of the copy bandwidth on the bytes ``benchmarks/patches.py`` counts for it.
+
     python benchmarks/access_model.py [--queries 4096]
 """
 
@@ -25,6 +38,9 @@ import torch
 import dnls
 
 ROW = dict(shape=(1, 1, 3, 1024, 1024), ws=21, ps=7, k=14)
+BENCH_QUERIES = 1 << 17  # benchmarks/patches.py's default --queries
+SMS, CLOCK = 132, 1.98e9  # H100 SXM and H200: SMs, boost clock (Hz)
+COPY = {"H100": 2.9e12, "H200": 4.25e12}  # copy bandwidth (B/s): the issue's; measured
 
 
 def element_offsets(c: int, ps: int, w: int, order: str) -> np.ndarray:
@@ -53,6 +69,35 @@ def count(pos: np.ndarray, order: str, c: int, ps: int, w: int) -> tuple[float, 
     return float(np.mean(lines)), float(np.mean(sectors))
 
 
+def lines_of(addr: np.ndarray) -> int:
+    return np.unique(addr // 128).size
+
+
+def floors(pos: np.ndarray, c: int, ps: int, w: int, tiles=(8, 32)) -> dict[str, float]:
+    """Lines per value gathered when each patch's rows are read whole, channels-first and
+    channels-last, and when a tile of consecutive queries reads the union of its patches."""
+    q, k = pos.shape[:2]
+    e = c * ps * ps
+    base = pos[..., 0] * w + pos[..., 1]  # (Q, K) pixel offsets
+    first = element_offsets(c, ps, w, "flat")  # channel planes of w * 1024 pixels
+    last = element_offsets(c, ps, w, "flatpix")
+    out = {}
+    for name, eoff, scale in (("patch rows, channels-first", first, 1),
+                              ("patch rows, channels-last", last, c)):  # fmt: skip
+        rows = eoff.reshape(-1, ps * (c if scale > 1 else 1))  # one patch row each
+        n = 0
+        for b in base.ravel():
+            n += sum(lines_of((b * scale + r) * 4) for r in rows)
+        out[name] = n / (q * k * e)
+    for t in tiles:
+        n = 0
+        for q0 in range(0, q - t + 1, t):
+            b = base[q0 : q0 + t].ravel()
+            n += lines_of(((b[:, None] * c) + last[None, :]).ravel() * 4)
+        out[f"tile union, {t} queries, channels-last"] = n / ((q // t) * t * k * e)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=4096)
@@ -66,6 +111,18 @@ def main() -> None:
     for order in ("flat", "flatpix"):
         lines, sectors = count(pos, order, c, ps, w)
         print(f"{order:8s} {lines:.2f} lines of 128 B, {sectors:.2f} sectors of 32 B")
+    values = BENCH_QUERIES * ROW["k"] * c * ps * ps
+    moved = 4 * c * ROW["shape"][3] * w + 16 * BENCH_QUERIES * ROW["k"] + 4 * values // ROW["k"]
+    target = ", ".join(f"{moved / (bw / 2) * 1e6:.0f} us on the {d}" for d, bw in COPY.items())
+    print(f"wpsum's row: {BENCH_QUERIES} queries, {values / 1e6:.0f} M values gathered, "
+          f"{moved / 1e6:.0f} MB moved; 50% of the copy bandwidth is {target}.")  # fmt: skip
+    per_value = {order: count(pos, order, c, ps, w)[0] / 32 for order in ("flat", "flatpix")}
+    per_value.update(floors(pos[: args.queries // 4], c, ps, w))
+    print("Lines per value gathered, and the time at one line per SM and cycle:")
+    for name, lines in per_value.items():
+        print(f"  {name:40s} {lines:.4f} {lines * values / SMS / CLOCK * 1e6:5.0f} us")
+    smem = values * 4 / 128 / SMS / CLOCK * 1e6
+    print(f"The gathered values read from shared memory at 128 B per SM and cycle: {smem:.0f} us")
 
 
 if __name__ == "__main__":
