@@ -1,10 +1,12 @@
-"""Shared test helpers: the tolerance table and a verbose comparison."""
+"""Shared test helpers: the tolerance table, a verbose comparison, and the check of a search's
+selection against the oracle's."""
 
 from __future__ import annotations
 
 import contextlib
 
 import numpy as np
+import oracle
 import torch
 from hypothesis import strategies as st
 
@@ -72,3 +74,26 @@ def deterministic(enabled: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def assert_selection(q, k, kw, queries, inds, ed, ei, atol, distinct=False):
+    """A search's (or refine's) positions ``inds`` equal the oracle's ``ei``, except where two
+    candidates tie: tiny reflected frames make distinct patches hold the same pixels, so both
+    sums tie up to rounding. A position that differs (by more than ``atol``) must then be at
+    the oracle's distance ``ed`` for its slot; with ``distinct``, no position may repeat in a
+    query's list. ``q``, ``k``: the videos (numpy), ``queries``: the query positions."""
+    got = inds.double().numpy()
+    near = np.isclose(got, ei, rtol=0, atol=atol).all(-1)
+    cph = q.shape[2] // kw["nheads"]
+    geo = (kw["ps"], kw["pt"], kw["dilation"], kw["border"])
+    # fractional positions are float32: the rounding of one moves its distance by about 1e-8
+    tol = 1e-6 if inds.is_floating_point() else 1e-9
+    for b, hd, qi, j in zip(*np.nonzero(~near), strict=True):
+        chans = list(range(hd * cph, (hd + 1) * cph))
+        qp = oracle.patch(q, b, chans, queries[qi], *geo)
+        kp = oracle.patch(k, b, chans, tuple(got[b, hd, qi, j]), *geo)
+        d = ((qp - kp) ** 2).sum() if kw["dist"] == "l2" else (qp * kp).sum()
+        assert abs(d - ed[b, hd, qi, j]) < tol, (b, hd, qi, j, got[b, hd, qi, j], ei[b, hd, qi, j])
+    if distinct:
+        for row in got.reshape(-1, got.shape[3], 3):
+            assert len({tuple(r) for r in row}) == len(row), row
