@@ -34,6 +34,7 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 import dnls
+from dnls import _common
 from dnls.ops import attention as attention_op
 from dnls.ops import fold as fold_op
 from dnls.ops import patches as patches_op
@@ -92,9 +93,10 @@ def _resources(cubin: bytes) -> tuple[dict, collections.Counter]:
 @contextlib.contextmanager
 def compile_only():
     """Within: every Triton launch compiles its kernel for sm_90 and launches nothing, and the
-    ops take their Triton path on CPU tensors (as on CUDA ones: no interpreter); yields the
-    list of (kernel name, compile seconds, cubin) it fills."""
+    ops take their Triton path on CPU tensors as on CUDA ones (no interpreter, CUDA's launch
+    shapes); yields the list of (kernel name, compile seconds, cubin) it fills."""
     driver.set_active(_Offline())
+    _common.CUDA_LAUNCHES = True
     launches = []
     run = JITFunction.run
 
@@ -115,6 +117,7 @@ def compile_only():
         yield launches
     finally:
         JITFunction.run = run
+        _common.CUDA_LAUNCHES = False
         for m, fn in saved:
             setattr(m, fn.__name__, fn)
 
@@ -235,7 +238,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
         patches = torch.rand(*size, 1, c, ps, ps)
         cases += [(vid, inds, torch.rand(size), patches, ps) for inds in (whole, frac)]
     launches = []
-    kernels.CUDA_LAUNCHES = True  # CPU tensors take the CUDA launch shapes
     try:
         for name, setting in settings.items():
             kernels.CONFIG.update(default, **setting)
@@ -249,7 +251,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
     finally:
         torch.use_deterministic_algorithms(False)
         kernels.CONFIG.update(default)
-        kernels.CUDA_LAUNCHES = False
     return launches
 
 

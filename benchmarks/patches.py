@@ -529,9 +529,9 @@ def main() -> None:
     if args.smoke:
         global DEV, SMOKE, KNN
         DEV, SMOKE, KNN = "cpu", True, KNN_SMOKE
-        from dnls.ops import _patches_triton
+        from dnls import _common
 
-        _patches_triton.CUDA_LAUNCHES = True  # the interpreter takes the CUDA launch shapes
+        _common.CUDA_LAUNCHES = True  # the interpreter takes the CUDA launch shapes
         args.queries, args.copy_bw = 48, 1.0
         if not set(args.rows.split(",")) <= set(SMOKE_ROWS):
             parser.error(f"--smoke runs only the rows {', '.join(SMOKE_ROWS)}")

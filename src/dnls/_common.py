@@ -1,4 +1,4 @@
-"""Helpers shared by the ops: head splitting and backend selection."""
+"""Helpers shared by the ops: head splitting, backend selection, launch shapes."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def next_power_of_2(n: int) -> int:
 
 # Ops that have Triton kernels in this version.
 TRITON_OPS = frozenset({"search", "gather", "scatter", "wpsum", "ifold", "attention"})
+
+
+# The launch shapes (tiles, warps, settings) the Triton kernels take: the tuned ones for CUDA
+# tensors; under the interpreter small ones, so that tiny test tensors cross tile edges, unless
+# CUDA_LAUNCHES is set (benchmarks/offline.py's compiles, benchmarks/patches.py --smoke).
+CUDA_LAUNCHES = False
+
+
+def cuda_launch(device: torch.device) -> bool:
+    """Whether a kernel launch on ``device`` takes CUDA's launch shapes."""
+    return device.type == "cuda" or CUDA_LAUNCHES
 
 
 def _triton_available() -> bool:

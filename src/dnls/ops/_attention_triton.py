@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import next_power_of_2
+from .._common import cuda_launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -317,9 +317,9 @@ def _empty(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, op: str) -> dict:
     """Grid, block and warps of a launch over the pixels of ``x`` (``op`` "fwd", "dq" or
-    "dkv"); small blocks on one warp under the interpreter."""
+    "dkv"); small blocks on one warp under the interpreter (:func:`cuda_launch`)."""
     b, hd, t, _, h, w = x.shape
-    if x.device.type == "cuda":
+    if cuda_launch(x.device):
         block, warps = CONFIG[op + "_block"], CONFIG[op + "_warps"]
     else:
         block, warps = 32, 1

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import next_power_of_2
+from .._common import cuda_launch, next_power_of_2
 from ._search_triton import (
     _TL_DTYPES,
     _accumulate,
@@ -625,6 +625,8 @@ def _flat_pass(
     than a channel's row), and are stored to their place in the output through a third
     table."""
     E: tl.constexpr = PT * C * PS * PS
+    # wpsum's one table of (weight bits, 32-bit offset) pairs; else a table each
+    PACKED: tl.constexpr = WSUM and ACC == tl.float32 and not I64
     nq = tl.minimum(R - r0, BLOCK_Q)
     jj = tl.arange(0, BLOCK_Q * KP)
     jm = jj < nq * K
@@ -642,7 +644,7 @@ def _flat_pass(
         etab = dt * s_t + c * s_c + oy * s_y + ox * s_x
     if WSUM:
         wtab = tl.load(weights + r0 * K + jj, mask=jm, other=0.0).to(ACC)
-        if ACC == tl.float32 and not I64:  # one table of (weight bits, offset) pairs
+        if PACKED:
             wtab = (wtab.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (
                 ptab.to(tl.int64) & 0xFFFFFFFF
             )
@@ -669,7 +671,7 @@ def _flat_pass(
             acc = tl.zeros((BLOCK,), dtype=ACC)
             for k in range(K):
                 jk = j * K + k
-                if ACC == tl.float32 and not I64:
+                if PACKED:
                     pw = tl.gather(wtab, jk, 0)
                     off = pw.to(tl.int32)
                     w = (pw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -1027,21 +1029,11 @@ def _least_padding(e: int) -> int:
     return min((128, 64, 32, 16), key=lambda b: -(-e // b) * b)
 
 
-# The launch shapes (tiles, warps, the staged and runs settings) the kernels take: CONFIG's
-# for CUDA tensors; under the interpreter small ones, so that tiny test tensors cross tile
-# edges, unless CUDA_LAUNCHES is set (benchmarks/offline.py compiles, patches.py --smoke).
-CUDA_LAUNCHES = False
-
-
-def _cuda_launch(device: torch.device) -> bool:
-    return device.type == "cuda" or CUDA_LAUNCHES
-
-
 def _tile(e: int, device: torch.device, op: str) -> tuple[int, int, int]:
     """(block_e, block_q, warps) of a wpsum launch (``op`` "wpsum" or "wpsum_bwd"); under the
     interpreter small tiles of 16 queries."""
     block_e = min(CONFIG[op + "_block_e"] or _least_padding(e), next_power_of_2(e))
-    if not _cuda_launch(device):
+    if not cuda_launch(device):
         return block_e, 16, 4
     return block_e, max(1, CONFIG[op + "_tile"] // block_e), CONFIG[op + "_warps"]
 
@@ -1128,7 +1120,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     q, k = inds.shape[2:4] if grid is None else (grid[0], 1)
     last = c >= CHANNELS_LAST_MIN
     name = ("gather1" if op == "gather" and k == 1 else op) + ("_last" if last else "")
-    cfg = CONFIG["staged_" + name] if _cuda_launch(vid.device) else STAGED_INTERPRET[name]
+    cfg = CONFIG["staged_" + name] if cuda_launch(vid.device) else STAGED_INTERPRET[name]
     if cfg is None or (inds is not None and inds.is_floating_point()):
         return False
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
@@ -1181,7 +1173,7 @@ def unfold(vid, geom, stride: int, region, start: int, count: int) -> torch.Tens
     if out.numel() and not _staged("gather", vid[:, None], None, None, out, geom, grid):
         modes = _modes((b, 1, t, c, h, w), geom, True, out, vid)
         block_e = min(64, next_power_of_2(e))
-        block_q = 64 if _cuda_launch(vid.device) else 16
+        block_q = 64 if cuda_launch(vid.device) else 16
         grid = (triton.cdiv(count, block_q), triton.cdiv(e, block_e), b)
         _unfold_kernel[grid](
             vid, out, count, t, h, w, vid.stride(0), *vid.stride()[1:],
@@ -1240,7 +1232,7 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     b, hd, t, c, h, w = buf.shape
     n = inds.numel() // 3
     qk = n // (b * hd)
-    ns, ch, warps = CONFIG["runs"] if _cuda_launch(buf.device) else RUNS_INTERPRET
+    ns, ch, warps = CONFIG["runs"] if cuda_launch(buf.device) else RUNS_INTERPRET
     e = geom.pt * c * geom.ps * geom.ps
     src = rows if vid is None else _reads(vid)
     pos = _inds(inds)  # (converted once: _inds in _runs_order then returns it as it is)
@@ -1272,7 +1264,7 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     )
     fixed = dict(FIXED=scale is not None, ACC=_TL_DTYPES[acc])
     tile = CONFIG["scatter_tile"]
-    if tile and not _cuda_launch(patches.device):
+    if tile and not cuda_launch(patches.device):
         tile = (4, 16, 4)  # small tiles under the interpreter
     if patches.numel() and whole and CONFIG["scatter_runs"]:
         _scatter_runs(
