@@ -23,7 +23,9 @@ Then two floors for any kernel that gathers the patches from memory, whatever it
 Each count becomes a time for the benchmark row's 131072 queries at one 128-byte line per SM
 and cycle (the L1's rate the eighth session's profile agrees with; the H100 and the H200 both
 have 132 SMs at 1.98 GHz, so the same time on both), against the time at which wpsum would
-reach 50% of the copy bandwidth on the bytes ``benchmarks/patches.py`` counts for it.
+reach 50% of the copy bandwidth on the bytes ``benchmarks/patches.py`` counts for it. Last,
+gather's flat pass: the lines of its loads and of its stores (it writes every value it
+gathers), against the time its bytes take at the copy bandwidth.
 
     python benchmarks/access_model.py [--queries 4096]
 """
@@ -62,11 +64,35 @@ def count(pos: np.ndarray, order: str, c: int, ps: int, w: int) -> tuple[float, 
     lines, sectors = [], []
     for j in range(pos.shape[1]):
         base = (pos[:, j, 0] * w + pos[:, j, 1]) * scale
-        addr = (base[:, None] + eoff[None, :]).ravel() * 4
-        addr = addr[: addr.size // 32 * 32].reshape(-1, 32)
-        lines.append(np.mean([np.unique(a // 128).size for a in addr]))
-        sectors.append(np.mean([np.unique(a // 32).size for a in addr]))
+        ln, sec = _per_warp((base[:, None] + eoff[None, :]).ravel() * 4)
+        lines.append(ln)
+        sectors.append(sec)
     return float(np.mean(lines)), float(np.mean(sectors))
+
+
+def _per_warp(addr: np.ndarray) -> tuple[float, float]:
+    """Mean distinct lines and sectors of each run of 32 consecutive byte addresses."""
+    addr = addr[: addr.size // 32 * 32].reshape(-1, 32)
+    return (float(np.mean([np.unique(a // 128).size for a in addr])),
+            float(np.mean([np.unique(a // 32).size for a in addr])))  # fmt: skip
+
+
+def count_gather(pos: np.ndarray, order: str, c: int, ps: int, w: int) -> tuple[float, float]:
+    """Mean lines per warp load and per warp store of gather's flat pass: 32 consecutive values
+    of the run of the patches in (query, neighbour) order; the output is that run in the
+    patch's own order, so the stores of the pixel-major walk ("flatpix") are scattered."""
+    eoff = element_offsets(c, ps, w, order)
+    scale = 1 if order == "flat" else c
+    base = (pos[..., 0] * w + pos[..., 1]).ravel() * scale
+    loads = _per_warp((base[:, None] + eoff[None, :]).ravel() * 4)[0]
+    e = c * ps * ps
+    if order == "flat":
+        dst = np.arange(e)
+    else:  # the pixel-major walk's place in the patch's own order (channel, row, column)
+        p, ch = np.divmod(np.arange(e), c)
+        dst = ch * ps * ps + p
+    stores = _per_warp((np.arange(base.size)[:, None] * e + dst[None, :]).ravel() * 4)[0]
+    return loads, stores
 
 
 def lines_of(addr: np.ndarray) -> int:
@@ -123,6 +149,15 @@ def main() -> None:
         print(f"  {name:40s} {lines:.4f} {lines * values / SMS / CLOCK * 1e6:5.0f} us")
     smem = values * 4 / 128 / SMS / CLOCK * 1e6
     print(f"The gathered values read from shared memory at 128 B per SM and cycle: {smem:.0f} us")
+    # gather writes every gathered value: its L1 serves the loads' lines and the stores'
+    moved = 4 * c * ROW["shape"][3] * w + 16 * BENCH_QUERIES * ROW["k"] + 4 * values
+    dram = ", ".join(f"{moved / bw * 1e6:.0f} us on the {d}" for d, bw in COPY.items())
+    print(f"gather's row: {moved / 1e6:.0f} MB moved, at the copy bandwidth {dram}.")
+    print("Lines per warp load and store, and the L1's time for both:")
+    for order in ("flat", "flatpix"):
+        loads, stores = count_gather(pos, order, c, ps, w)
+        l1 = (loads + stores) * values / 32 / SMS / CLOCK * 1e6
+        print(f"  {order:40s} {loads:.2f} {stores:.2f} {l1:5.0f} us")
 
 
 if __name__ == "__main__":
