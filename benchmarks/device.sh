@@ -17,6 +17,8 @@
 # backward by runs of equal positions against the defaults (--rows runssweep); "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
+# Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
+# CPU (tiny sizes, the interpreter, nothing timed).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/dnls-device}}
 parts=${2:-tests,search,patches}

@@ -7,6 +7,11 @@ timings, peak memory above the inputs. Before timing, the Triton result is check
 reference on a slice of the queries at the real size.
 
     python benchmarks/search.py [--rows W1,W3] [--json out.json]
+
+``--smoke`` runs the same code on tiny rows (each row's channels, heads, distance, patch size
+and frames, a small window and frame) on the CPU under Triton's interpreter: the checks, the
+sweeps (each configuration checked against the default kernels) and nothing timed. It is a
+check of the script itself before device time is spent on it (``device.sh search,bruns``).
 """
 
 from __future__ import annotations
@@ -14,16 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+if "--smoke" in sys.argv:  # (read when the kernel modules are imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import _timing
 import torch
 import torch.nn.functional as F
 import triton.testing
-from _timing import peak_mb
 
 import dnls
+
+DEV = "cuda"  # "cpu" with --smoke
+SMOKE = False
 
 
 @dataclass
@@ -56,6 +67,23 @@ ROWS = {
 }
 
 
+def smoke_rows() -> dict[str, Row]:
+    """The rows at tiny sizes (--smoke): frames of 10 x 10, a window of 3 x 3 pixels and at
+    most 3 frames (as many frames as it takes), k of at most 4, patches of at most 3 x 3;
+    channels, heads and distance as the row has them. The interpreter runs a program's Python
+    once per displacement, frame and patch row: W1s's forward at 5 frames of 16 x 16, a window
+    of 5 x 5 x 5 and patches of 7 x 7, took 337 s, and W4's at 3 frames of 10 x 10 and a window
+    of 3 x 3 x 3, 156 s."""
+    out = {}
+    for name, row in ROWS.items():
+        b, t, c, h, w = row.shape
+        wt = min(row.kw.get("wt", 0), 1)
+        kw = dict(row.kw, ws=3, k=min(row.kw["k"], 4), ps=min(row.kw["ps"], 3))
+        kw.update({"wt": wt} if wt else {})
+        out[name] = replace(row, shape=(b, 2 * wt + 1, c, 10, 10), kw=kw)
+    return out
+
+
 def baseline(
     vid: torch.Tensor, ws: int, ps: int, k: int, wt: int = 0, dist: str = "l2", nheads: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +113,20 @@ def baseline(
     return best, best
 
 
+# --smoke times nothing: every call has run once, for its check, before it is timed
+
+
 def bench(fn, reps_ms=300) -> float:
-    return _timing.bench(fn, reps_ms, warmup_ms=50)
+    return float("nan") if SMOKE else _timing.bench(fn, reps_ms, warmup_ms=50)
+
+
+def peak_mb(fn) -> float:
+    return float("nan") if SMOKE else _timing.peak_mb(fn)
+
+
+def synchronize() -> None:
+    if not SMOKE:
+        torch.cuda.synchronize()
 
 
 def check(row: Row, vid: torch.Tensor, count: int) -> str:
@@ -94,7 +134,7 @@ def check(row: Row, vid: torch.Tensor, count: int) -> str:
     distances, the positions (which may differ only where distances tie) and the gradient of a
     random weighting of the distances with respect to the video."""
     start = row.queries // 3
-    kw = dict(row.kw, start=start, count=count)
+    kw = dict(row.kw, start=start, count=min(count, row.queries - start))
     out = {}
     for backend in ("torch", "triton"):
         os.environ["DNLS_BACKEND"] = backend
@@ -123,7 +163,7 @@ def check(row: Row, vid: torch.Tensor, count: int) -> str:
 def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
     row = ROWS[name]
     torch.manual_seed(0)
-    vid = torch.rand(row.shape, device="cuda")
+    vid = torch.rand(row.shape, device=DEV)
     res = {"row": name, "gpu": gpu, "shape": row.shape, **row.kw}
     res["check"] = check(row, vid, min(args.check_queries, row.queries))
     os.environ["DNLS_BACKEND"] = "triton"
@@ -142,12 +182,12 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 
     if "bwd" in parts:
         fwd_bwd()  # compile and warm up
-        torch.cuda.synchronize()
+        synchronize()
         t0 = time.perf_counter()
         fwd_bwd()
-        torch.cuda.synchronize()
+        synchronize()
         once = time.perf_counter() - t0
-        res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 else once * 1e3
+        res["fwdbwd_ms"] = bench(fwd_bwd, 300) if once < 2 or SMOKE else once * 1e3
         res["fwdbwd_mb"] = peak_mb(fwd_bwd)
     if "det" in parts:  # the deterministic backward (fixed-point accumulation)
         torch.use_deterministic_algorithms(True)
@@ -252,19 +292,43 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
     return [(part, cfg) for part, cfg in out if part in parts.split(",")]
 
 
-def _run_config(name: str, part: str, cfg: dict) -> None:
-    """One search (forward, or forward+backward) of row ``name`` under ``cfg``: compiles its
+def _run_config(row: Row, part: str, cfg: dict, device: str) -> None:
+    """One search (forward, or forward+backward) of ``row`` under ``cfg``: compiles its
     kernels into Triton's on-disk cache (run in worker processes, many at once)."""
     from dnls.ops import _search_triton as kernels
 
     os.environ["DNLS_BACKEND"] = "triton"
     kernels.CONFIG.update(cfg)
-    row = ROWS[name]
-    vid = torch.rand(row.shape, device="cuda", requires_grad=part in BACKWARD_PARTS)
+    vid = torch.rand(row.shape, device=device, requires_grad=part in BACKWARD_PARTS)
     d, _ = dnls.search(vid, **row.kw)
     if part in BACKWARD_PARTS:
         d.sum().backward()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _outputs(row: Row, vid: torch.Tensor, backward: bool) -> tuple[torch.Tensor, ...]:
+    """A search's distances and positions (and with ``backward`` the video's gradient of a
+    weighted sum of the distances): what --smoke compares across configurations."""
+    v = vid.clone().requires_grad_(backward)
+    d, i = dnls.search(v, **row.kw)
+    if not backward:
+        return d, i
+    weight = torch.rand(d.shape, generator=torch.Generator().manual_seed(0)).to(d.device)
+    (g,) = torch.autograd.grad((d * weight).sum(), v)
+    return d.detach(), i, g
+
+
+def _smoke_check(what: str, got: tuple, want: tuple) -> None:
+    """With --smoke, a configuration whose distances or gradient differ from the default
+    kernels' by more than 1e-5 (relative), or whose positions differ, fails the run."""
+    for name, a, b in zip(("dists", "inds", "grad"), got, want, strict=False):
+        if name == "inds":
+            ok = torch.equal(a, b)
+        else:
+            ok = float((a - b).abs().max()) <= 1e-5 * max(float(b.abs().max()), 1e-30)
+        if not ok:
+            raise AssertionError(f"{what}: {name} differ from the default kernels'")
 
 
 def sweeps(gpu: str, names: list[str], parts: str) -> None:
@@ -278,35 +342,44 @@ def sweeps(gpu: str, names: list[str], parts: str) -> None:
 
     os.environ["DNLS_BACKEND"] = "triton"
     defaults = dict(kernels.CONFIG)
-    jobs = [(n, part, cfg) for n in names for part, cfg in sweep_configs(ROWS[n], parts)]
+    jobs = [(ROWS[n], part, cfg, DEV) for n in names for part, cfg in sweep_configs(ROWS[n], parts)]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=12, mp_context=ctx) as pool:
+    workers = 12
+    if SMOKE:  # one job, for the workers' code: the interpreter has nothing to compile
+        jobs, workers = jobs[:1], 1
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for job, fut in [(j, pool.submit(_run_config, *j)) for j in jobs]:
             try:
                 fut.result()
             except Exception as e:  # noqa: BLE001 - a config that fails is reported, not fatal
-                print(f"config {job} failed: {e!r}"[:300], flush=True)
+                print(f"config {job[0].name, *job[1:3]} failed: {e!r}"[:300], flush=True)
+                if SMOKE:
+                    raise
     print(f"compiled {len(jobs)} configurations in {time.perf_counter() - t0:.0f} s", flush=True)
     for name in names:
         row = ROWS[name]
-        vid = torch.rand(row.shape, device="cuda")
+        vid = torch.rand(row.shape, device=DEV)
         vg = vid.clone().requires_grad_()
 
         def fwd_bwd():
             d, _ = dnls.search(vg, **row.kw)  # noqa: B023
             d.sum().backward()
 
+        want = {b: _outputs(row, vid, b) for b in (False, True)} if SMOKE else {}
         for part, cfg in sweep_configs(row, parts):
             kernels.CONFIG.update(defaults)
             kernels.CONFIG.update(cfg)
-            if part not in BACKWARD_PARTS:
+            backward = part in BACKWARD_PARTS
+            if SMOKE:
+                _smoke_check(f"{name} {part} {cfg}", _outputs(row, vid, backward), want[backward])
+            if not backward:
                 ms = bench(lambda: dnls.search(vid, **row.kw))  # noqa: B023
             else:
                 ms = bench(fwd_bwd, 300)
             print(f"config {name} {part} {cfg}: {ms:.2f} ms", flush=True)
         kernels.CONFIG.update(defaults)
-    if "mem" not in parts.split(","):
+    if "mem" not in parts.split(",") or SMOKE:
         return
     vid = torch.rand(1, 1, 3, 512, 512, device="cuda")
     q = 512 * 512
@@ -380,7 +453,17 @@ def main() -> None:
         default={},
         help="kernel settings for the whole run (JSON: '{\"direct_buffer\": 4}')",
     )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="tiny rows on the CPU under Triton's interpreter: checks and sweeps, nothing timed",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        global DEV, SMOKE
+        DEV, SMOKE = "cpu", True
+        ROWS.update(smoke_rows())
+        if args.profile or args.variants:
+            parser.error("--smoke runs the checks and the sweeps, not --profile or --variants")
     if args.config:
         from dnls.ops import _search_triton as kernels
 
@@ -390,7 +473,7 @@ def main() -> None:
                 f"--config: unknown settings {sorted(unknown)} (known: {list(kernels.CONFIG)})"
             )
         kernels.CONFIG.update(args.config)
-    gpu = torch.cuda.get_device_name()
+    gpu = "cpu (--smoke, Triton's interpreter)" if SMOKE else torch.cuda.get_device_name()
     if args.profile:
         return profile(args.profile.split(","))
     if args.variants:
@@ -403,6 +486,7 @@ def main() -> None:
         results.append(res)
         print(json.dumps(res), flush=True)
     print(f"\n{gpu}, torch {torch.__version__}, triton {triton.__version__}")
+    failed = [r["row"] for r in results if not r["check"].startswith("ok")]
     print(
         f"{'row':5} {'fwd ms':>8} {'fwd MB':>8} {'f+b ms':>9} {'f+b MB':>8} {'base ms':>8} "
         f"{'base MB':>8} {'ref ms*':>9} {'floor mem':>9} {'floor dir':>9}  check"
@@ -417,6 +501,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if SMOKE and failed:
+        sys.exit(f"--smoke: the checks of {', '.join(failed)} failed")
 
 
 if __name__ == "__main__":
