@@ -9,9 +9,11 @@ H100). Every result is first checked against its baseline at the real size.
 
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
-``--smoke`` runs the sweeps (``knnsweep``, ``stagedsweep``, ``runssweep``, ``dpossweep``) on
-tiny inputs on the CPU, under Triton's interpreter, each configuration launched as on CUDA and
-checked, nothing timed: a check of the script itself before it costs device time.
+``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
+``stagedsweep``, ``runssweep``, ``dpossweep``) on tiny inputs on the CPU, under Triton's
+interpreter, each configuration launched as on CUDA and checked (against the default kernels,
+the reference or torch), nothing timed: a check of the script itself before it costs device
+time.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def peak_mb(fn) -> float:
     return float("nan") if SMOKE else _timing.peak_mb(fn)
 
 
-def smoke_check(err: float, what: str) -> None:
-    """With --smoke, a configuration whose output differs from the default's fails the run."""
-    if SMOKE and err > 1e-4:
-        raise AssertionError(f"{what}: rel err {err:.1e} against the default kernels")
+def smoke_check(err: float, what: str, against: str = "the default kernels") -> None:
+    """With --smoke, an output that differs from the default kernels' (or from its baseline,
+    ``against``) fails the run."""
+    if SMOKE and not err <= 1e-4:
+        raise AssertionError(f"{what}: rel err {err:.1e} against {against}")
 
 
 def with_backend(name, fn):
@@ -96,9 +99,13 @@ def record(results, name, case, provider, ms, mb, nbytes, copy_bw, extra="", fn=
     )
 
 
+FOLD = ((4, 64, 256, 3), (1, 3, 1024, 7))  # (B, C, H = W, ps)
+FOLD_SMOKE = ((2, 8, 12, 3), (1, 3, 16, 7))  # --smoke: the same channel paths, tiny frames
+
+
 def fold_rows(results, args):
     """iunfold/ifold vs F.unfold/F.fold: border zero, one frame, odd ps, whole frame."""
-    for b, c, hw, ps in ((4, 64, 256, 3), (1, 3, 1024, 7)):
+    for b, c, hw, ps in FOLD_SMOKE if SMOKE else FOLD:
         fold_case(results, args, b, c, hw, ps)
         torch.cuda.empty_cache()
 
@@ -115,6 +122,7 @@ def fold_case(results, args, b, c, hw, ps):
     ours = dnls.iunfold(vid, **kw)
     theirs = F.unfold(x, ps, padding=pad)
     err = max_rel(ours.reshape(b, q, e).transpose(1, 2), theirs)
+    smoke_check(err, f"iunfold {case}", "F.unfold")
     nbytes = 4 * (x.numel() + b * q * e)
     for prov, fn in (("dnls", lambda: dnls.iunfold(vid, **kw)),
                      ("torch", lambda: F.unfold(x, ps, padding=pad))):  # fmt: skip
@@ -126,6 +134,7 @@ def fold_case(results, args, b, c, hw, ps):
     ours, _ = dnls.ifold(patches, shape=vid.shape, border="zero")
     theirs = F.fold(cols, (hw, hw), ps, padding=pad)
     err = max_rel(ours[:, 0], theirs)
+    smoke_check(err, f"ifold {case}", "F.fold")
     for prov, fn in (("dnls", lambda: dnls.ifold(patches, shape=vid.shape, border="zero")),
                      ("torch", lambda: F.fold(cols, (hw, hw), ps, padding=pad))):  # fmt: skip
         record(results, "ifold", case, prov, bench(fn), peak_mb(fn), nbytes, args.copy_bw,
@@ -298,6 +307,8 @@ def det_rows(results, args):
                 torch.use_deterministic_algorithms(False)
             same = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
             err = max_rel(tuple(first), tuple(default))
+            smoke_check(err if same else float("inf"), f"deterministic {name} {label}",
+                        "the default (or not the same bits twice)")  # fmt: skip
             print(f"deterministic {name} {label}: {det_ms:.3f} ms against {ms:.3f} ms "  # noqa: T201
                   f"({det_ms / ms:.2f}x), same bits twice: {same}, rel diff {err:.1e}",
                   flush=True)  # fmt: skip
@@ -414,7 +425,7 @@ KNN_SMOKE = (
     ("K14 ps7 C3 (smoke)", (1, 1, 3, 24, 24), dict(ws=5, ps=7, k=14)),
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
 )
-SMOKE_ROWS = ("knnsweep", "stagedsweep", "runssweep", "dpossweep")
+SMOKE_ROWS = ("fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "dpossweep")
 
 
 def _knn_count(args, skw) -> int | None:
@@ -450,6 +461,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     ours = dnls.gather(vid, inds, ps=ps)
     ref = with_backend("torch", lambda: dnls.gather(vid, inds[:, :, sl], ps=ps))()
     err = max_rel(ours[:, :, sl], ref)
+    smoke_check(err, f"gather {case}", "the reference")
     nbytes = vbytes + ibytes + 4 * b * q * k * e
     fn = lambda: dnls.gather(vid, inds, ps=ps)  # noqa: E731
     record(results, "gather", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
@@ -472,13 +484,16 @@ def knn_case(results, args, case, shape, skw, ps, count):
            ref_ms(lambda: dnls.scatter(patches[:, :, sl], inds[:, :, sl], shape=vid.shape)),
            float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
     ref = with_backend("torch", lambda: dnls.scatter(patches, inds, shape=vid.shape))()[0]
+    err = max_rel(vs, ref)
+    smoke_check(err, f"scatter {case}", "the reference")
     record(results, "scatter check", case, "dnls", 0.0 + 1e-9, 0.0, 0, args.copy_bw,
-           f"rel err {max_rel(vs, ref):.1e}")  # fmt: skip
+           f"rel err {err:.1e}")  # fmt: skip
     # wpsum forward and forward+backward
     ours = dnls.wpsum(vid, weights, inds, ps=ps)
     ref = with_backend("torch", lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl],
                                                    ps=ps))()  # fmt: skip
     err = max_rel(ours[:, :, sl], ref)
+    smoke_check(err, f"wpsum {case}", "the reference")
     nbytes = vbytes + ibytes + 4 * b * q * e
     fn = lambda: dnls.wpsum(vid, weights, inds, ps=ps)  # noqa: E731
     record(results, "wpsum", case, "dnls", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
@@ -498,6 +513,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
     grads = torch.autograd.grad(dnls.wpsum(vg, wg, inds, ps=ps), (vg, wg), g)
     refg = with_backend("torch", lambda: torch.autograd.grad(
         dnls.wpsum(vg, wg, inds, ps=ps), (vg, wg), g))()  # fmt: skip
+    for x, ref, what in zip(grads, refg, ("video", "weights"), strict=True):
+        smoke_check(max_rel(x, ref), f"wpsum's {what} gradient {case}", "the reference")
     errs = f"grad rel err vid {max_rel(grads[0], refg[0]):.1e}"
     errs += f" w {max_rel(grads[1], refg[1]):.1e}"
     record(results, "wpsum f+b", case, "dnls", bench(fb), peak_mb(fb), fb_bytes,

@@ -36,6 +36,8 @@ def test_search_script():
 
 
 def test_patches_script():
-    """gather's position gradient at each of its launches (the shortest sweep)."""
-    out = _run("patches.py", "--rows", "dpossweep")
-    assert out.count("knn sweep gather dpos") == 12, out[-2000:]
+    """iunfold / ifold against torch, gather / scatter / wpsum against the reference, and the
+    deterministic mode's bits (the rows fold, knn and det)."""
+    out = _run("patches.py", "--rows", "fold,knn,det")
+    assert out.count("same bits twice: True") == 4, out[-2000:]
+    assert out.count("grad rel err vid") == 2 and out.count("ifold ") == 4, out[-2000:]
