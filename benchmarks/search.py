@@ -8,10 +8,11 @@ reference on a slice of the queries at the real size.
 
     python benchmarks/search.py [--rows W1,W3] [--json out.json]
 
-``--smoke`` runs the same code on tiny rows (each row's channels, heads, distance, patch size
-and frames, a small window and frame) on the CPU under Triton's interpreter: the checks, the
-sweeps (each configuration checked against the default kernels) and nothing timed. It is a
-check of the script itself before device time is spent on it (``device.sh search,bruns``).
+``--smoke`` runs the same code on tiny rows (each row's channels, heads and distance; small
+frames, windows and patches: :func:`smoke_rows`) on the CPU under Triton's interpreter: the
+checks, the sweeps (each configuration checked against the default kernels) and nothing timed.
+It is a check of the script itself before device time is spent on it (``device.sh
+search,bruns``).
 """
 
 from __future__ import annotations
