@@ -971,8 +971,9 @@ def _fold_kernel(
 # (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
 # wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
 # at 0c3da0b; gather K14 0.88 (direct) -> 0.63 ms and K16 ps1 C128 0.299 -> 0.287 ms at
-# 6bb1fad (wpsum K16: 0.162 direct, 0.160 at best staged, so direct). The flat mode is not
-# timed yet (no device time was left).
+# 6bb1fad (wpsum K16: 0.162 direct, 0.160 at best staged, so direct); on the H100 at e9a95a5,
+# gather K14 0.662 (interior) -> 0.476 ms in flat mode, 56% -> 75% of the copy bandwidth (flat
+# and flatpix wpsum lost to the interior tile: 0.40 and 0.26 against 0.25 ms).
 #
 # scatter at whole positions: (patches per program, elements per chunk, warps) of its tile
 # kernel, or None for the flat kernel (one element per lane, its position decoded per
@@ -990,7 +991,7 @@ CONFIG = {
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
-    "staged_gather": ("interior", 4, 16, 64, 71, 8192, 4),
+    "staged_gather": ("flat", 8, 1, 1024, 1, 1, 4),
     "staged_gather1": ("region", 32, 1, 32, 39, 1024, 4),
     "staged_wpsum_last": None,
     "staged_gather_last": ("interior", 16, 4, 128, 1, 1, 8),
