@@ -535,7 +535,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--queries", type=int, default=1 << 17, help="queries of the 1024² rows")
     parser.add_argument("--ops", default="", help="knnsweep: only these ops (scatter,wpsum,...)")
-    parser.add_argument("--smoke", action="store_true", help="the sweeps, tiny, on the CPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"{','.join(SMOKE_ROWS)}: tiny, on the CPU, untimed"
+    )
     parser.add_argument(
         "--copy-bw",
         type=float,
