@@ -4,7 +4,8 @@
 # and the commit (with the number of uncommitted files).
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
-#   PARTS: tests,search,patches,attention,profile,stagedsweep,runssweep,dpossweep,bruns
+#   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
+#          dpossweep,bruns
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -12,9 +13,12 @@
 # its wheels lie in .whl/ (the device machine has no package index: carry .whl there).
 # The part "profile" runs Nsight Compute (clocks left alone) on the forward of each row in
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
-# occupancy and the instruction mix. The part "stagedsweep" times the staged gather/wpsum tiles
+# occupancy and the instruction mix; "patchprofile" the same, and the memory workload, for
+# both knn rows' patch ops at the defaults and wpsum's flat modes (patches.py --rows profile).
+# SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search". The part "stagedsweep" times the staged gather/wpsum tiles
 # against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
-# backward by runs of equal positions against the defaults (--rows runssweep); "dpossweep"
+# backward by runs of equal positions against the defaults (--rows runssweep), "runsrule" the
+# same on rows of other patch sizes and channel layouts (--rows runsrule); "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
@@ -47,10 +51,12 @@ for part in ${parts//,/ }; do
             ${TESTS_K:+-k "$TESTS_K"} \
             tests/test_search_triton.py tests/test_patches_triton.py tests/test_fold.py \
             tests/test_attention_triton.py ;;
-        search) run search python benchmarks/search.py --rows W3,W1s,W1,W4,W2 --parts bwd ;;
+        search) run search python benchmarks/search.py --rows "${SEARCH_ROWS:-W3,W1s,W1,W4,W2}" \
+            --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows fold,knn ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
         runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
+        runsrule) run runsrule python benchmarks/patches.py --rows runsrule ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
             --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
@@ -59,8 +65,13 @@ for part in ${parts//,/ }; do
             --clock-control none --profile-from-start off --section SpeedOfLight \
             --section WarpStateStats --section SchedulerStats --section InstructionStats \
             --section Occupancy python benchmarks/search.py --profile "${PROFILE_ROWS:-W3,W1s}" ;;
-        *) echo "unknown part: $part (tests, search, patches, attention, profile, stagedsweep,
-           runssweep, dpossweep, bruns)" >&2
+        patchprofile) run patchprofile "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" \
+            --clock-control none --profile-from-start off --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+            --section InstructionStats --section Occupancy \
+            python benchmarks/patches.py --rows profile ;;
+        *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
+           stagedsweep, runssweep, runsrule, dpossweep, bruns)" >&2
            exit 2 ;;
     esac
 done

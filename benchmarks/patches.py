@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -290,6 +291,19 @@ def runs_sweep(results, args):
         del ops
 
 
+def runs_rule(results, args):
+    """scatter and wpsum's backward by runs against the defaults on rows that tell a rule by
+    patch size from a rule by channel layout apart (the knn rows differ in both: K14 ps7 C3,
+    channels-first, wins with runs; K16 ps1 C128, channels-last, loses)."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    configs = [("scatter", {}), ("wpsum f+b", {})]
+    configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in ((1, 64, 1), (2, 64, 1))]
+    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=(1, 64, 1)))]
+    _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
+
+
 def det_rows(results, args):
     """scatter and wpsum forward+backward on the knn rows under
     ``torch.use_deterministic_algorithms(True)`` (int64 fixed-point sums) against the default
@@ -319,18 +333,35 @@ def det_rows(results, args):
 
 
 def profile_rows(results, args):
-    """The K14 row's gather, scatter, wpsum and wpsum forward+backward, each run twice after a
-    warm-up, for a profiler around this script (ncu -k regex:... --clock-control none)."""
-    for _, vid, inds, ps in _knn_inputs(args, KNN[:1]):
+    """Both knn rows' gather, scatter, wpsum and wpsum forward+backward at the defaults, and
+    wpsum in the staged kernel's flat and flatpix modes, each run once between
+    ``torch.cuda.profiler.start()`` and ``stop()`` after a warm-up (compiles), for a profiler
+    around this script (``ncu --profile-from-start off``; device.sh part ``patchprofile``)."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    variants = [("", {})] + [
+        (f" {mode}", dict(staged_wpsum=(mode, 16, 1, 1024, 1, 1, 4)))
+        for mode in ("flat", "flatpix")
+    ]
+    for label, vid, inds, ps in _knn_inputs(args):
         ops = _knn_ops(vid, inds, ps)
-        for fn in ops.values():
-            fn()
-        torch.cuda.synchronize()
-        for name, fn in ops.items():
-            for _ in range(2):
-                fn()
-            torch.cuda.synchronize()
-            print(f"profiled {name}", flush=True)  # noqa: T201
+        for suffix, cfg in variants:
+            names = ("gather", "scatter", "wpsum", "wpsum f+b") if not cfg else ("wpsum",)
+            if cfg and ps == 1:
+                continue  # (the modes are those of the 1024² row's three channels)
+            kernels.CONFIG.update(default, **cfg)
+            for name in names:
+                ops[name]()  # warm-up: compiles
+                torch.cuda.synchronize()
+                torch.cuda.profiler.start()
+                ops[name]()
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
+                print(f"profiled {name}{suffix} {label}", flush=True)  # noqa: T201
+        kernels.CONFIG.update(default)
+        del ops
+        torch.cuda.empty_cache()
 
 
 def layout_rows(results, args):
@@ -409,7 +440,7 @@ def _knn_inputs(args, rows=None):
     for label, shape, skw in rows or KNN:
         torch.manual_seed(0)
         vid = torch.rand(shape, device=DEV)
-        _, inds = dnls.search(vid, count=_knn_count(args, skw), **skw)
+        _, inds = dnls.search(vid, count=_knn_count(args, skw, shape), **skw)
         yield label, vid, inds, skw["ps"]
 
 
@@ -421,22 +452,34 @@ KNN = (
 
 # --smoke: the same ops, patch sizes and channel layouts (3 channels; 8, read channels-last),
 # tiny frames
+# runs_rule's rows: patches of 1, 3 and 7 pixels into channels-first (3 channels) and
+# channels-last (16) buffers
+RUNS_RULE = (
+    ("K14 ps3 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=3, k=14)),
+    ("K14 ps1 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=1, k=14)),
+    ("K16 ps3 C16 5x128x128", (1, 5, 16, 128, 128), dict(ws=9, wt=1, ps=3, k=16)),
+    ("K16 ps7 C8 5x128x128", (1, 5, 8, 128, 128), dict(ws=9, wt=1, ps=7, k=16)),
+)
 KNN_SMOKE = (
     ("K14 ps7 C3 (smoke)", (1, 1, 3, 24, 24), dict(ws=5, ps=7, k=14)),
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
 )
-SMOKE_ROWS = ("fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "dpossweep")
+SMOKE_ROWS = (
+    "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
+)  # fmt: skip
 
 
-def _knn_count(args, skw) -> int | None:
-    """Queries of a knn row: ``--queries`` of the 1024² patch row, every query without one."""
-    return args.queries if skw["ps"] > 1 else None
+def _knn_count(args, skw, shape) -> int | None:
+    """Queries of a knn row: ``--queries`` of a patch row with more queries than that, every
+    query otherwise (and without a patch)."""
+    queries = math.prod(shape) // shape[2]  # (B, T, C, H, W)
+    return args.queries if skw["ps"] > 1 and queries > args.queries else None
 
 
 def knn_rows(results, args):
     """gather / wpsum / scatter at the positions of a real search, against the reference."""
     for case, shape, skw in KNN:
-        knn_case(results, args, case, shape, skw, skw["ps"], _knn_count(args, skw))
+        knn_case(results, args, case, shape, skw, skw["ps"], _knn_count(args, skw, shape))
         torch.cuda.empty_cache()
 
 
@@ -523,7 +566,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
-    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "dpossweep": dpos_sweep,
+    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
+    "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,
 }  # fmt: skip
