@@ -304,6 +304,18 @@ def runs_rule(results, args):
     _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
 
 
+def scatter_tiles(results, args):
+    """scatter's tile kernel (patches per program, elements per chunk, warps) against the
+    default on the knn rows: where a chunk covers whole patches (K16: 128 channels), its loads
+    and atomic adds compile to 128-bit vector ones (offline, sm_90)."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    tiles = ((16, 128, 4), (8, 128, 4), (32, 128, 4), (16, 128, 8), (4, 128, 4), (16, 32, 4))
+    configs = [("scatter", {})] + [("scatter", dict(scatter_tile=t)) for t in tiles]
+    _run_sweep(results, args, configs, default)
+
+
 def det_rows(results, args):
     """scatter and wpsum forward+backward on the knn rows under
     ``torch.use_deterministic_algorithms(True)`` (int64 fixed-point sums) against the default
@@ -466,6 +478,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
+    "scattertile",
 )  # fmt: skip
 
 
@@ -567,6 +580,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
+    "scattertile": scatter_tiles,
     "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,

@@ -310,7 +310,10 @@ def _scatter_tile_kernel(
     src = patches + (bh * QK + n) * E
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        m = nm[:, None] & (e < E)[None, :]
+        if E % BLOCK_E == 0:  # (a mask constant along e lets the loads and adds vectorise)
+            m = nm[:, None] & tl.full((1, BLOCK_E), 1, tl.int1)
+        else:
+            m = nm[:, None] & (e < E)[None, :]
         if CONST:
             val = tl.zeros((BLOCK_N, BLOCK_E), dtype=ACC) + tl.load(patches).to(ACC)
         else:
