@@ -460,14 +460,15 @@ def test_wide_offsets(monkeypatch, cfg, scatter):
 
 @pytest.mark.parametrize(
     ("dilation", "last", "tile"),
-    [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (2, False, None),
-     (2, False, "runs"), (1, True, "runs")],
+    [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (1, True, (4, 2, 4)),
+     (2, False, (4, 2, 4)), (2, False, None), (2, False, "runs"), (1, True, "runs")],
 )  # fmt: skip
 def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
     """Whole positions: scatter's tile kernel (or, with ``tile`` None, its flat kernel) and
     wpsum's backward address the patches of a program by offsets where they all lie inside the
     video, else through the border rule (most positions are inside, a few at the edges, so both
-    kinds of program run), channels-first or -last; ``"runs"``: both add runs of equal
+    kinds of program run), channels-first or -last, in chunks of 16 of a patch's 54
+    elements (the last one masked) or of 2 (none masked); ``"runs"``: both add runs of equal
     positions through the border rule. Outputs and gradients equal the reference's."""
     from dnls.ops import _patches_triton
 
