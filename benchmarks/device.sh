@@ -15,7 +15,8 @@
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
 # occupancy and the instruction mix; "patchprofile" the same, and the memory workload, for
 # both knn rows' patch ops at the defaults and wpsum's flat modes (patches.py --rows profile).
-# SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search". The part "stagedsweep" times the staged gather/wpsum tiles
+# SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search", PATCH_ROWS
+# (default fold,knn) those of "patches". The part "stagedsweep" times the staged gather/wpsum tiles
 # against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
 # backward by runs of equal positions against the defaults (--rows runssweep), "runsrule" the
 # same on rows of other patch sizes and channel layouts (--rows runsrule); "scattertile"
@@ -54,7 +55,7 @@ for part in ${parts//,/ }; do
             tests/test_attention_triton.py ;;
         search) run search python benchmarks/search.py --rows "${SEARCH_ROWS:-W3,W1s,W1,W4,W2}" \
             --parts bwd ;;
-        patches) run patches python benchmarks/patches.py --rows fold,knn ;;
+        patches) run patches python benchmarks/patches.py --rows "${PATCH_ROWS:-fold,knn}" ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
         runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
         runsrule) run runsrule python benchmarks/patches.py --rows runsrule ;;
