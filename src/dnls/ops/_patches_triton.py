@@ -1002,10 +1002,10 @@ CONFIG = {
     "staged_gather1_last": None,
 }  # fmt: skip
 
-# The staged kernel under the interpreter, per op as on CUDA: small tiles and a small region,
-# so that the tests' tiny frames take both the staged and the direct path.
+# The staged kernel under the interpreter, per op in CUDA's modes: small tiles and a small
+# region, so that the tests' tiny frames take both the staged and the direct path.
 STAGED_INTERPRET = {
-    "wpsum": ("interior", 4, 2, 16, 9, 256, 4), "gather": ("interior", 4, 2, 16, 9, 256, 4),
+    "wpsum": ("interior", 4, 2, 16, 9, 256, 4), "gather": ("flat", 4, 1, 64, 1, 1, 4),
     "gather1": ("region", 4, 1, 16, 9, 256, 4), "wpsum_last": ("interior", 4, 2, 16, 1, 1, 4),
     "gather_last": ("interior", 4, 2, 16, 1, 1, 4), "gather1_last": None,
 }  # fmt: skip
