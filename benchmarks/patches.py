@@ -496,6 +496,42 @@ def knn_rows(results, args):
         torch.cuda.empty_cache()
 
 
+def _index_ops(vid, inds, weights) -> dict:
+    """gather, scatter and wpsum of one-pixel patches (one batch, one head) as PyTorch's
+    indexing ops on a channels-last copy of ``vid``: ``index_select``, ``index_add_`` and
+    ``embedding_bag`` with per-sample weights (sum), each returning its result and a function
+    that computes it again (scatter's takes the patches)."""
+    _, t, c, h, w = vid.shape
+    flat = vid[0].permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+    pos = inds[0, 0].long()
+    lin = ((pos[..., 0] * h + pos[..., 1]) * w + pos[..., 2]).contiguous()  # (Q, K)
+    wts = weights[0, 0].contiguous()
+    return {
+        "flat": flat,
+        "gather": lambda: flat.index_select(0, lin.view(-1)),
+        "scatter": lambda p: torch.zeros_like(flat).index_add_(0, lin.view(-1), p.reshape(-1, c)),
+        "wpsum": lambda: F.embedding_bag(lin, flat, mode="sum", per_sample_weights=wts),
+    }
+
+
+def _index_row(results, args, name, case, index, ours, nbytes, patches=None):
+    """Time PyTorch's indexing op for ``name`` (:func:`_index_ops`) after checking it against
+    dnls's output ``ours``."""
+    c = index["flat"].shape[1]
+    if patches is None:
+        fn = index[name]
+        got = fn().reshape(-1, c)
+        want = ours.reshape(-1, c)
+    else:
+        fn = lambda: index[name](patches)  # noqa: E731
+        got = fn()
+        want = ours[0].permute(0, 2, 3, 1).reshape(-1, c)  # (T, C, H, W) -> pixels x channels
+    err = max_rel(got, want)
+    smoke_check(err, f"torch's {name} {case}", "dnls's")
+    record(results, name, case, "torch index", bench(fn), peak_mb(fn), nbytes, args.copy_bw,
+           f"rel diff {err:.1e}", fn)  # fmt: skip
+
+
 def knn_case(results, args, case, shape, skw, ps, count):
     torch.manual_seed(0)
     vid = torch.rand(shape, device=DEV)
@@ -530,6 +566,11 @@ def knn_case(results, args, case, shape, skw, ps, count):
     record(results, "gather", case, "reference",
            ref_ms(lambda: dnls.gather(vid, inds[:, :, sl], ps=ps)), float("nan"), nbytes,
            args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
+    # one-pixel patches: the same ops as PyTorch's indexing (on a channels-last copy, made
+    # outside the timing), whose kernels meet the same limits
+    index = _index_ops(vid, inds, weights) if ps == 1 and b * hd == 1 else None
+    if index is not None:
+        _index_row(results, args, "gather", case, index, dnls.gather(vid, inds, ps=ps), nbytes)
     # scatter (gather's backward)
     patches = ours
     del ours
@@ -544,6 +585,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
     smoke_check(err, f"scatter {case}", "the reference")
     record(results, "scatter check", case, "dnls", 0.0 + 1e-9, 0.0, 0, args.copy_bw,
            f"rel err {err:.1e}")  # fmt: skip
+    if index is not None:
+        _index_row(results, args, "scatter", case, index, vs, nbytes, patches)
     # wpsum forward and forward+backward
     ours = dnls.wpsum(vid, weights, inds, ps=ps)
     ref = with_backend("torch", lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl],
@@ -557,6 +600,8 @@ def knn_case(results, args, case, shape, skw, ps, count):
     record(results, "wpsum", case, "reference",
            ref_ms(lambda: dnls.wpsum(vid, weights[:, :, sl], inds[:, :, sl], ps=ps)),
            float("nan"), nbytes, args.copy_bw, f"timed on {nref} queries, scaled")  # fmt: skip
+    if index is not None:
+        _index_row(results, args, "wpsum", case, index, ours, nbytes)
     vg = vid.detach().requires_grad_()
     wg = weights.detach().requires_grad_()
     g = torch.rand_like(ours)
