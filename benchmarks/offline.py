@@ -13,6 +13,10 @@ compile only (``warmup``), against a stand-in driver that reports an sm_90 targe
 arguments, and so the kernels' specialisations, are the ones a GPU run would make. The tools
 (ptxas, cuobjdump) are the ones the Triton wheel carries. Outputs are not computed. A kernel
 already in Triton's cache (``~/.triton/cache``) is loaded, not compiled: its time is the load's.
+To compile with the device's Triton (3.6 in 2026-12) rather than this machine's:
+
+    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    /tmp/t36/bin/python benchmarks/offline.py W3
 """
 
 from __future__ import annotations
