@@ -757,23 +757,10 @@ def _offer_row(rk, ri, key, j, KP: tl.constexpr, NB: tl.constexpr, SKIP: tl.cons
 @triton.jit
 def _hsum(e, lane, BX: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr):
     """Each lane's sum of the PS column sums ``e`` at lanes ``lane + jj * DIL`` (register
-    shuffles within a warp); lanes whose patch passes the block's edge get junk (not output).
-    By doubling: sums of 2, 4, ... columns, then one block per bit of PS, largest first, so
-    that ps 7 takes 4 shuffles instead of 6 (ps 9: 4 instead of 8)."""
+    shuffles within a warp); lanes whose patch passes the block's edge get junk (not output)."""
     d = e
-    if PS > 1:
-        blocks = (e,)  # blocks[i]: each lane's sum of 2^i columns from its own
-        for i in tl.static_range(1, PS.bit_length()):
-            half = blocks[i - 1]
-            shifted = tl.gather(half, tl.minimum(lane + (1 << (i - 1)) * DIL, BX - 1), 0)
-            blocks = blocks + (half + shifted,)
-        top: tl.constexpr = PS.bit_length() - 1
-        d = blocks[top]
-        done = 1 << top
-        for i in tl.static_range(top - 1, -1, -1):
-            if (PS >> i) & 1:
-                d += tl.gather(blocks[i], tl.minimum(lane + done * DIL, BX - 1), 0)
-                done += 1 << i
+    for jj in tl.static_range(1, PS):
+        d += tl.gather(e, tl.minimum(lane + jj * DIL, BX - 1), 0)
     return d
 
 
