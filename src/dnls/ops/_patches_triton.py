@@ -982,6 +982,8 @@ def _fold_kernel(
 # kernel, or None for the flat kernel (one element per lane, its position decoded per
 # element). Measured on the H200 (BENCHMARKS.md, kernels' time): K14 ps7 C3 3.41 ms with the
 # tile kernel at (16, 32, 4), 1.74 ms flat (an earlier run); K16 ps1 C128 0.459 / 0.453 ms.
+# On the H100 at 8f52d1a, K16's tile adds as 128-bit vectors (no element mask): 0.533 ms at
+# (32, 128, 4) against 0.534 flat, so the flat kernel stays.
 # scatter_runs / wpsum_bwd_runs: scatter, and wpsum's video gradient, at whole positions by
 # runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
 # entries per stream, warps); on the H100 at e9a95a5, scatter K14 1.76 -> 1.25 ms and wpsum's
