@@ -359,9 +359,9 @@ def profile_rows(results, args):
     for label, vid, inds, ps in _knn_inputs(args):
         ops = _knn_ops(vid, inds, ps)
         for suffix, cfg in variants:
-            names = ("gather", "scatter", "wpsum", "wpsum f+b") if not cfg else ("wpsum",)
             if cfg and ps == 1:
                 continue  # (the modes are those of the 1024² row's three channels)
+            names = ("wpsum",) if cfg else ("gather", "scatter", "wpsum", "wpsum f+b")
             kernels.CONFIG.update(default, **cfg)
             for name in names:
                 ops[name]()  # warm-up: compiles
@@ -462,16 +462,16 @@ KNN = (
 )
 
 
-# --smoke: the same ops, patch sizes and channel layouts (3 channels; 8, read channels-last),
-# tiny frames
 # runs_rule's rows: patches of 1, 3 and 7 pixels into channels-first (3 channels) and
-# channels-last (16) buffers
+# channels-last (16, 8) buffers
 RUNS_RULE = (
     ("K14 ps3 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=3, k=14)),
     ("K14 ps1 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=1, k=14)),
     ("K16 ps3 C16 5x128x128", (1, 5, 16, 128, 128), dict(ws=9, wt=1, ps=3, k=16)),
     ("K16 ps7 C8 5x128x128", (1, 5, 8, 128, 128), dict(ws=9, wt=1, ps=7, k=16)),
 )
+# --smoke: the same ops, patch sizes and channel layouts (3 channels; 8, read channels-last),
+# tiny frames
 KNN_SMOKE = (
     ("K14 ps7 C3 (smoke)", (1, 1, 3, 24, 24), dict(ws=5, ps=7, k=14)),
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
@@ -499,8 +499,8 @@ def knn_rows(results, args):
 def _index_ops(vid, inds, weights) -> dict:
     """gather, scatter and wpsum of one-pixel patches (one batch, one head) as PyTorch's
     indexing ops on a channels-last copy of ``vid``: ``index_select``, ``index_add_`` and
-    ``embedding_bag`` with per-sample weights (sum), each returning its result and a function
-    that computes it again (scatter's takes the patches)."""
+    ``embedding_bag`` with per-sample weights (sum): a function per op (scatter's takes the
+    patches), and under "flat" the copy they read."""
     _, t, c, h, w = vid.shape
     flat = vid[0].permute(0, 2, 3, 1).reshape(-1, c).contiguous()
     pos = inds[0, 0].long()
@@ -570,7 +570,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
     # outside the timing), whose kernels meet the same limits
     index = _index_ops(vid, inds, weights) if ps == 1 and b * hd == 1 else None
     if index is not None:
-        _index_row(results, args, "gather", case, index, dnls.gather(vid, inds, ps=ps), nbytes)
+        _index_row(results, args, "gather", case, index, ours, nbytes)
     # scatter (gather's backward)
     patches = ours
     del ours
