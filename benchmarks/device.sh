@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
-#          scattertile,dpossweep,bruns
+#          scattertile,anchors,dpossweep,bruns
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -20,7 +20,9 @@
 # against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
 # backward by runs of equal positions against the defaults (--rows runssweep), "runsrule" the
 # same on rows of other patch sizes and channel layouts (--rows runsrule); "scattertile"
-# scatter's tile kernel at its launches (--rows scattertile); "dpossweep"
+# scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
+# (sorted positions summed without atomics, then folded) at its launches (--rows anchors);
+# "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
@@ -60,6 +62,7 @@ for part in ${parts//,/ }; do
         runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
         runsrule) run runsrule python benchmarks/patches.py --rows runsrule ;;
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
+        anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
             --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
@@ -74,7 +77,7 @@ for part in ${parts//,/ }; do
             --section InstructionStats --section Occupancy \
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
-           stagedsweep, runssweep, runsrule, scattertile, dpossweep, bruns)" >&2
+           stagedsweep, runssweep, runsrule, scattertile, anchors, dpossweep, bruns)" >&2
            exit 2 ;;
     esac
 done

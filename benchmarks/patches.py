@@ -304,6 +304,30 @@ def runs_rule(results, args):
     _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
 
 
+def anchors_sweep(results, args):
+    """scatter by anchors (the positions sorted, each position's patches summed once without
+    atomics, the sums folded into the video per pixel) against the default, at launches of
+    its sum kernel (anchors per program, entries per step, warps), on the knn rows and the
+    runs rule's; then its peak memory. The kernel times include the sort and the fold."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    launches = ((2, 4, 4), (1, 4, 4), (4, 4, 4), (2, 8, 4), (1, 8, 2), (4, 2, 8))
+    configs = [("scatter", {})] + [("scatter", dict(scatter_anchors=a)) for a in launches]
+    rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
+    _run_sweep(results, args, configs, default, rows)
+    for label, vid, inds, ps in _knn_inputs(args, rows):
+        ops = _knn_ops(vid, inds, ps)
+        for cfg in (None, launches[0]):
+            kernels.CONFIG.update(default, scatter_anchors=cfg)
+            mb = peak_mb(ops["scatter"])
+            print(f"peak scatter {label} anchors={cfg}: {mb:.1f} MB", flush=True)  # noqa: T201
+            results.append(dict(op="scatter peak", case=label, anchors=cfg, mb=mb))
+        kernels.CONFIG.update(default)
+        del ops
+        torch.cuda.empty_cache()
+
+
 def scatter_tiles(results, args):
     """scatter's tile kernel (patches per program, elements per chunk, warps) against the
     default on the knn rows: where a chunk covers whole patches (K16: 128 channels), its loads
@@ -405,7 +429,7 @@ def _run_sweep(results, args, configs, default, rows=None):
             f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
         }
         kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
-                              wpsum_bwd_runs=False, **direct)  # fmt: skip
+                              wpsum_bwd_runs=False, scatter_anchors=None, **direct)  # fmt: skip
         # outputs of the ops this sweep times only
         expect = {name: ops[name]() for name in {name for name, _ in configs}}
         for name, cfg in configs:
@@ -478,7 +502,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile",
+    "scattertile", "anchors",
 )  # fmt: skip
 
 
@@ -625,7 +649,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
-    "scattertile": scatter_tiles,
+    "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,

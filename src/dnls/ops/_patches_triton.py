@@ -451,6 +451,65 @@ def _runs_key_kernel(inds, key, N, QK, T, H, W, WIDE: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
+def _anchor_key_kernel(inds, key, hist, N, QK, t0, y0, x0, nt, ny, nx,
+                       WIDE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Each entry's anchor: its slice and position in raster order within the box ``nt x ny x
+    nx`` at ``(t0, y0, x0)`` that holds every position (WIDE: int64); and each anchor's count
+    of entries, added into ``hist`` (integer atomics: the same counts on every run)."""
+    if WIDE:
+        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    t = tl.load(inds + n * 3, mask=m, other=0) - t0
+    y = tl.load(inds + n * 3 + 1, mask=m, other=0) - y0
+    x = tl.load(inds + n * 3 + 2, mask=m, other=0) - x0
+    if WIDE:
+        t = t.to(tl.int64)
+    a = (((n // QK) * nt + t) * ny + y) * nx + x
+    tl.store(key + n, a, mask=m)
+    tl.atomic_add(hist + a, tl.full((BLOCK,), 1, hist.dtype.element_ty), mask=m, sem="relaxed")
+
+
+@triton.jit
+def _anchor_sum_kernel(
+    patches,  # (N, E) rows, contiguous; CONST: one value, every element's
+    order,  # (N,) the entries sorted by anchor (stably)
+    ends,  # (R,) per anchor, the end of its entries in ``order`` (inclusive cumsum of hist)
+    hist,  # (R,) per anchor, its number of entries
+    out,  # (R, E) contiguous: per anchor, the sum of its patches
+    R,
+    E: tl.constexpr, EP: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr, U: tl.constexpr, CONST: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_A anchors per program: each sums the patches of its entries, U of them per step
+    (their rows loaded together), in the order of ``order``, so the sums have the same bits
+    on every run. No atomics: each anchor's sum is written once."""
+    if I64:
+        a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    else:
+        a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    am = a < R
+    cnt = tl.load(hist + a, mask=am, other=0)
+    first = tl.load(ends + a, mask=am, other=0) - cnt
+    e = tl.arange(0, EP)
+    em = e < E
+    acc = tl.zeros((BLOCK_A, EP), dtype=ACC)
+    if CONST:
+        acc += cnt.to(ACC)[:, None] * tl.load(patches).to(ACC)
+    else:
+        for j in range(0, tl.max(cnt, axis=0), U):
+            for u in tl.static_range(U):
+                live = am & (j + u < cnt)
+                n = tl.load(order + first + j + u, mask=live, other=0)
+                if not I64:
+                    n = n.to(tl.int32)
+                m = live[:, None] & em[None, :]
+                acc += tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
+    tl.store(out + a[:, None] * E + e[None, :], acc, mask=am[:, None] & em[None, :])
+
+
+@triton.jit
 def _gather_dpos_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     inds,  # (N, 3) floating positions
@@ -994,6 +1053,7 @@ def _fold_kernel(
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
     "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
+    "scatter_anchors": None,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
@@ -1015,6 +1075,9 @@ STAGED_INTERPRET = {
 
 # _scatter_runs_kernel's launch under the interpreter: short streams, so that runs cross them
 RUNS_INTERPRET = (2, 3, 4)
+# _anchor_sum_kernel's launch under the interpreter (anchors per program, entries per step,
+# warps): 3 entries per step, so that anchors of 1 to 7 entries end inside and at a step's end
+ANCHORS_INTERPRET = (2, 3, 4)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -1253,6 +1316,52 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     )  # fmt: skip
 
 
+def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor | None:
+    """scatter at whole positions without atomics on the video, or None where it does not
+    apply: the entries are sorted by position (stably), each position's patches summed once
+    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box of rows that holds every
+    position, and those patches folded into the video (:func:`fold`, each pixel summing what
+    lands on it). Deterministic: the same bits on every run. Applies where :func:`fold` covers
+    the geometry and the box has no more pixels than there are entries (its patches then take
+    no more memory than the input's). Reads the positions' bounds back to the host (a sync)."""
+    b, hd, t, c, h, w = shape6
+    shape5 = (b * hd, t, c, h, w)
+    if not fold_supported(shape5, geom):
+        return None
+    pos = _inds(inds)
+    n = pos.numel() // 3
+    flat = pos.view(n, 3)
+    t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
+    nt, ny, nx = t1 - t0 + 1, y1 - y0 + 1, x1 - x0 + 1
+    rn = nt * ny * nx
+    r = b * hd * rn
+    if r > n:
+        return None
+    e = geom.pt * c * geom.ps * geom.ps
+    wide = n >= 2**31
+    itype = torch.int64 if wide else torch.int32
+    key = torch.empty(n, dtype=itype, device=pos.device)
+    hist = torch.zeros(r, dtype=itype, device=pos.device)
+    block = 1024
+    _anchor_key_kernel[(triton.cdiv(n, block),)](
+        pos, key, hist, n, n // (b * hd), t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
+    )
+    ends = torch.cumsum(hist, 0, dtype=itype)
+    order = key if const else torch.sort(key, stable=True).indices
+    acc = _acc(patches.dtype)
+    sums = torch.empty(r, e, dtype=acc, device=pos.device)
+    block_a, u, warps = CONFIG["scatter_anchors"] if cuda_launch(pos.device) else ANCHORS_INTERPRET
+    _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
+        patches, order, ends, hist, sums, r, E=e, EP=next_power_of_2(e),
+        I64=max(n, r) * e >= 2**31, ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u, CONST=const,
+        num_warps=warps,
+    )  # fmt: skip
+    region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
+    sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
+    out, _ = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border)
+    return out.view(shape6)
+
+
 def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
@@ -1261,6 +1370,11 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
+    if patches.numel() and whole and CONFIG["scatter_anchors"]:
+        src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
+        out = _scatter_anchors(src, inds, (b, hd, t, c, h, w), geom, const)
+        if out is not None:
+            return out.to(patches.dtype)
     scale = None
     if patches.numel() and torch.are_deterministic_algorithms_enabled():
         one = patches.as_strided((1,), (1,)) if const else patches
