@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dnls
+from dnls._ref import PatchGeom
 
 pytest.importorskip("triton")
 
@@ -200,12 +201,13 @@ def test_gather_position_gradient_launches(monkeypatch, launch):
     check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
-@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs"])
+@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs", "anchors"])
 @pytest.mark.parametrize("fractional", [False, True])
 def test_deterministic_mode(monkeypatch, tile, fractional):
     """Under torch.use_deterministic_algorithms the kernels that add with atomics (scatter's
-    flat, tile and runs kernels, wpsum's backward) add fixed-point values into int64: repeated
-    runs give the same bits, and the results equal the reference's."""
+    flat, tile and runs kernels, wpsum's backward) add fixed-point values into int64, and
+    scatter by anchors adds none: repeated runs give the same bits, and the results equal the
+    reference's."""
     use_scatter(monkeypatch, tile)
     shape = (1, 2, 3, 16, 16) if CUDA else (1, 2, 2, 5, 6)
     vid = rand_video(shape, torch.float32, seed=9).to(DEVICE)
@@ -309,13 +311,16 @@ def test_channels_last_layout(monkeypatch):
 def use_scatter(mp, kind):
     """How scatter (and wpsum's video gradient) add at whole positions: ``None`` the flat
     kernel, a tuple scatter's tile kernel at that tile, ``"runs"`` runs of equal positions
-    (:func:`_scatter_runs_kernel`, both ops)."""
+    (:func:`_scatter_runs_kernel`, both ops), ``"anchors"`` scatter by anchors where it
+    applies (:func:`_scatter_anchors`, else the flat kernel)."""
     from dnls.ops import _patches_triton
 
     runs = kind == "runs"
-    mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if runs else kind)
+    anchors = kind == "anchors"
+    mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if runs or anchors else kind)
     mp.setitem(_patches_triton.CONFIG, "scatter_runs", runs)
     mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_runs", runs)
+    mp.setitem(_patches_triton.CONFIG, "scatter_anchors", (2, 4, 4) if anchors else None)
 
 
 def use_staged(mp, cfg, last=False):
@@ -544,6 +549,86 @@ def test_runs_random(case):
                 runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
             for a, b in zip(*runs, strict=True):
                 assert torch.equal(a, b), "deterministic scatter by runs: two runs differ"
+
+
+def spy_anchors(mp):
+    """Record, per call of scatter by anchors, whether it applied (returned a video)."""
+    from dnls.ops import _patches_triton
+
+    ran = []
+    inner = _patches_triton._scatter_anchors
+
+    def spy(*args):
+        out = inner(*args)
+        ran.append(out is not None)
+        return out
+
+    mp.setattr(_patches_triton, "_scatter_anchors", spy)
+    return ran
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(runs_cases(), st.booleans())
+def test_anchors_random(case, wide):
+    """scatter by anchors over random configurations, positions with many repeats (so that
+    the box that holds them has fewer pixels than there are entries, and the path applies
+    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices:
+    scatter, its counts and gather's video gradient (a scatter) equal the reference's, per
+    dtype; two runs give the same bits (no atomics on floats)."""
+    from dnls.ops import _patches_triton
+
+    b, t, c, h, w = case["shape"]
+    geom, hd = case["geom"], case["nheads"]
+    g = torch.Generator().manual_seed(case["seed"])
+    size = (b, hd, max(case["q"], 3), case["k"] + 4)
+    pool = torch.stack([torch.randint(0, t - geom["pt"] + 1, (case["pool"],), generator=g),
+                        torch.randint(0, h, (case["pool"],), generator=g),
+                        torch.randint(0, w, (case["pool"],), generator=g)], -1)  # fmt: skip
+    inds = pool[torch.randint(0, case["pool"], size, generator=g)].int().to(DEVICE)
+    dtype = case["dtype"]
+    vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
+    patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
+                         seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
+    sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
+    box = (inds.amax((0, 1, 2, 3)) - inds.amin((0, 1, 2, 3)) + 1).prod().item()
+    geometry = PatchGeom(geom["ps"], geom["pt"], geom["dilation"], geom["border"])
+    applies = b * hd * box <= inds.numel() // 3 and _patches_triton.fold_supported(
+        (b * hd, t, c // hd, h, w), geometry
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        use_scatter(mp, "anchors")
+        mp.setattr(_patches_triton, "ANCHORS_INTERPRET", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
+        if wide:
+            mp.setattr(_patches_triton, "_wide", lambda size: True)
+        ran = spy_anchors(mp)
+        fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
+        check(run_both(mp, fn, [patches]), dtype, f"scatter {dtype}", scale=10)
+        fn = lambda v: dnls.gather(v, inds, **geom, nheads=hd)  # noqa: E731
+        check(run_both(mp, fn, [vid]), dtype, f"gather {dtype}", scale=10)
+        assert ran and all(r == applies for r in ran), f"by anchors: {ran}, expected {applies}"
+        mp.setenv("DNLS_BACKEND", "triton")
+        runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b), "scatter by anchors: two runs differ"
+
+
+def test_anchors_fallback(monkeypatch):
+    """Positions spread over a box with more pixels than there are entries: scatter by
+    anchors does not apply (its sums would outgrow the patches), and the flat kernel's result
+    equals the reference's."""
+    use_scatter(monkeypatch, "anchors")
+    ran = spy_anchors(monkeypatch)
+    shape = (1, 2, 3, 9, 10)
+    case = dict(shape=shape, nheads=1, q=6, k=2, fractional=False, seed=5)
+    inds = make_inds(case)
+    inds[0, 0, 0, 0] = torch.tensor([0, 0, 0])
+    inds[0, 0, -1, -1] = torch.tensor([1, 8, 9])  # the box: the whole video, 180 > 12
+    inds = inds.to(DEVICE)
+    patches = rand_video((1, 1, 6, 2, 1, 3, 3, 3), seed=6).to(DEVICE)
+    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    assert ran == [False, False], ran
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -1316,6 +1316,11 @@ def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False
     )  # fmt: skip
 
 
+def _wide(size: int) -> bool:
+    """Whether indices up to ``size`` need 64 bits (scatter by anchors; the tests force it)."""
+    return size >= 2**31
+
+
 def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor | None:
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
@@ -1338,7 +1343,7 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor |
     if r > n:
         return None
     e = geom.pt * c * geom.ps * geom.ps
-    wide = n >= 2**31
+    wide = _wide(n)
     itype = torch.int64 if wide else torch.int32
     key = torch.empty(n, dtype=itype, device=pos.device)
     hist = torch.zeros(r, dtype=itype, device=pos.device)
@@ -1353,7 +1358,7 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor |
     block_a, u, warps = CONFIG["scatter_anchors"] if cuda_launch(pos.device) else ANCHORS_INTERPRET
     _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
         patches, order, ends, hist, sums, r, E=e, EP=next_power_of_2(e),
-        I64=max(n, r) * e >= 2**31, ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u, CONST=const,
+        I64=_wide(max(n, r) * e), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u, CONST=const,
         num_warps=warps,
     )  # fmt: skip
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
