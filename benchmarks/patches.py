@@ -305,24 +305,27 @@ def runs_rule(results, args):
 
 
 def anchors_sweep(results, args):
-    """scatter by anchors (the positions sorted, each position's patches summed once without
-    atomics, the sums folded into the video per pixel) against the default, at launches of
-    its sum kernel (anchors per program, entries per step, warps), on the knn rows and the
-    runs rule's; then its peak memory. The kernel times include the sort and the fold."""
+    """scatter and wpsum forward+backward by anchors (the positions sorted, each position's
+    patches summed once without atomics, the sums folded into the video per pixel) against
+    the defaults, at launches of its sum kernel (anchors per program, entries per step,
+    warps), on the knn rows and the runs rule's; then peak memory. The kernel times include
+    the sort and the fold."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
     launches = ((2, 4, 4), (1, 4, 4), (4, 4, 4), (2, 8, 4), (1, 8, 2), (4, 2, 8))
-    configs = [("scatter", {})] + [("scatter", dict(scatter_anchors=a)) for a in launches]
+    configs = [(op, cfg) for op in ("scatter", "wpsum f+b")
+               for cfg in [{}] + [dict(scatter_anchors=a) for a in launches]]  # fmt: skip
     rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
     _run_sweep(results, args, configs, default, rows)
     for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
         for cfg in (None, launches[0]):
             kernels.CONFIG.update(default, scatter_anchors=cfg)
-            mb = peak_mb(ops["scatter"])
-            print(f"peak scatter {label} anchors={cfg}: {mb:.1f} MB", flush=True)  # noqa: T201
-            results.append(dict(op="scatter peak", case=label, anchors=cfg, mb=mb))
+            for name in ("scatter", "wpsum f+b"):
+                mb = peak_mb(ops[name])
+                print(f"peak {name} {label} anchors={cfg}: {mb:.1f} MB", flush=True)  # noqa: T201
+                results.append(dict(op=f"{name} peak", case=label, anchors=cfg, mb=mb))
         kernels.CONFIG.update(default)
         del ops
         torch.cuda.empty_cache()

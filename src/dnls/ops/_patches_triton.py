@@ -473,18 +473,28 @@ def _anchor_key_kernel(inds, key, hist, N, QK, t0, y0, x0, nt, ny, nx,
 
 @triton.jit
 def _anchor_sum_kernel(
-    patches,  # (N, E) rows, contiguous; CONST: one value, every element's
+    patches,  # (N, E) rows, contiguous; CONST: one value, every element's; WEIGHTED: (N/K, E)
     order,  # (N,) the entries sorted by anchor (stably)
     ends,  # (R,) per anchor, the end of its entries in ``order`` (inclusive cumsum of hist)
     hist,  # (R,) per anchor, its number of entries
     out,  # (R, E) contiguous: per anchor, the sum of its patches
-    R,
-    E: tl.constexpr, EP: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_A: tl.constexpr, U: tl.constexpr, CONST: tl.constexpr,
+    weights,  # WEIGHTED: (N,) each entry's factor (its row of ``patches`` is ``n // K``)
+    vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
+    gw,  # WEIGHTED: (N,) output, the weights' gradient
+    R, K, HD, T, H, W, t0, y0, x0, nt, ny, nx,
+    s_b, s_h, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    BORDER: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, I64: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_A: tl.constexpr, U: tl.constexpr, CONST: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_A anchors per program: each sums the patches of its entries, U of them per step
     (their rows loaded together), in the order of ``order``, so the sums have the same bits
-    on every run. No atomics: each anchor's sum is written once."""
+    on every run. No atomics: each anchor's sum is written once.
+
+    WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
+    ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch at
+    the anchor read once."""
     if I64:
         a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     else:
@@ -495,6 +505,19 @@ def _anchor_sum_kernel(
     e = tl.arange(0, EP)
     em = e < E
     acc = tl.zeros((BLOCK_A, EP), dtype=ACC)
+    if WEIGHTED:  # the video's patch at each anchor (slice bh, position t, y, x)
+        rn = nt * ny * nx
+        bh = a // rn
+        x = a % nx + x0
+        y = (a // nx) % ny + y0
+        t = (a // (nx * ny)) % nt + t0
+        dt, c, oy, ox = _element(e, C, PS, DIL)
+        base = vid + ((bh // HD) * s_b + (bh % HD) * s_h).to(tl.int64)[:, None]
+        vp, _, _ = _read(
+            base + (c.to(tl.int64) * s_c)[None, :], (t[:, None] + dt[None, :]).to(tl.int32),
+            (y[:, None] + oy[None, :]).to(tl.int32), (x[:, None] + ox[None, :]).to(tl.int32),
+            T, H, W, s_t, s_y, s_x, am[:, None] & em[None, :], BORDER, I64, True, ACC,
+        )  # fmt: skip
     if CONST:
         acc += cnt.to(ACC)[:, None] * tl.load(patches).to(ACC)
     else:
@@ -505,7 +528,14 @@ def _anchor_sum_kernel(
                 if not I64:
                     n = n.to(tl.int32)
                 m = live[:, None] & em[None, :]
-                acc += tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
+                if WEIGHTED:
+                    f = tl.load(weights + n, mask=live, other=0.0).to(ACC)
+                    gq = tl.load(patches + (n // K)[:, None] * E + e[None, :], mask=m, other=0.0)
+                    gq = gq.to(ACC)
+                    tl.store(gw + n, tl.sum(gq * vp, axis=1).to(gw.dtype.element_ty), mask=live)
+                    acc += gq * f[:, None]
+                else:
+                    acc += tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
     tl.store(out + a[:, None] * E + e[None, :], acc, mask=am[:, None] & em[None, :])
 
 
@@ -1321,14 +1351,18 @@ def _wide(size: int) -> bool:
     return size >= 2**31
 
 
-def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor | None:
+def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=None, vid=None):
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
-    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box of rows that holds every
+    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
     position, and those patches folded into the video (:func:`fold`, each pixel summing what
     lands on it). Deterministic: the same bits on every run. Applies where :func:`fold` covers
     the geometry and the box has no more pixels than there are entries (its patches then take
-    no more memory than the input's). Reads the positions' bounds back to the host (a sync)."""
+    no more memory than the input's). Reads the positions' bounds back to the host (a sync).
+
+    ``const``: ``patches`` is one value, every element's. With ``weights (B, HD, Q, K)`` and
+    ``vid``, wpsum's backward: ``patches`` is its output gradient ``(B, HD, Q, E)``, each entry
+    adds its row times its weight, and the weights' gradient is returned beside the video's."""
     b, hd, t, c, h, w = shape6
     shape5 = (b * hd, t, c, h, w)
     if not fold_supported(shape5, geom):
@@ -1353,18 +1387,26 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool) -> torch.Tensor |
     )
     ends = torch.cumsum(hist, 0, dtype=itype)
     order = key if const else torch.sort(key, stable=True).indices
-    acc = _acc(patches.dtype)
+    acc = _acc(patches.dtype if vid is None else vid.dtype)
     sums = torch.empty(r, e, dtype=acc, device=pos.device)
     block_a, u, warps = CONFIG["scatter_anchors"] if cuda_launch(pos.device) else ANCHORS_INTERPRET
+    src = vid if vid is not None else patches
+    gw = torch.empty(n, dtype=weights.dtype, device=pos.device) if weights is not None else sums
     _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
-        patches, order, ends, hist, sums, r, E=e, EP=next_power_of_2(e),
-        I64=_wide(max(n, r) * e), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u, CONST=const,
-        num_warps=warps,
+        patches, order, ends, hist, sums, sums if weights is None else weights.contiguous(),
+        src, gw, r, 1 if weights is None else weights.shape[3], hd, t, h, w,
+        t0, y0, x0, nt, ny, nx,
+        *(src.stride() if vid is not None else (0,) * 6),
+        C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
+        BORDER=_modes(shape6, geom, True)["BORDER"], E=e, EP=next_power_of_2(e),
+        I64=_wide(max(n * e, r * e, src.numel())), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u,
+        CONST=const, WEIGHTED=weights is not None, num_warps=warps,
     )  # fmt: skip
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
     sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
     out, _ = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border)
-    return out.view(shape6)
+    out = out.view(shape6)
+    return out if weights is None else (out, gw.view(weights.shape))
 
 
 def scatter(patches, inds, shape6, geom) -> torch.Tensor:
@@ -1450,6 +1492,11 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     whole = not inds.is_floating_point()
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
+    if r and k and e and whole and CONFIG["scatter_anchors"]:
+        got = _scatter_anchors(grad.contiguous(), inds, vid.shape, geom, weights=weights, vid=vid)
+        if got is not None:
+            gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
+            return got[0].to(vid.dtype), got[1], gpos
     scale = None
     if r and k and e and torch.are_deterministic_algorithms_enabled():  # terms: w g
         size = grad.detach().abs().amax() * weights.detach().abs().amax()
