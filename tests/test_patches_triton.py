@@ -558,8 +558,8 @@ def spy_anchors(mp):
     ran = []
     inner = _patches_triton._scatter_anchors
 
-    def spy(*args):
-        out = inner(*args)
+    def spy(*args, **kwargs):
+        out = inner(*args, **kwargs)
         ran.append(out is not None)
         return out
 
@@ -573,8 +573,8 @@ def test_anchors_random(case, wide):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
     wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices:
-    scatter, its counts and gather's video gradient (a scatter) equal the reference's, per
-    dtype; two runs give the same bits (no atomics on floats)."""
+    scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
+    reference's, per dtype; two runs give the same bits (no atomics on floats)."""
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
@@ -587,6 +587,7 @@ def test_anchors_random(case, wide):
     inds = pool[torch.randint(0, case["pool"], size, generator=g)].int().to(DEVICE)
     dtype = case["dtype"]
     vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
+    weights = rand_video(size, dtype, seed=case["seed"] + 2).to(DEVICE)
     patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
                          seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
     sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
@@ -606,7 +607,10 @@ def test_anchors_random(case, wide):
         check(run_both(mp, fn, [patches]), dtype, f"scatter {dtype}", scale=10)
         fn = lambda v: dnls.gather(v, inds, **geom, nheads=hd)  # noqa: E731
         check(run_both(mp, fn, [vid]), dtype, f"gather {dtype}", scale=10)
-        assert ran and all(r == applies for r in ran), f"by anchors: {ran}, expected {applies}"
+        fn = lambda v, wt: dnls.wpsum(v, wt, inds, nheads=hd, **geom)  # noqa: E731
+        check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
+        assert len(ran) == 4, ran  # scatter, its counts, gather's and wpsum's backward
+        assert all(r == applies for r in ran), f"by anchors: {ran}, expected {applies}"
         mp.setenv("DNLS_BACKEND", "triton")
         runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
         for a, b in zip(*runs, strict=True):
