@@ -21,7 +21,10 @@ Reads are gathers that coalesce along ``j`` (consecutive columns). Generic scatt
 atomics into a float32 (float64) buffer, so their bits can vary between runs. At whole
 positions they can also go by runs of equal positions (the entries sorted by position, each
 run's patches summed in registers and added once): positions from a search hold each pixel
-about K times, so that takes about K times fewer atomics. Under
+about K times, so that takes about K times fewer atomics. Or by anchors, with no atomics on
+the video: each position's patches summed once (the entries sorted stably by position) into
+one patch per pixel of the box that holds the positions, then folded into the video as
+``ifold`` does; the same bits on every run. Under
 ``torch.use_deterministic_algorithms(True)`` they add into int64 accumulators instead, each
 contribution rounded to a fixed point ``1 / scale`` (``scale`` the largest power of two that
 no sum can overflow): integer addition is associative, so every run gives the same bits.
@@ -1077,6 +1080,9 @@ def _fold_kernel(
 # runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
 # entries per stream, warps); on the H100 at e9a95a5, scatter K14 1.76 -> 1.25 ms and wpsum's
 # forward+backward 2.18 -> 1.21 ms, but K16 (ps 1) slower at every launch, so off.
+# scatter_anchors: scatter and wpsum's video gradient at whole positions by anchors
+# (_scatter_anchors: sorted, summed per position without atomics, folded), launched as
+# (anchors per program, entries per step, warps); None: off. Not timed yet.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
