@@ -38,3 +38,18 @@ def kernel_ms(fn: Callable, reps: int = 5) -> float:
         torch.cuda.synchronize()
     total_us = sum(e.self_device_time_total for e in prof.key_averages())
     return total_us / reps / 1000
+
+
+def kernel_breakdown(fn: Callable, reps: int = 5) -> list[tuple[str, float]]:
+    """GPU time per call of each kernel ``fn`` launches (torch profiler), in ms, the longest
+    first: which of an op's kernels takes its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / reps / 1000) for e in prof.key_averages()]
+    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])

@@ -313,7 +313,7 @@ def anchors_sweep(results, args):
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
-    launches = ((2, 4, 4), (1, 4, 4), (4, 4, 4), (2, 8, 4), (1, 8, 2), (4, 2, 8))
+    launches = ((2, 4, 4), (4, 4, 4), (1, 8, 2), (4, 2, 8))
     configs = [(op, cfg) for op in ("scatter", "wpsum f+b")
                for cfg in [{}] + [dict(scatter_anchors=a) for a in launches]]  # fmt: skip
     rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
@@ -324,8 +324,12 @@ def anchors_sweep(results, args):
             kernels.CONFIG.update(default, scatter_anchors=cfg)
             for name in ("scatter", "wpsum f+b"):
                 mb = peak_mb(ops[name])
-                print(f"peak {name} {label} anchors={cfg}: {mb:.1f} MB", flush=True)  # noqa: T201
-                results.append(dict(op=f"{name} peak", case=label, anchors=cfg, mb=mb))
+                parts = [] if SMOKE else _timing.kernel_breakdown(ops[name])
+                top = ", ".join(f"{k[:40]} {ms:.3f}" for k, ms in parts[:8])
+                print(f"{name} {label} anchors={cfg}: peak {mb:.1f} MB; kernels ms: {top}",  # noqa: T201
+                      flush=True)  # fmt: skip
+                results.append(dict(op=f"{name} peak", case=label, anchors=cfg, mb=mb,
+                                    kernels=parts))  # fmt: skip
         kernels.CONFIG.update(default)
         del ops
         torch.cuda.empty_cache()

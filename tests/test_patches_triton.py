@@ -591,7 +591,10 @@ def test_anchors_random(case, wide):
     patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
                          seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
     sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
-    box = (inds.amax((0, 1, 2, 3)) - inds.amin((0, 1, 2, 3)) + 1).prod().item()
+    # the box: the whole video where its pixels are no more than the entries, else the bounds
+    box = t * h * w
+    if b * hd * box > inds.numel() // 3:
+        box = (inds.amax((0, 1, 2, 3)) - inds.amin((0, 1, 2, 3)) + 1).prod().item()
     geometry = PatchGeom(geom["ps"], geom["pt"], geom["dilation"], geom["border"])
     applies = b * hd * box <= inds.numel() // 3 and _patches_triton.fold_supported(
         (b * hd, t, c // hd, h, w), geometry
@@ -615,6 +618,28 @@ def test_anchors_random(case, wide):
         runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
         for a, b in zip(*runs, strict=True):
             assert torch.equal(a, b), "scatter by anchors: two runs differ"
+
+
+def test_anchors_box(monkeypatch):
+    """Fewer entries than the video has pixels, but their positions within a box of as many
+    pixels: scatter by anchors sums over that box (its bounds read back to the host), and
+    scatter and its counts equal the reference's."""
+    use_scatter(monkeypatch, "anchors")
+    ran = spy_anchors(monkeypatch)
+    shape = (1, 2, 3, 12, 12)  # 288 pixels
+    g = torch.Generator().manual_seed(8)
+    size = (1, 1, 10, 4)  # 40 entries
+    inds = torch.stack([torch.randint(0, 2, size, generator=g),
+                        torch.randint(3, 7, size, generator=g),
+                        torch.randint(4, 9, size, generator=g)], -1)  # fmt: skip
+    inds[0, 0, 0, 0] = torch.tensor([0, 3, 4])
+    inds[0, 0, 0, 1] = torch.tensor([1, 6, 8])  # the box: 2 x 4 x 5 = 40 pixels
+    inds = inds.int().to(DEVICE)
+    patches = rand_video((*size, 1, 3, 5, 5), seed=9).to(DEVICE)
+    for border in ("reflect", "zero"):
+        fn = lambda p: dnls.scatter(p, inds, shape=shape, border=border)  # noqa: E731, B023
+        check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    assert ran == [True] * 4, ran
 
 
 def test_anchors_fallback(monkeypatch):

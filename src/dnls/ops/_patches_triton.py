@@ -480,7 +480,7 @@ def _anchor_sum_kernel(
     order,  # (N,) the entries sorted by anchor (stably)
     ends,  # (R,) per anchor, the end of its entries in ``order`` (inclusive cumsum of hist)
     hist,  # (R,) per anchor, its number of entries
-    out,  # (R, E) contiguous: per anchor, the sum of its patches
+    out,  # (R, E) contiguous: per anchor with entries, the sum of its patches
     weights,  # WEIGHTED: (N,) each entry's factor (its row of ``patches`` is ``n // K``)
     vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
     gw,  # WEIGHTED: (N,) output, the weights' gradient
@@ -502,8 +502,8 @@ def _anchor_sum_kernel(
         a = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     else:
         a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    am = a < R
-    cnt = tl.load(hist + a, mask=am, other=0)
+    cnt = tl.load(hist + a, mask=a < R, other=0)
+    am = cnt > 0  # (an anchor without entries is skipped: nothing reads its sum)
     first = tl.load(ends + a, mask=am, other=0) - cnt
     e = tl.arange(0, EP)
     em = e < E
@@ -968,11 +968,12 @@ def _fold_kernel(
     patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
     out,  # (B, T, C, H, W) contiguous
     counts,  # (B, T, 1, H, W) contiguous
+    used,  # USED: (B, Qn) the grid's patches to read (> 0); the others are taken as zero
     Qn, T, H, W,
     start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
     PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, REFLECT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_X: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
 ):  # fmt: skip
     """Each program sums, for BLOCK_X pixels of one row of one frame and all channels, every
     patch element that lands there. A pixel at coordinate ``p`` is written by the patch pixel
@@ -1029,6 +1030,9 @@ def _fold_kernel(
                                 e = ((dt * C + cc) * PS + i) * PS + j
                                 if I64:
                                     q = q.to(tl.int64)
+                                if USED:
+                                    u = tl.load(used + b.to(tl.int64) * Qn + q, mask=ok, other=0)
+                                    ok = ok & (u > 0)
                                 ptr = pbase + q[:, None] * (PT * C * PS * PS)
                                 v = tl.load(
                                     ptr + e[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
@@ -1360,11 +1364,13 @@ def _wide(size: int) -> bool:
 def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=None, vid=None):
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
-    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
-    position, and those patches folded into the video (:func:`fold`, each pixel summing what
-    lands on it). Deterministic: the same bits on every run. Applies where :func:`fold` covers
-    the geometry and the box has no more pixels than there are entries (its patches then take
-    no more memory than the input's). Reads the positions' bounds back to the host (a sync).
+    (:func:`_anchor_sum_kernel`) into one patch per pixel of a box that holds every position,
+    and those patches folded into the video (:func:`fold`, each pixel summing what lands on
+    it; pixels without entries are neither written nor read). Deterministic: the same bits on
+    every run. Applies where :func:`fold` covers the geometry and the box has no more pixels
+    than there are entries (its patches then take no more memory than the input's). The box
+    is the whole video where that fits, else the positions' bounds, read back to the host (a
+    sync).
 
     ``const``: ``patches`` is one value, every element's. With ``weights (B, HD, Q, K)`` and
     ``vid``, wpsum's backward: ``patches`` is its output gradient ``(B, HD, Q, E)``, each entry
@@ -1375,8 +1381,11 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
         return None
     pos = _inds(inds)
     n = pos.numel() // 3
-    flat = pos.view(n, 3)
-    t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
+    if b * hd * t * h * w <= n:
+        t0, y0, x0, t1, y1, x1 = 0, 0, 0, t - 1, h - 1, w - 1
+    else:
+        flat = pos.view(n, 3)
+        t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
     nt, ny, nx = t1 - t0 + 1, y1 - y0 + 1, x1 - x0 + 1
     rn = nt * ny * nx
     r = b * hd * rn
@@ -1396,6 +1405,8 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     acc = _acc(patches.dtype if vid is None else vid.dtype)
     sums = torch.empty(r, e, dtype=acc, device=pos.device)
     block_a, u, warps = CONFIG["scatter_anchors"] if cuda_launch(pos.device) else ANCHORS_INTERPRET
+    ep = next_power_of_2(e)
+    block_a = max(block_a, 32 * warps // ep)  # (at least one element per thread)
     src = vid if vid is not None else patches
     gw = torch.empty(n, dtype=weights.dtype, device=pos.device) if weights is not None else sums
     _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
@@ -1404,13 +1415,13 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
         t0, y0, x0, nt, ny, nx,
         *(src.stride() if vid is not None else (0,) * 6),
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-        BORDER=_modes(shape6, geom, True)["BORDER"], E=e, EP=next_power_of_2(e),
+        BORDER=_modes(shape6, geom, True)["BORDER"], E=e, EP=ep,
         I64=_wide(max(n * e, r * e, src.numel())), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u,
         CONST=const, WEIGHTED=weights is not None, num_warps=warps,
     )  # fmt: skip
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
     sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
-    out, _ = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border)
+    out, _ = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
     out = out.view(shape6)
     return out if weights is None else (out, gw.view(weights.shape))
 
@@ -1539,8 +1550,11 @@ def fold_supported(shape5, geom) -> bool:
 FOLD_CONFIG = {"block_x": None, "num_warps": 8}
 
 
-def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str):
-    """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid."""
+def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
+         used=None):  # fmt: skip
+    """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid;
+    ``used (B, Qn)``: read and count only the patches where it is positive, the others taken
+    as zero (their memory is never read)."""
     b, t, c, h, w = shape5
     qn, pt, _, ps = patches.shape[1:5]
     acc = _acc(patches.dtype)
@@ -1552,11 +1566,12 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
         block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 32)
         block_x = min(block_x, next_power_of_2(w))
         _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
-            patches.contiguous(), out, counts, qn, t, h, w,
+            patches.contiguous(), out, counts, patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CP=next_power_of_2(c), PS=ps, PT=pt,
             DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
+            USED=used is not None,
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
