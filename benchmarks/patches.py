@@ -184,10 +184,10 @@ def knn_sweep(results, args):
     default = dict(kernels.CONFIG)
     configs = [("gather", dict(flat_block=b, flat_warps=w)) for b in (512, 1024, 2048)
                for w in (4, 8)]  # fmt: skip
-    configs += [("scatter", dict(cfg, scatter_tile=None)) for _, cfg in configs]
+    configs += [("scatter", dict(cfg, scatter_tile=None, **NO_ANCHORS)) for _, cfg in configs]
     # scatter's tile kernel (whole positions, few channels): patches, elements, warps
     for tile in ((8, 32, 4), (16, 32, 4), (32, 32, 4), (16, 64, 4), (32, 32, 8), (64, 32, 8)):
-        configs.append(("scatter", dict(scatter_tile=tile)))
+        configs.append(("scatter", dict(scatter_tile=tile, **NO_ANCHORS)))
     for block_e in (32, 64, 128):
         for tile in (1024, 4096):
             for w in (4, 8):
@@ -272,8 +272,9 @@ def runs_sweep(results, args):
     default = dict(kernels.CONFIG)
     launches = ((1, 64, 1), (2, 64, 1), (1, 64, 2), (1, 128, 1), (1, 32, 1), (2, 64, 4))
     configs = [("scatter", {}), ("wpsum f+b", {})]
-    configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in launches]
-    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r)) for r in launches[:4]]
+    configs += [("scatter", dict(scatter_runs=True, runs=r, **NO_ANCHORS)) for r in launches]
+    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r, **NO_ANCHORS))
+                for r in launches[:4]]  # fmt: skip
     _run_sweep(results, args, configs, default)
     for label, vid, inds, ps in _knn_inputs(args):  # the sort's share, and peak memory
         fn = lambda: kernels._runs_order(inds, (*inds.shape[:2], *vid.shape[1:]))  # noqa: E731, B023
@@ -299,36 +300,53 @@ def runs_rule(results, args):
 
     default = dict(kernels.CONFIG)
     configs = [("scatter", {}), ("wpsum f+b", {})]
-    configs += [("scatter", dict(scatter_runs=True, runs=r)) for r in ((1, 64, 1), (2, 64, 1))]
-    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=(1, 64, 1)))]
+    configs += [("scatter", dict(scatter_runs=True, runs=r, **NO_ANCHORS))
+                for r in ((1, 64, 1), (2, 64, 1))]  # fmt: skip
+    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=(1, 64, 1), **NO_ANCHORS))]
     _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
 
 
 def anchors_sweep(results, args):
     """scatter and wpsum forward+backward by anchors (the positions sorted, each position's
     patches summed once without atomics, the sums folded into the video per pixel) against
-    the defaults, at launches of its sum kernel (anchors per program, entries per step,
-    warps), on the knn rows and the runs rule's; then peak memory. The kernel times include
-    the sort and the fold."""
+    atomics, at launches of its sum kernel (anchors per program, entries per step, warps),
+    on the knn rows and the runs rule's, whatever the patch size (its rule, _by_anchors, is
+    bypassed); then peak memory and each kernel's time. The kernel times include the sort and
+    the fold."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
     launches = ((2, 4, 4), (4, 4, 4), (1, 8, 2), (4, 2, 8))
-    configs = [(op, cfg) for op in ("scatter", "wpsum f+b")
-               for cfg in [{}] + [dict(scatter_anchors=a) for a in launches]]  # fmt: skip
+    configs = [("scatter", NO_ANCHORS)] + [("scatter", dict(scatter_anchors=a)) for a in launches]
+    configs += [("wpsum f+b", NO_ANCHORS)]
+    configs += [("wpsum f+b", dict(wpsum_bwd_anchors=a)) for a in launches]
     rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
-    _run_sweep(results, args, configs, default, rows)
+    rule = kernels._by_anchors
+    kernels._by_anchors = lambda geom, e: True
+    try:
+        _run_sweep(results, args, configs, default, rows)
+        _anchors_parts(results, args, rows, default)
+    finally:
+        kernels._by_anchors = rule
+
+
+def _anchors_parts(results, args, rows, default):
+    """Peak memory and each kernel's time of scatter and wpsum forward+backward, with atomics
+    and by anchors at the default launches."""
+    from dnls.ops import _patches_triton as kernels
+
     for label, vid, inds, ps in _knn_inputs(args, rows):
         ops = _knn_ops(vid, inds, ps)
-        for cfg in (None, launches[0]):
-            kernels.CONFIG.update(default, scatter_anchors=cfg)
+        for cfg in (NO_ANCHORS, {}):
+            kernels.CONFIG.update(default, **cfg)
             for name in ("scatter", "wpsum f+b"):
                 mb = peak_mb(ops[name])
                 parts = [] if SMOKE else _timing.kernel_breakdown(ops[name])
                 top = ", ".join(f"{k[:40]} {ms:.3f}" for k, ms in parts[:8])
-                print(f"{name} {label} anchors={cfg}: peak {mb:.1f} MB; kernels ms: {top}",  # noqa: T201
+                way = "atomics" if cfg else "anchors"
+                print(f"{name} {label} {way}: peak {mb:.1f} MB; kernels ms: {top}",  # noqa: T201
                       flush=True)  # fmt: skip
-                results.append(dict(op=f"{name} peak", case=label, anchors=cfg, mb=mb,
+                results.append(dict(op=f"{name} peak", case=label, way=way, mb=mb,
                                     kernels=parts))  # fmt: skip
         kernels.CONFIG.update(default)
         del ops
@@ -343,7 +361,8 @@ def scatter_tiles(results, args):
 
     default = dict(kernels.CONFIG)
     tiles = ((16, 128, 4), (8, 128, 4), (32, 128, 4), (16, 128, 8), (4, 128, 4), (16, 32, 4))
-    configs = [("scatter", {})] + [("scatter", dict(scatter_tile=t)) for t in tiles]
+    configs = [("scatter", {}), ("scatter", NO_ANCHORS)]
+    configs += [("scatter", dict(scatter_tile=t, **NO_ANCHORS)) for t in tiles]
     _run_sweep(results, args, configs, default)
 
 
@@ -436,7 +455,7 @@ def _run_sweep(results, args, configs, default, rows=None):
             f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
         }
         kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
-                              wpsum_bwd_runs=False, scatter_anchors=None, **direct)  # fmt: skip
+                              wpsum_bwd_runs=False, **NO_ANCHORS, **direct)  # fmt: skip
         # outputs of the ops this sweep times only
         expect = {name: ops[name]() for name in {name for name, _ in configs}}
         for name, cfg in configs:
@@ -487,6 +506,8 @@ def _knn_inputs(args, rows=None):
         yield label, vid, inds, skw["ps"]
 
 
+# scatter and wpsum's video gradient without scatter by anchors (by atomics, or by runs)
+NO_ANCHORS = dict(scatter_anchors=None, wpsum_bwd_anchors=None)
 KNN = (
     ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14)),
     ("K16 ps1 C128 5x128x128", (1, 5, 128, 128, 128), dict(ws=9, wt=1, ps=1, k=16)),

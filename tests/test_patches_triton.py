@@ -312,7 +312,7 @@ def use_scatter(mp, kind):
     """How scatter (and wpsum's video gradient) add at whole positions: ``None`` the flat
     kernel, a tuple scatter's tile kernel at that tile, ``"runs"`` runs of equal positions
     (:func:`_scatter_runs_kernel`, both ops), ``"anchors"`` scatter by anchors where it
-    applies (:func:`_scatter_anchors`, else the flat kernel)."""
+    applies, whatever the patch size (:func:`_scatter_anchors`, else the flat kernel)."""
     from dnls.ops import _patches_triton
 
     runs = kind == "runs"
@@ -320,7 +320,10 @@ def use_scatter(mp, kind):
     mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if runs or anchors else kind)
     mp.setitem(_patches_triton.CONFIG, "scatter_runs", runs)
     mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_runs", runs)
-    mp.setitem(_patches_triton.CONFIG, "scatter_anchors", (2, 4, 4) if anchors else None)
+    for op in ("scatter_anchors", "wpsum_bwd_anchors"):
+        mp.setitem(_patches_triton.CONFIG, op, (2, 4, 4) if anchors else None)
+    if anchors:  # every patch size, not only those the rule picks
+        mp.setattr(_patches_triton, "_by_anchors", lambda geom, e: True)
 
 
 def use_staged(mp, cfg, last=False):
@@ -603,6 +606,7 @@ def test_anchors_random(case, wide):
         use_scatter(mp, "anchors")
         mp.setattr(_patches_triton, "ANCHORS_INTERPRET", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", case["launch"])
         if wide:
             mp.setattr(_patches_triton, "_wide", lambda size: True)
         ran = spy_anchors(mp)

@@ -1084,16 +1084,20 @@ def _fold_kernel(
 # runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
 # entries per stream, warps); on the H100 at e9a95a5, scatter K14 1.76 -> 1.25 ms and wpsum's
 # forward+backward 2.18 -> 1.21 ms, but K16 (ps 1) slower at every launch, so off.
-# scatter_anchors: scatter and wpsum's video gradient at whole positions by anchors
-# (_scatter_anchors: sorted, summed per position without atomics, folded), launched as
-# (anchors per program, entries per step, warps); None: off. Not timed yet.
+# scatter_anchors / wpsum_bwd_anchors: scatter, and wpsum's video gradient, at whole positions
+# by anchors (_scatter_anchors: sorted, summed per position without atomics, folded) where
+# _by_anchors says so, launched as (anchors per program, entries per step, warps); None: off.
+# On the H100 at 5157482, kernel ms at these launches (the best of six for each op): scatter
+# K14 ps7 C3 1.757 -> 1.049, K16 ps3 C16 1.382 -> 0.615, K16 ps7 C8 8.772 -> 1.375; wpsum
+# forward+backward 2.186 -> 1.457, 3.670 -> 1.817, 9.196 -> 3.379. By anchors also beat by
+# runs on every row where runs beat the atomics.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
     "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
-    "scatter_anchors": None,
+    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
@@ -1361,16 +1365,26 @@ def _wide(size: int) -> bool:
     return size >= 2**31
 
 
+def _by_anchors(geom, e: int) -> bool:
+    """Whether a scatter of patches of ``e`` elements (wpsum's video gradient included) goes
+    by anchors where it applies: patches larger than a pixel, of at least 64 elements or at
+    least 5 pixels wide (the counts of dnls.scatter, one channel, go the way of their patches
+    at ps 7). Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
+    channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x); it tied or lost at ps 3 with 3 and at
+    ps 1."""
+    return geom.ps > 1 and (e >= 64 or geom.ps >= 5)
+
+
 def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=None, vid=None):
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
-    (:func:`_anchor_sum_kernel`) into one patch per pixel of a box that holds every position,
-    and those patches folded into the video (:func:`fold`, each pixel summing what lands on
-    it; pixels without entries are neither written nor read). Deterministic: the same bits on
-    every run. Applies where :func:`fold` covers the geometry and the box has no more pixels
-    than there are entries (its patches then take no more memory than the input's). The box
-    is the whole video where that fits, else the positions' bounds, read back to the host (a
-    sync).
+    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
+    position (its bounds read back to the host: a sync), and those patches folded into the
+    video (:func:`fold`, each pixel summing what lands on it; pixels without entries are
+    neither written nor read). Deterministic: the same bits on every run. Applies where
+    :func:`fold` covers the geometry and the box has no more pixels than there are entries
+    (its patches then take no more memory than the input's). (The whole video as the box,
+    which needs no sync, took twice as long on K14 ps7, BENCHMARKS.md.)
 
     ``const``: ``patches`` is one value, every element's. With ``weights (B, HD, Q, K)`` and
     ``vid``, wpsum's backward: ``patches`` is its output gradient ``(B, HD, Q, E)``, each entry
@@ -1381,11 +1395,8 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
         return None
     pos = _inds(inds)
     n = pos.numel() // 3
-    if b * hd * t * h * w <= n:
-        t0, y0, x0, t1, y1, x1 = 0, 0, 0, t - 1, h - 1, w - 1
-    else:
-        flat = pos.view(n, 3)
-        t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
+    flat = pos.view(n, 3)
+    t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
     nt, ny, nx = t1 - t0 + 1, y1 - y0 + 1, x1 - x0 + 1
     rn = nt * ny * nx
     r = b * hd * rn
@@ -1404,7 +1415,8 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     order = key if const else torch.sort(key, stable=True).indices
     acc = _acc(patches.dtype if vid is None else vid.dtype)
     sums = torch.empty(r, e, dtype=acc, device=pos.device)
-    block_a, u, warps = CONFIG["scatter_anchors"] if cuda_launch(pos.device) else ANCHORS_INTERPRET
+    op = "scatter_anchors" if weights is None else "wpsum_bwd_anchors"
+    block_a, u, warps = CONFIG[op] if cuda_launch(pos.device) else ANCHORS_INTERPRET
     ep = next_power_of_2(e)
     block_a = max(block_a, 32 * warps // ep)  # (at least one element per thread)
     src = vid if vid is not None else patches
@@ -1434,7 +1446,7 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
-    if patches.numel() and whole and CONFIG["scatter_anchors"]:
+    if patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
         src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
         out = _scatter_anchors(src, inds, (b, hd, t, c, h, w), geom, const)
         if out is not None:
@@ -1509,7 +1521,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     whole = not inds.is_floating_point()
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
-    if r and k and e and whole and CONFIG["scatter_anchors"]:
+    if r and k and e and whole and CONFIG["wpsum_bwd_anchors"] and _by_anchors(geom, e):
         got = _scatter_anchors(grad.contiguous(), inds, vid.shape, geom, weights=weights, vid=vid)
         if got is not None:
             gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
