@@ -10,7 +10,8 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``dpossweep``) on tiny inputs on the CPU, under Triton's
+``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``dpossweep``, ``scattertile``;
+``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
 interpreter, each configuration launched as on CUDA and checked (against the default kernels,
 the reference or torch), nothing timed: a check of the script itself before it costs device
 time.
