@@ -284,7 +284,9 @@ def runs_sweep(results, args):
         results.append(dict(op="runs order", case=label, ms=ms, kernel_ms=kms))
         ops = _knn_ops(vid, inds, ps)
         for runs in (False, True):
-            kernels.CONFIG.update(default, scatter_runs=runs, wpsum_bwd_runs=runs)
+            kernels.CONFIG.update(
+                default, scatter_runs=runs, wpsum_bwd_runs=runs, **(NO_ANCHORS if runs else {})
+            )
             for name in ("scatter", "wpsum f+b"):
                 mb = peak_mb(ops[name])
                 print(f"peak {name} {label} runs={runs}: {mb:.1f} MB", flush=True)  # noqa: T201
@@ -429,10 +431,12 @@ def profile_rows(results, args):
 
 def layout_rows(results, args):
     """scatter's accumulation buffer channels-first (the default below 8 channels) against
-    channels-last, on the knn rows."""
+    channels-last, on the knn rows (atomics: scatter by anchors off)."""
     from dnls.ops import _patches_triton as kernels
 
     default = kernels.CHANNELS_LAST_MIN
+    config = dict(kernels.CONFIG)
+    kernels.CONFIG.update(NO_ANCHORS)
     for label, vid, inds, ps in _knn_inputs(args):
         patches = dnls.gather(vid, inds, ps=ps)
         expect = dnls.scatter(patches, inds, shape=vid.shape)[0]
@@ -444,6 +448,7 @@ def layout_rows(results, args):
             print(f"scatter {label} {layout}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
             results.append(dict(op="scatter layout", case=label, layout=layout, ms=ms, err=err))
         kernels.CHANNELS_LAST_MIN = default
+    kernels.CONFIG.update(config)
 
 
 def _run_sweep(results, args, configs, default, rows=None):
