@@ -53,3 +53,19 @@ def kernel_breakdown(fn: Callable, reps: int = 5) -> list[tuple[str, float]]:
         torch.cuda.synchronize()
     rows = [(e.key, e.self_device_time_total / reps / 1000) for e in prof.key_averages()]
     return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+
+
+def host_ms(fn: Callable, reps: int = 20) -> float:
+    """Host time per call of ``fn`` in ms: ``reps`` calls in a row, timed on the host before
+    the final synchronisation. Where it exceeds the kernels' time, the host, not the GPU, sets
+    the op's pace (its launches, or a synchronisation inside the op)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1000

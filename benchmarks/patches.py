@@ -314,8 +314,8 @@ def anchors_sweep(results, args):
     patches summed once without atomics, the sums folded into the video per pixel) against
     atomics, at launches of its sum kernel (anchors per program, entries per step, warps),
     on the knn rows and the runs rule's, whatever the patch size (its rule, _by_anchors, is
-    bypassed); then peak memory and each kernel's time. The kernel times include the sort and
-    the fold."""
+    bypassed); then peak memory, the host's time per call and each kernel's time. The kernel
+    times include the sort and the fold."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
@@ -334,8 +334,8 @@ def anchors_sweep(results, args):
 
 
 def _anchors_parts(results, args, rows, default):
-    """Peak memory and each kernel's time of scatter and wpsum forward+backward, with atomics
-    and by anchors at the default launches."""
+    """Peak memory, the host's time per call and each kernel's time of scatter and wpsum
+    forward+backward, with atomics and by anchors at the default launches."""
     from dnls.ops import _patches_triton as kernels
 
     for label, vid, inds, ps in _knn_inputs(args, rows):
@@ -345,12 +345,13 @@ def _anchors_parts(results, args, rows, default):
             for name in ("scatter", "wpsum f+b"):
                 mb = peak_mb(ops[name])
                 parts = [] if SMOKE else _timing.kernel_breakdown(ops[name])
+                host = float("nan") if SMOKE else _timing.host_ms(ops[name])
                 top = ", ".join(f"{k[:40]} {ms:.3f}" for k, ms in parts[:8])
                 way = "atomics" if cfg else "anchors"
-                print(f"{name} {label} {way}: peak {mb:.1f} MB; kernels ms: {top}",  # noqa: T201
-                      flush=True)  # fmt: skip
+                print(f"{name} {label} {way}: peak {mb:.1f} MB, host {host:.3f} ms per call; "  # noqa: T201
+                      f"kernels ms: {top}", flush=True)  # fmt: skip
                 results.append(dict(op=f"{name} peak", case=label, way=way, mb=mb,
-                                    kernels=parts))  # fmt: skip
+                                    host_ms=host, kernels=parts))  # fmt: skip
         kernels.CONFIG.update(default)
         del ops
         torch.cuda.empty_cache()
