@@ -646,6 +646,36 @@ def test_anchors_box(monkeypatch):
     assert ran == [True] * 4, ran
 
 
+def test_anchors_search_box(monkeypatch):
+    """scatter by anchors of a search's outputs (a batch of its queries) sums over the box the
+    search recorded from its geometry, with no read-back of the positions: scatter, its
+    counts, gather's and wpsum's backward equal the reference's."""
+    from dnls import _checks
+
+    use_scatter(monkeypatch, "anchors")
+    ran = spy_anchors(monkeypatch)
+    boxes = []
+    known_box = _checks.known_box
+
+    def spy(inds):
+        box = known_box(inds)
+        boxes.append(box)
+        return box
+
+    monkeypatch.setattr(_checks, "known_box", spy)
+    shape = (1, 3, 3, 14, 12)
+    vid = rand_video(shape, seed=12).to(DEVICE)
+    _, inds = dnls.search(vid, ws=3, wt=1, ps=3, k=6, start=40, count=90)
+    patches = rand_video((*inds.shape[:4], 1, 3, 3, 3), seed=13).to(DEVICE)
+    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    weights = rand_video(inds.shape[:4], seed=14).to(DEVICE)
+    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=3)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+    assert ran == [True] * 3, ran
+    assert len(boxes) == 3 and all(b is not None for b in boxes), boxes
+
+
 def test_anchors_fallback(monkeypatch):
     """Positions spread over a box with more pixels than there are entries: scatter by
     anchors does not apply (its sums would outgrow the patches), and the flat kernel's result

@@ -414,3 +414,28 @@ def test_empty_batch(monkeypatch, backend):
     assert rd.shape == (0, 2, 64, 3) and ri.shape == (0, 2, 64, 3, 3)
     (dists.sum() + out.sum() + w.sum() + rd.sum()).backward()
     assert v.grad.shape == v.shape
+
+
+@settings(max_examples=30, deadline=None)
+@given(search_cases(max_hw=9), st.data())
+def test_recorded_box_holds_every_position(case, data):
+    """The box a search records for its outputs from its geometry alone (scatter by anchors
+    takes it rather than reading the positions back) holds every position it returns, for
+    any batch of queries; none is recorded with flows or fractional positions."""
+    from dnls import _checks
+
+    q = rand_video(case["shape"], seed=case["seed"])
+    kw = case["kw"]
+    flows = make_flows(case["flow_kind"], case["shape"], kw["wt"], case["seed"])
+    total = dnls.search(q, flows=flows, **kw)[1].shape[2]
+    start = data.draw(st.integers(0, total - 1))
+    count = data.draw(st.integers(1, total - start))
+    _, inds = dnls.search(q, flows=flows, start=start, count=count, **kw)
+    box = _checks.known_box(inds)
+    if flows is not None or inds.is_floating_point():
+        assert box is None
+        return
+    lo = torch.tensor(box[0::2])
+    hi = torch.tensor(box[1::2])
+    flat = inds.reshape(-1, 3).long()
+    assert ((flat >= lo) & (flat <= hi)).all(), (box, flat.amin(0), flat.amax(0))

@@ -155,35 +155,53 @@ def check_start_count(start: object, count: object, total: int) -> tuple[int, in
 
 
 # Position tensors known to lie inside a video, as they are now: id -> (weak reference, version
-# counter, (T, H, W)). ``search`` records its outputs, whose positions are inside the frame by
-# construction, so the ops that read them on a GPU skip the range check (two reductions and a
-# device sync per call). An in-place change through torch bumps the version counter and brings
-# the check back; one through ``.data``, ``.numpy()`` or DLPack does not, so CPU tensors, whose
-# check costs no sync, are always checked (their kernels index memory with the positions), and
-# the Triton kernels read any position through the border rule, never outside the video.
-_INSIDE: dict[int, tuple[weakref.ref, int, tuple[int, int, int]]] = {}
+# counter, (T, H, W), a box that holds them or None). ``search`` records its outputs, whose
+# positions are inside the frame by construction, so the ops that read them on a GPU skip the
+# range check (two reductions and a device sync per call), and scatter by anchors takes the box
+# (from the search's geometry) instead of reading their bounds back. An in-place change through
+# torch bumps the version counter and brings the check back; one through ``.data``,
+# ``.numpy()`` or DLPack does not, so CPU tensors, whose check costs no sync, are always
+# checked (their kernels index memory with the positions), the Triton kernels read any
+# position through the border rule, never outside the video, and scatter by anchors leaves out
+# a position outside its box rather than index outside its buffers.
+_INSIDE: dict[int, tuple[weakref.ref, int, tuple[int, int, int], tuple[int, ...] | None]] = {}
 
 
-def mark_positions(inds: torch.Tensor, thw: tuple[int, int, int]) -> None:
-    """Record that ``inds`` holds positions inside a ``(T, H, W) = thw`` video (the caller
-    guarantees it). Not for inference tensors, which have no version counter."""
+def mark_positions(
+    inds: torch.Tensor, thw: tuple[int, int, int], box: tuple[int, ...] | None = None
+) -> None:
+    """Record that ``inds`` holds positions inside a ``(T, H, W) = thw`` video, and within
+    ``box`` ``(t0, t1, h0, h1, w0, w1)`` (inclusive) where given (the caller guarantees
+    both). Not for inference tensors, which have no version counter."""
     if torch.compiler.is_compiling() or inds.is_inference():
         return
     key = id(inds)
     ref = weakref.ref(inds, lambda _, key=key: _INSIDE.pop(key, None))
-    _INSIDE[key] = (ref, inds._version, tuple(thw))
+    _INSIDE[key] = (ref, inds._version, tuple(thw), None if box is None else tuple(box))
+
+
+def _entry(inds: torch.Tensor):
+    """The record of :func:`mark_positions` for ``inds`` while it holds (the same tensor,
+    unchanged since), else None."""
+    entry = _INSIDE.get(id(inds))
+    if entry is None or inds.is_inference():
+        return None
+    ref, version, known, box = entry
+    return entry if ref() is inds and inds._version == version else None
+
+
+def known_box(inds: torch.Tensor) -> tuple[int, ...] | None:
+    """The box ``(t0, t1, h0, h1, w0, w1)`` (inclusive) recorded for ``inds`` by
+    :func:`mark_positions`, if any (and ``inds`` unchanged since): every position lies in it."""
+    entry = _entry(inds)
+    return None if entry is None else entry[3]
 
 
 def _known_inside(inds: torch.Tensor, thw: tuple[int, int, int]) -> bool:
-    entry = _INSIDE.get(id(inds))
-    if entry is None or inds.is_inference() or inds.device.type == "cpu":
+    entry = _entry(inds)
+    if entry is None or inds.device.type == "cpu":
         return False
-    ref, version, known = entry
-    return (
-        ref() is inds
-        and inds._version == version
-        and all(k <= n for k, n in zip(known, thw, strict=True))
-    )
+    return all(k <= n for k, n in zip(entry[2], thw, strict=True))
 
 
 def check_positions(

@@ -49,6 +49,20 @@ class QueryGrid:
         nt, nh, nw = self.sizes
         return nt * nh * nw
 
+    def bounds(self, start: int, count: int) -> tuple[int, int, int, int, int, int]:
+        """``(t0, t1, h0, h1, w0, w1)``, inclusive: a box that holds the query points
+        ``[start, start + count)`` (``count >= 1``)."""
+        nt, nh, nw = self.sizes
+        t0, _, h0, _, w0, _ = self.region
+        s = self.stride
+        first, last = start, start + count - 1
+        ta, tb = first // (nh * nw), last // (nh * nw)
+        ya, yb = (first // nw) % nh, (last // nw) % nh
+        if ta != tb:  # the batch crosses frames: every row of the region
+            ya, yb = 0, nh - 1
+        xa, xb = (first % nw, last % nw) if ya == yb and ta == tb else (0, nw - 1)
+        return t0 + ta, t0 + tb, h0 + ya * s, h0 + yb * s, w0 + xa * s, w0 + xb * s
+
     def positions(
         self, start: int = 0, count: int | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:

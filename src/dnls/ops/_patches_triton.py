@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from .._common import cuda_launch, next_power_of_2
 from ._search_triton import (
     _TL_DTYPES,
@@ -454,11 +455,14 @@ def _runs_key_kernel(inds, key, N, QK, T, H, W, WIDE: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _anchor_key_kernel(inds, key, hist, N, QK, t0, y0, x0, nt, ny, nx,
+def _anchor_key_kernel(inds, key, hist, N, QK, R, t0, y0, x0, nt, ny, nx,
                        WIDE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Each entry's anchor: its slice and position in raster order within the box ``nt x ny x
     nx`` at ``(t0, y0, x0)`` that holds every position (WIDE: int64); and each anchor's count
-    of entries, added into ``hist`` (integer atomics: the same counts on every run)."""
+    of entries, added into ``hist`` (integer atomics: the same counts on every run). A
+    position outside the box (only where a recorded box went stale: changed through ``.data``)
+    takes the key R, after every anchor, and no count: it is left out, and nothing is indexed
+    outside ``hist``."""
     if WIDE:
         n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
@@ -469,9 +473,11 @@ def _anchor_key_kernel(inds, key, hist, N, QK, t0, y0, x0, nt, ny, nx,
     x = tl.load(inds + n * 3 + 2, mask=m, other=0) - x0
     if WIDE:
         t = t.to(tl.int64)
-    a = (((n // QK) * nt + t) * ny + y) * nx + x
+    inside = (t >= 0) & (t < nt) & (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+    a = tl.where(inside, (((n // QK) * nt + t) * ny + y) * nx + x, R)
     tl.store(key + n, a, mask=m)
-    tl.atomic_add(hist + a, tl.full((BLOCK,), 1, hist.dtype.element_ty), mask=m, sem="relaxed")
+    one = tl.full((BLOCK,), 1, hist.dtype.element_ty)
+    tl.atomic_add(hist + a, one, mask=m & inside, sem="relaxed")
 
 
 @triton.jit
@@ -1380,7 +1386,8 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
     (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
-    position (its bounds read back to the host: a sync), and those patches folded into the
+    position (for a search's outputs, the box it recorded from its geometry; else the
+    positions' bounds, read back to the host: a sync), and those patches folded into the
     video (:func:`fold`, each pixel summing what lands on it; pixels without entries are
     neither written nor read). Deterministic: the same bits on every run. Applies where
     :func:`fold` covers the geometry and the box has no more pixels than there are entries
@@ -1396,8 +1403,12 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
         return None
     pos = _inds(inds)
     n = pos.numel() // 3
-    flat = pos.view(n, 3)
-    t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
+    box = _checks.known_box(inds)
+    if box is not None:  # (a search's outputs: a box from its geometry, no read-back)
+        t0, t1, y0, y1, x0, x1 = box
+    else:
+        flat = pos.view(n, 3)
+        t0, y0, x0, t1, y1, x1 = torch.cat([flat.amin(0), flat.amax(0)]).tolist()
     nt, ny, nx = t1 - t0 + 1, y1 - y0 + 1, x1 - x0 + 1
     rn = nt * ny * nx
     r = b * hd * rn
@@ -1410,7 +1421,7 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     hist = torch.zeros(r, dtype=itype, device=pos.device)
     block = 1024
     _anchor_key_kernel[(triton.cdiv(n, block),)](
-        pos, key, hist, n, n // (b * hd), t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
+        pos, key, hist, n, n // (b * hd), r, t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
     )
     ends = torch.cumsum(hist, 0, dtype=itype)
     order = key if const else torch.sort(key, stable=True).indices

@@ -690,5 +690,24 @@ def search(
     dists, inds, _ = torch.ops.dnls.search(q6, k6, flows, **p.op_kwargs())
     # every position is inside kvid's frames (windows slide inward): gather, scatter and wpsum
     # need not read them again
-    _checks.mark_positions(inds, (nframes, height, width))
+    _checks.mark_positions(inds, (nframes, height, width), _box(grid, p, flows, inds))
     return dists, inds
+
+
+def _box(grid: QueryGrid, p: SearchParams, flows, inds) -> tuple[int, ...] | None:
+    """A box ``(t0, t1, h0, h1, w0, w1)`` (inclusive) that holds every position a search
+    returns, from its geometry alone (no read of ``inds``): without flows, each query's
+    window of ``2 wt + 1`` frames and ``ws`` positions spaced by ``stride1``, slid inward
+    where it would leave the video, lies within ``2 wt`` frames and ``(ws - 1) stride1``
+    pixels of the query, and the queries of the batch within ``grid.bounds``. None with
+    flows (they move the windows) or fractional positions."""
+    if flows is not None or inds.is_floating_point() or p.count < 1:
+        return None
+    nt, nh, nw = grid.thw
+    ta, tb, ya, yb, xa, xb = grid.bounds(p.start, p.count)
+    reach = (p.ws - 1) * int(p.stride1)
+    return (
+        max(0, ta - 2 * p.wt), min(nt - 1, tb + 2 * p.wt),
+        max(0, ya - reach), min(nh - 1, yb + reach),
+        max(0, xa - reach), min(nw - 1, xb + reach),
+    )  # fmt: skip
