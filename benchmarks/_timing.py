@@ -28,16 +28,7 @@ def kernel_ms(fn: Callable, reps: int = 5) -> float:
     """GPU time of the kernels ``fn`` launches, per call, in ms (torch profiler): the median
     CUDA-event time of :func:`bench` also holds the host's time where it launches more slowly
     than the GPU runs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return total_us / reps / 1000
+    return sum(ms for _, ms in kernel_breakdown(fn, reps))
 
 
 def kernel_breakdown(fn: Callable, reps: int = 5) -> list[tuple[str, float]]:
