@@ -516,18 +516,14 @@ def runs_cases(draw):
     )  # fmt: skip
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases())
-def test_runs_random(case):
-    """scatter and wpsum's video gradient by runs of equal positions, over random
-    configurations, positions with many repeats and launches: outputs and gradients equal the
-    reference's, per dtype; under deterministic algorithms (float32), the same bits twice."""
-    from dnls.ops import _patches_triton
-
+def pooled_inputs(case, q, k):
+    """The inputs of a runs case (:func:`runs_cases`) with ``q`` queries of ``k`` entries:
+    positions drawn from its pool, a video, weights and patches of its dtype, and scatter's
+    keywords."""
     b, t, c, h, w = case["shape"]
     geom, hd = case["geom"], case["nheads"]
     g = torch.Generator().manual_seed(case["seed"])
-    size = (b, hd, case["q"], case["k"])
+    size = (b, hd, q, k)
     pool = torch.stack([torch.randint(0, t - geom["pt"] + 1, (case["pool"],), generator=g),
                         torch.randint(0, h, (case["pool"],), generator=g),
                         torch.randint(0, w, (case["pool"],), generator=g)], -1)  # fmt: skip
@@ -538,6 +534,19 @@ def test_runs_random(case):
     patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
                          seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
     sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
+    return inds, vid, weights, patches, sc
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(runs_cases())
+def test_runs_random(case):
+    """scatter and wpsum's video gradient by runs of equal positions, over random
+    configurations, positions with many repeats and launches: outputs and gradients equal the
+    reference's, per dtype; under deterministic algorithms (float32), the same bits twice."""
+    from dnls.ops import _patches_triton
+
+    geom, hd, dtype = case["geom"], case["nheads"], case["dtype"]
+    inds, vid, weights, patches, sc = pooled_inputs(case, case["q"], case["k"])
     with pytest.MonkeyPatch.context() as mp:
         use_scatter(mp, "runs")
         mp.setattr(_patches_triton, "RUNS_INTERPRET", case["launch"])
@@ -581,23 +590,10 @@ def test_anchors_random(case, wide):
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
-    geom, hd = case["geom"], case["nheads"]
-    g = torch.Generator().manual_seed(case["seed"])
-    size = (b, hd, max(case["q"], 3), case["k"] + 4)
-    pool = torch.stack([torch.randint(0, t - geom["pt"] + 1, (case["pool"],), generator=g),
-                        torch.randint(0, h, (case["pool"],), generator=g),
-                        torch.randint(0, w, (case["pool"],), generator=g)], -1)  # fmt: skip
-    inds = pool[torch.randint(0, case["pool"], size, generator=g)].int().to(DEVICE)
-    dtype = case["dtype"]
-    vid = rand_video(case["shape"], dtype, seed=case["seed"] + 1).to(DEVICE)
-    weights = rand_video(size, dtype, seed=case["seed"] + 2).to(DEVICE)
-    patches = rand_video((*size, geom["pt"], c // hd, geom["ps"], geom["ps"]), dtype,
-                         seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
-    sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
-    # the box: the whole video where its pixels are no more than the entries, else the bounds
-    box = t * h * w
-    if b * hd * box > inds.numel() // 3:
-        box = (inds.amax((0, 1, 2, 3)) - inds.amin((0, 1, 2, 3)) + 1).prod().item()
+    geom, hd, dtype = case["geom"], case["nheads"], case["dtype"]
+    inds, vid, weights, patches, sc = pooled_inputs(case, max(case["q"], 3), case["k"] + 4)
+    # the box: the positions' bounds
+    box = (inds.amax((0, 1, 2, 3)) - inds.amin((0, 1, 2, 3)) + 1).prod().item()
     geometry = PatchGeom(geom["ps"], geom["pt"], geom["dilation"], geom["border"])
     applies = b * hd * box <= inds.numel() // 3 and _patches_triton.fold_supported(
         (b * hd, t, c // hd, h, w), geometry
