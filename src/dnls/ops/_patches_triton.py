@@ -1423,7 +1423,8 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     _anchor_key_kernel[(triton.cdiv(n, block),)](
         pos, key, hist, n, n // (b * hd), r, t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
     )
-    ends = torch.cumsum(hist, 0, dtype=itype)
+    # (one value per element: each anchor's sum is its count times it, no entry is read)
+    ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
     order = key if const else torch.sort(key, stable=True).indices
     acc = _acc(patches.dtype if vid is None else vid.dtype)
     sums = torch.empty(r, e, dtype=acc, device=pos.device)
