@@ -10,11 +10,10 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``dpossweep``, ``scattertile``;
-``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
-interpreter, each configuration launched as on CUDA and checked (against the default kernels,
-the reference or torch), nothing timed: a check of the script itself before it costs device
-time.
+``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``dpossweep``,
+``scattertile``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's interpreter, each
+configuration launched as on CUDA and checked (against the default kernels, the reference or
+torch), nothing timed: a check of the script itself before it costs device time.
 """
 
 from __future__ import annotations
@@ -333,6 +332,19 @@ def anchors_sweep(results, args):
         kernels._by_anchors = rule
 
 
+def anchors_parts(results, args):
+    """The second half of ``anchors`` alone (no sweep of launches): peak memory, host time per
+    call and each kernel's time, atomics against by anchors, on the same rows."""
+    from dnls.ops import _patches_triton as kernels
+
+    rule = kernels._by_anchors
+    kernels._by_anchors = lambda geom, e: True
+    try:
+        _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN + RUNS_RULE, dict(kernels.CONFIG))
+    finally:
+        kernels._by_anchors = rule
+
+
 def _anchors_parts(results, args, rows, default):
     """Peak memory, the host's time per call and each kernel's time of scatter and wpsum
     forward+backward, with atomics and by anchors at the default launches."""
@@ -537,7 +549,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile", "anchors",
+    "scattertile", "anchors", "anchorparts",
 )  # fmt: skip
 
 
@@ -685,7 +697,7 @@ ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
-    "dpossweep": dpos_sweep,
+    "anchorparts": anchors_parts, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,
 }  # fmt: skip
