@@ -33,6 +33,7 @@ def test_patch_ops(fractional):
     patches = grad.clone().requires_grad_()
     kw = dict(frames=2, height=5, width=5, dilation=1, border="zero")
     _opcheck(torch.ops.dnls.scatter.default, (patches, inds.detach()), kw)
+    _opcheck(torch.ops.dnls.scatter_counts.default, (patches, inds.detach()), kw)
     weights = torch.rand(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
     _opcheck(torch.ops.dnls.wpsum.default, (vid, weights, inds), GEOM)
     g = torch.rand(1, 2, 4, 2, 3, 3, 3, dtype=torch.float64)
@@ -108,7 +109,7 @@ def test_attention_ops(dist):
 @pytest.mark.parametrize(
     "op",
     ["search", "search_backward", "refine", "refine_backward", "gather", "gather_dpos", "scatter",
-     "wpsum", "wpsum_backward", "iunfold", "ifold", "attention", "attention_backward"],
+     "scatter_counts", "wpsum", "wpsum_backward", "iunfold", "ifold", "attention", "attention_backward"],
 )  # fmt: skip
 def test_every_device_has_a_kernel(op):
     """Every op has a kernel for every device type (the reference path where no faster one

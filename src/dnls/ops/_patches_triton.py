@@ -974,7 +974,8 @@ def _fold_kernel(
     patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
     out,  # (B, T, C, H, W) contiguous
     counts,  # (B, T, 1, H, W) contiguous
-    used,  # USED: (B, Qn) the grid's patches to read (> 0); the others are taken as zero
+    used,  # USED: (B, Qn) the grid's patches to read (> 0), each counted that many times;
+    # the others are taken as zero
     Qn, T, H, W,
     start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
@@ -1044,7 +1045,10 @@ def _fold_kernel(
                                     ptr + e[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
                                 )
                                 acc += v.to(ACC)
-                                cnt += ok.to(ACC)
+                                if USED:
+                                    cnt += tl.where(ok, u, 0).to(ACC)
+                                else:
+                                    cnt += ok.to(ACC)
     hw = H.to(tl.int64) * W
     pix = (b * T + tq).to(tl.int64) * (C * hw) + yq * W + x
     optr = out + pix[:, None] + (cc * hw)[None, :]
@@ -1382,7 +1386,9 @@ def _by_anchors(geom, e: int) -> bool:
     return geom.ps > 1 and (e >= 64 or geom.ps >= 5)
 
 
-def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=None, vid=None):
+def _scatter_anchors(
+    patches, inds, shape6, geom, const: bool = False, weights=None, vid=None, counts=False
+):
     """scatter at whole positions without atomics on the video, or None where it does not
     apply: the entries are sorted by position (stably), each position's patches summed once
     (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
@@ -1396,7 +1402,9 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
 
     ``const``: ``patches`` is one value, every element's. With ``weights (B, HD, Q, K)`` and
     ``vid``, wpsum's backward: ``patches`` is its output gradient ``(B, HD, Q, E)``, each entry
-    adds its row times its weight, and the weights' gradient is returned beside the video's."""
+    adds its row times its weight, and the weights' gradient is returned beside the video's.
+    ``counts``: return dnls.scatter's counts ``(B, HD, T, 1, H, W)`` beside the video, from the
+    same pass (the fold counts each anchor's patch as many times as it has entries)."""
     b, hd, t, c, h, w = shape6
     shape5 = (b * hd, t, c, h, w)
     if not fold_supported(shape5, geom):
@@ -1446,12 +1454,15 @@ def _scatter_anchors(patches, inds, shape6, geom, const: bool = False, weights=N
     )  # fmt: skip
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
     sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
-    out, _ = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
+    out, cnt = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
     out = out.view(shape6)
+    if counts:
+        return out, cnt.view(b, hd, t, 1, h, w)
     return out if weights is None else (out, gw.view(weights.shape))
 
 
-def scatter(patches, inds, shape6, geom) -> torch.Tensor:
+def scatter(patches, inds, shape6, geom, anchors: bool = True) -> torch.Tensor:
+    """``anchors``: try scatter by anchors where the rule picks it (False: it did not apply)."""
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
     q, k = inds.shape[2:4]
@@ -1459,7 +1470,7 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
     # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
-    if patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
+    if anchors and patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
         src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
         out = _scatter_anchors(src, inds, (b, hd, t, c, h, w), geom, const)
         if out is not None:
@@ -1502,6 +1513,25 @@ def scatter(patches, inds, shape6, geom) -> torch.Tensor:
             BLOCK=block, CONST=const, num_warps=CONFIG["flat_warps"],
         )  # fmt: skip
     return _unfixed(buf, scale, patches.dtype)
+
+
+def scatter_counts(patches, inds, shape6, geom):
+    """dnls.scatter's ``(vid, counts)``: by anchors, both from one pass; else two scatters
+    (where by anchors does not apply to the patches, it does not to their counts either: the
+    same positions, and no more elements)."""
+    b, hd, t, c, h, w = shape6
+    const = all(s == 0 for s in patches.stride())
+    e = geom.pt * c * geom.ps * geom.ps
+    whole = not inds.is_floating_point()
+    if patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
+        src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
+        got = _scatter_anchors(src, inds, shape6, geom, const, counts=True)
+        if got is not None:
+            return got[0].to(patches.dtype), got[1]
+    one = torch.ones((), dtype=_acc(patches.dtype), device=patches.device)
+    ones = one.expand(*patches.shape[:5], 1, geom.ps, geom.ps)
+    counts = scatter(ones, inds, (b, hd, t, 1, h, w), geom, anchors=False)
+    return scatter(patches, inds, shape6, geom, anchors=False), counts
 
 
 def wpsum(vid, weights, inds, geom) -> torch.Tensor:
@@ -1578,7 +1608,8 @@ FOLD_CONFIG = {"block_x": None, "num_warps": 8}
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
          used=None):  # fmt: skip
     """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid;
-    ``used (B, Qn)``: read and count only the patches where it is positive, the others taken
+    ``used (B, Qn)``: read only the patches where it is positive, each counted ``used`` times
+    (scatter by anchors: a patch per position, the sum of that many entries), the others taken
     as zero (their memory is never read)."""
     b, t, c, h, w = shape5
     qn, pt, _, ps = patches.shape[1:5]

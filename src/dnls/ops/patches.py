@@ -56,6 +56,19 @@ def _scatter_ref(patches, inds, shape6: tuple[int, ...], geom: PatchGeom) -> tor
     return write(p, _flat_pos(inds), shape6, geom).to(patches.dtype).contiguous()
 
 
+def _ones(patches: torch.Tensor) -> torch.Tensor:
+    """One value expanded to one-channel patches of ``patches``' geometry: what a scatter of
+    counts adds (in ``patches``' accumulation dtype)."""
+    one = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
+    return one.expand(*patches.shape[:5], 1, *patches.shape[6:])
+
+
+def _scatter_counts_ref(patches, inds, shape6: tuple[int, ...], geom: PatchGeom):
+    b, hd, t, _, h, w = shape6
+    counts = _scatter_ref(_ones(patches), inds, (b, hd, t, 1, h, w), geom)
+    return _scatter_ref(patches, inds, shape6, geom), counts
+
+
 def _wpsum_ref(vid, weights, inds, geom: PatchGeom) -> torch.Tensor:
     flat, shape6 = flat_video(vid), tuple(vid.shape)
     w = weights.to(flat.dtype)
@@ -167,6 +180,38 @@ def _(patches, inds, *, frames, height, width, dilation, border):
     return patches.new_empty(b, hd, frames, patches.shape[5], height, width)
 
 
+@torch.library.custom_op("dnls::scatter_counts", mutates_args=())
+def _scatter_counts_op(
+    patches: torch.Tensor,
+    inds: torch.Tensor,
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    dilation: int,
+    border: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dnls.scatter's two results in one op, ``(vid, counts)``: where the kernels sort the
+    positions (scatter by anchors), the counts come from the same pass."""
+    b, hd = inds.shape[:2]
+    pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
+    shape6 = (b, hd, frames, c, height, width)
+    geom = PatchGeom(ps, pt, dilation, border)
+    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds):
+        counts = _cpu.scatter(_ones(patches), inds, (b, hd, frames, 1, height, width), border)
+        return _cpu.scatter(patches, inds, shape6, border), counts
+    return _run(
+        patches.device, "scatter", _scatter_counts_ref, patches, inds, shape6, geom, sums=patches
+    )
+
+
+@_scatter_counts_op.register_fake
+def _(patches, inds, *, frames, height, width, dilation, border):
+    b, hd = inds.shape[:2]
+    vid = patches.new_empty(b, hd, frames, patches.shape[5], height, width)
+    return vid, patches.new_empty(b, hd, frames, 1, height, width, dtype=acc_dtype(patches.dtype))
+
+
 @torch.library.custom_op("dnls::wpsum", mutates_args=())
 def _wpsum_op(
     vid: torch.Tensor,
@@ -245,6 +290,15 @@ def _scatter_backward(ctx, grad):
     return gp.to(patches.dtype), None
 
 
+def _save_counts(ctx, inputs, keyword_only_inputs, output):
+    _save_geom(ctx, inputs, keyword_only_inputs, output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _scatter_counts_backward(ctx, grad, _grad_counts):
+    return _scatter_backward(ctx, grad)
+
+
 def _wpsum_backward(ctx, grad):
     vid, weights, inds = ctx.saved_tensors
     gvid, gw, ginds = _wpsum_backward_op(grad, vid, weights, inds, **ctx.kw)
@@ -254,6 +308,7 @@ def _wpsum_backward(ctx, grad):
 _gather_op.register_autograd(_gather_backward, setup_context=_save_geom)
 _scatter_op.register_autograd(_scatter_backward, setup_context=_save_geom)
 _wpsum_op.register_autograd(_wpsum_backward, setup_context=_save_geom)
+_scatter_counts_op.register_autograd(_scatter_counts_backward, setup_context=_save_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,9 +461,7 @@ def scatter(
     counts_shape = _counts_view(torch.empty(b, hd, t, 1, h, w, device="meta"), shape).shape
     _check_into(out, counts, shape, tuple(counts_shape), patches.device)
     kw = dict(frames=t, height=h, width=w, dilation=dilation, border=border)
-    vid6 = _scatter_op(patches, inds, **kw)
-    ones = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
-    counts6 = _scatter_op(ones.expand(*patches.shape[:5], 1, ps, ps), inds, **kw)
+    vid6, counts6 = _scatter_counts_op(patches, inds, **kw)
     vid = vid6 if len(shape) == 6 else merge_heads(vid6)
     return _add_into(vid, out, _counts_view(counts6, shape), counts)
 
