@@ -1379,8 +1379,8 @@ def _wide(size: int) -> bool:
 def _by_anchors(geom, e: int) -> bool:
     """Whether a scatter of patches of ``e`` elements (wpsum's video gradient included) goes
     by anchors where it applies: patches larger than a pixel, of at least 64 elements or at
-    least 5 pixels wide (the counts of dnls.scatter, one channel, go the way of their patches
-    at ps 7). Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
+    least 5 pixels wide (one channel at ps 7, 49 elements: set when dnls.scatter's counts
+    were a scatter of their own; they now come from their patches' pass). Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
     channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x); it tied or lost at ps 3 with 3 and at
     ps 1."""
     return geom.ps > 1 and (e >= 64 or geom.ps >= 5)
@@ -1467,7 +1467,8 @@ def scatter(patches, inds, shape6, geom, anchors: bool = True) -> torch.Tensor:
     c = patches.shape[5]
     q, k = inds.shape[2:4]
     whole = not inds.is_floating_point()
-    # one value expanded (the counts of dnls.scatter): read it once, not as a patches tensor
+    # one value expanded (a gradient of a sum, or dnls.scatter's counts where they take a
+    # scatter of their own): read it once, not as a patches tensor
     const = all(s == 0 for s in patches.stride())
     e = geom.pt * c * geom.ps * geom.ps
     if anchors and patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
