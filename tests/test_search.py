@@ -421,7 +421,8 @@ def test_empty_batch(monkeypatch, backend):
 def test_recorded_box_holds_every_position(case, data):
     """The box a search records for its outputs from its geometry alone (scatter by anchors
     takes it rather than reading the positions back) holds every position it returns, for
-    any batch of queries; none is recorded with flows or fractional positions."""
+    any batch of queries, and is the bounds of its queries' windows, no larger; none is
+    recorded with flows or fractional positions."""
     from dnls import _checks
 
     q = rand_video(case["shape"], seed=case["seed"])
@@ -439,3 +440,8 @@ def test_recorded_box_holds_every_position(case, data):
     hi = torch.tensor(box[1::2])
     flat = inds.reshape(-1, 3).long()
     assert ((flat >= lo) & (flat <= hi)).all(), (box, flat.amin(0), flat.amax(0))
+    # and no larger than the windows: the bounds of every candidate of the batch's queries
+    every = dict(kw, k=None, self_match="keep")
+    flat = dnls.search(q, start=start, count=count, **every)[1].reshape(-1, 3).long()
+    tight = [v for pair in zip(flat.amin(0).tolist(), flat.amax(0).tolist()) for v in pair]
+    assert list(box) == tight, (box, tight)

@@ -695,19 +695,22 @@ def search(
 
 
 def _box(grid: QueryGrid, p: SearchParams, flows, inds) -> tuple[int, ...] | None:
-    """A box ``(t0, t1, h0, h1, w0, w1)`` (inclusive) that holds every position a search
-    returns, from its geometry alone (no read of ``inds``): without flows, each query's
-    window of ``2 wt + 1`` frames and ``ws`` positions spaced by ``stride1``, slid inward
-    where it would leave the video, lies within ``2 wt`` frames and ``(ws - 1) stride1``
-    pixels of the query, and the queries of the batch within ``grid.bounds``. None with
-    flows (they move the windows) or fractional positions."""
+    """The box ``(t0, t1, h0, h1, w0, w1)`` (inclusive) of every position a search's windows
+    hold, from its geometry alone (no read of ``inds``): without flows, a query's window
+    (frames from ``t - wt``, positions ``ws // 2`` steps of ``stride1`` either side of the
+    query), slid inward where it would leave the video (see :func:`_window`), moves with the
+    query, so the windows of the batch's queries (within ``grid.bounds``) span from the first
+    query's window to the last's, per axis. None with flows (they move the windows) or
+    fractional positions."""
     if flows is not None or inds.is_floating_point() or p.count < 1:
         return None
     nt, nh, nw = grid.thw
     ta, tb, ya, yb, xa, xb = grid.bounds(p.start, p.count)
-    reach = (p.ws - 1) * int(p.stride1)
-    return (
-        max(0, ta - 2 * p.wt), min(nt - 1, tb + 2 * p.wt),
-        max(0, ya - reach), min(nh - 1, yb + reach),
-        max(0, xa - reach), min(nw - 1, xb + reach),
-    )  # fmt: skip
+    s1 = int(p.stride1)
+    lo, hi = (p.ws // 2) * s1, (p.ws - 1 - p.ws // 2) * s1
+
+    def span(a: int, b: int, n: int) -> tuple[int, int]:  # a slid window's first and last
+        return max(0, min(a, n - 1 - hi) - lo), min(n - 1, max(b, lo) + hi)
+
+    t0, t1 = (min(max(t - p.wt, 0), nt - p.nslots) for t in (ta, tb))
+    return (max(0, t0), min(nt - 1, t1 + p.nslots - 1), *span(ya, yb, nh), *span(xa, xb, nw))
