@@ -443,5 +443,5 @@ def test_recorded_box_holds_every_position(case, data):
     # and no larger than the windows: the bounds of every candidate of the batch's queries
     every = dict(kw, k=None, self_match="keep")
     flat = dnls.search(q, start=start, count=count, **every)[1].reshape(-1, 3).long()
-    tight = [v for pair in zip(flat.amin(0).tolist(), flat.amax(0).tolist()) for v in pair]
+    tight = torch.stack([flat.amin(0), flat.amax(0)], 1).flatten().tolist()
     assert list(box) == tight, (box, tight)
