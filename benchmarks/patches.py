@@ -10,11 +10,10 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``anchorchunks``,
-``dpossweep``, ``scattertile``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
-interpreter, each configuration launched as on CUDA and checked (against the default kernels,
-the reference or torch), nothing timed: a check of the script itself before it costs device
-time.
+``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``dpossweep``,
+``scattertile``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's interpreter, each
+configuration launched as on CUDA and checked (against the default kernels, the reference or
+torch), nothing timed: a check of the script itself before it costs device time.
 """
 
 from __future__ import annotations
@@ -333,23 +332,6 @@ def anchors_sweep(results, args):
         kernels._by_anchors = rule
 
 
-def anchors_chunks(results, args):
-    """scatter by anchors with each row summed in chunks of 32 or 64 elements (a grid axis of
-    their own) against whole rows (the default launch: 147 elements padded to 256 lanes on
-    K14), on the knn rows and K16 ps3 C16 / ps7 C8; the rule bypassed."""
-    from dnls.ops import _patches_triton as kernels
-
-    default = dict(kernels.CONFIG)
-    launches = ((2, 4, 4), (4, 4, 4, 64), (4, 4, 4, 32), (8, 4, 4, 32), (16, 4, 8, 32))
-    configs = [("scatter", dict(scatter_anchors=a)) for a in launches]
-    rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e: True
-    try:
-        _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE[2:])
-    finally:
-        kernels._by_anchors = rule
-
-
 def anchors_parts(results, args):
     """The second half of ``anchors`` alone (no sweep of launches): peak memory, host time per
     call and each kernel's time, atomics against by anchors, on the same rows."""
@@ -567,7 +549,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile", "anchors", "anchorparts", "anchorchunks",
+    "scattertile", "anchors", "anchorparts",
 )  # fmt: skip
 
 
@@ -715,7 +697,7 @@ ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
-    "anchorparts": anchors_parts, "anchorchunks": anchors_chunks, "dpossweep": dpos_sweep,
+    "anchorparts": anchors_parts, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows,
     "profile": profile_rows,
 }  # fmt: skip

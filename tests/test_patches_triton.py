@@ -580,12 +580,11 @@ def spy_anchors(mp):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases(), st.booleans(), st.sampled_from([None, 8, 32]))
-def test_anchors_random(case, wide, chunk):
+@given(runs_cases(), st.booleans())
+def test_anchors_random(case, wide):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
-    wherever ifold's kernel covers the geometry) and launches (rows whole or in chunks), with
-    32- or 64-bit indices:
+    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices:
     scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
     reference's, per dtype; two runs give the same bits (no atomics on floats)."""
     from dnls.ops import _patches_triton
@@ -601,10 +600,9 @@ def test_anchors_random(case, wide, chunk):
     )
     with pytest.MonkeyPatch.context() as mp:
         use_scatter(mp, "anchors")
-        launch = (*case["launch"], chunk)
-        mp.setattr(_patches_triton, "ANCHORS_INTERPRET", launch)
-        mp.setitem(_patches_triton.CONFIG, "scatter_anchors", launch)
-        mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", launch)
+        mp.setattr(_patches_triton, "ANCHORS_INTERPRET", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", case["launch"])
         if wide:
             mp.setattr(_patches_triton, "_wide", lambda size: True)
         ran = spy_anchors(mp)

@@ -499,9 +499,7 @@ def _anchor_sum_kernel(
 ):  # fmt: skip
     """BLOCK_A anchors per program: each sums the patches of its entries, U of them per step
     (their rows loaded together), in the order of ``order``, so the sums have the same bits
-    on every run. No atomics: each anchor's sum is written once. Each program sums EP
-    elements of the rows, chunk ``program_id(1)`` (EP below E: a row in chunks, so that
-    fewer lanes idle on the padding to a power of two; WEIGHTED takes the whole row).
+    on every run. No atomics: each anchor's sum is written once.
 
     WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
     ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch at
@@ -513,7 +511,7 @@ def _anchor_sum_kernel(
     cnt = tl.load(hist + a, mask=a < R, other=0)
     am = cnt > 0  # (an anchor without entries is skipped: nothing reads its sum)
     first = tl.load(ends + a, mask=am, other=0) - cnt
-    e = tl.program_id(1) * EP + tl.arange(0, EP)
+    e = tl.arange(0, EP)
     em = e < E
     acc = tl.zeros((BLOCK_A, EP), dtype=ACC)
     if WEIGHTED:  # the video's patch at each anchor (slice bh, position t, y, x)
@@ -1098,8 +1096,7 @@ def _fold_kernel(
 # forward+backward 2.18 -> 1.21 ms, but K16 (ps 1) slower at every launch, so off.
 # scatter_anchors / wpsum_bwd_anchors: scatter, and wpsum's video gradient, at whole positions
 # by anchors (_scatter_anchors: sorted, summed per position without atomics, folded) where
-# _by_anchors says so, launched as (anchors per program, entries per step, warps[, elements
-# per chunk of a row: scatter's rows summed in chunks, a grid axis of their own]); None: off.
+# _by_anchors says so, launched as (anchors per program, entries per step, warps); None: off.
 # On the H100 at 5157482, kernel ms at these launches (the best of six for each op): scatter
 # K14 ps7 C3 1.757 -> 1.049, K16 ps3 C16 1.382 -> 0.615, K16 ps7 C8 8.772 -> 1.375; wpsum
 # forward+backward 2.186 -> 1.457, 3.670 -> 1.817, 9.196 -> 3.379. By anchors also beat by
@@ -1134,8 +1131,7 @@ STAGED_INTERPRET = {
 # _scatter_runs_kernel's launch under the interpreter: short streams, so that runs cross them
 RUNS_INTERPRET = (2, 3, 4)
 # _anchor_sum_kernel's launch under the interpreter (anchors per program, entries per step,
-# warps, and optionally elements per chunk of a row, a power of two): 3 entries per step, so
-# that anchors of 1 to 7 entries end inside and at a step's end
+# warps): 3 entries per step, so that anchors of 1 to 7 entries end inside and at a step's end
 ANCHORS_INTERPRET = (2, 3, 4)
 
 
@@ -1384,9 +1380,9 @@ def _by_anchors(geom, e: int) -> bool:
     """Whether a scatter of patches of ``e`` elements (wpsum's video gradient included) goes
     by anchors where it applies: patches larger than a pixel, of at least 64 elements or at
     least 5 pixels wide (one channel at ps 7, 49 elements: set when dnls.scatter's counts
-    were a scatter of their own; they now come from their patches' pass). Set from six rows
-    on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3 channels, ps 3 with 16 and ps 7
-    with 8 (1.7x-6.4x); it tied or lost at ps 3 with 3 and at ps 1."""
+    were a scatter of their own; they now come from their patches' pass). Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
+    channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x); it tied or lost at ps 3 with 3 and at
+    ps 1."""
     return geom.ps > 1 and (e >= 64 or geom.ps >= 5)
 
 
@@ -1441,14 +1437,12 @@ def _scatter_anchors(
     acc = _acc(patches.dtype if vid is None else vid.dtype)
     sums = torch.empty(r, e, dtype=acc, device=pos.device)
     op = "scatter_anchors" if weights is None else "wpsum_bwd_anchors"
-    block_a, u, warps, *chunk = CONFIG[op] if cuda_launch(pos.device) else ANCHORS_INTERPRET
+    block_a, u, warps = CONFIG[op] if cuda_launch(pos.device) else ANCHORS_INTERPRET
     ep = next_power_of_2(e)
-    if chunk and chunk[0] and weights is None:  # (a row in chunks of chunk[0] elements)
-        ep = min(ep, chunk[0])
     block_a = max(block_a, 32 * warps // ep)  # (at least one element per thread)
     src = vid if vid is not None else patches
     gw = torch.empty(n, dtype=weights.dtype, device=pos.device) if weights is not None else sums
-    _anchor_sum_kernel[(triton.cdiv(r, block_a), triton.cdiv(e, ep))](
+    _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
         patches, order, ends, hist, sums, sums if weights is None else weights.contiguous(),
         src, gw, r, 1 if weights is None else weights.shape[3], hd, t, h, w,
         t0, y0, x0, nt, ny, nx,
