@@ -324,7 +324,7 @@ def anchors_sweep(results, args):
     configs += [("wpsum f+b", dict(wpsum_bwd_anchors=a)) for a in launches]
     rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
     rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e: True
+    kernels._by_anchors = lambda geom, e, weighted=False: True
     try:
         _run_sweep(results, args, configs, default, rows)
         _anchors_parts(results, args, rows, default)
@@ -338,7 +338,7 @@ def anchors_parts(results, args):
     from dnls.ops import _patches_triton as kernels
 
     rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e: True
+    kernels._by_anchors = lambda geom, e, weighted=False: True
     try:
         _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN + RUNS_RULE, dict(kernels.CONFIG))
     finally:

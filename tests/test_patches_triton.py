@@ -323,7 +323,7 @@ def use_scatter(mp, kind):
     for op in ("scatter_anchors", "wpsum_bwd_anchors"):
         mp.setitem(_patches_triton.CONFIG, op, (2, 4, 4) if anchors else None)
     if anchors:  # every patch size, not only those the rule picks
-        mp.setattr(_patches_triton, "_by_anchors", lambda geom, e: True)
+        mp.setattr(_patches_triton, "_by_anchors", lambda geom, e, weighted=False: True)
 
 
 def use_staged(mp, cfg, last=False):
@@ -670,6 +670,25 @@ def test_anchors_search_box(monkeypatch):
     check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
     assert ran == [True] * 2, ran  # scatter with its counts, wpsum's backward
     assert len(boxes) == 2 and all(b is not None for b in boxes), boxes
+
+
+def test_anchors_rule_at_one_pixel(monkeypatch):
+    """At the default settings, one-pixel patches of 64 channels (a search's outputs) are
+    scattered by anchors, and equal the reference's, but wpsum's video gradient of them takes
+    the atomics (the rule's split, from the H100's K16 ps1 C128 row)."""
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    ran = spy_anchors(monkeypatch)
+    shape = (1, 2, 64, 6, 6)
+    vid = rand_video(shape, seed=21).to(DEVICE)
+    _, inds = dnls.search(vid, ws=3, wt=0, ps=1, k=4)
+    patches = rand_video((*inds.shape[:4], 1, 64, 1, 1), seed=22).to(DEVICE)
+    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    assert ran == [True], ran
+    weights = rand_video(inds.shape[:4], seed=23).to(DEVICE)
+    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=1)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+    assert ran == [True], ran  # (wpsum's backward did not try it)
 
 
 def test_anchors_fallback(monkeypatch):

@@ -109,7 +109,8 @@ def test_attention_ops(dist):
 @pytest.mark.parametrize(
     "op",
     ["search", "search_backward", "refine", "refine_backward", "gather", "gather_dpos", "scatter",
-     "scatter_counts", "wpsum", "wpsum_backward", "iunfold", "ifold", "attention", "attention_backward"],
+     "scatter_counts", "wpsum", "wpsum_backward", "iunfold", "ifold", "attention",
+     "attention_backward"],
 )  # fmt: skip
 def test_every_device_has_a_kernel(op):
     """Every op has a kernel for every device type (the reference path where no faster one

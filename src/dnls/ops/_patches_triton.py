@@ -1376,14 +1376,16 @@ def _wide(size: int) -> bool:
     return size >= 2**31
 
 
-def _by_anchors(geom, e: int) -> bool:
-    """Whether a scatter of patches of ``e`` elements (wpsum's video gradient included) goes
-    by anchors where it applies: patches larger than a pixel, of at least 64 elements or at
-    least 5 pixels wide (one channel at ps 7, 49 elements: set when dnls.scatter's counts
-    were a scatter of their own; they now come from their patches' pass). Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
-    channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x); it tied or lost at ps 3 with 3 and at
-    ps 1."""
-    return geom.ps > 1 and (e >= 64 or geom.ps >= 5)
+def _by_anchors(geom, e: int, weighted: bool = False) -> bool:
+    """Whether a scatter of patches of ``e`` elements (``weighted``: wpsum's video gradient)
+    goes by anchors where it applies: patches of at least 64 elements, or at least 5 pixels
+    wide (one channel at ps 7, 49 elements); for wpsum's video gradient, only patches wider
+    than a pixel. Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
+    channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x) and, since dnls.scatter's counts come
+    from the same pass, scatter at ps 1 with 128 channels (0.42 against 0.53 ms), where
+    wpsum's gradient still loses (0.79 against 0.66 ms); it tied or lost at ps 3 and ps 1 with
+    3 channels."""
+    return (e >= 64 or geom.ps >= 5) and (geom.ps > 1 or not weighted)
 
 
 def _scatter_anchors(
@@ -1565,7 +1567,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     whole = not inds.is_floating_point()
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
-    if r and k and e and whole and CONFIG["wpsum_bwd_anchors"] and _by_anchors(geom, e):
+    if r and k and e and whole and CONFIG["wpsum_bwd_anchors"] and _by_anchors(geom, e, True):
         got = _scatter_anchors(grad.contiguous(), inds, vid.shape, geom, weights=weights, vid=vid)
         if got is not None:
             gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
