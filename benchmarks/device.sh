@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
-#          scattertile,anchors,anchorparts,dpossweep,bruns
+#          scattertile,anchors,anchorparts,anchorlayout,dpossweep,bruns
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -22,7 +22,8 @@
 # same on rows of other patch sizes and channel layouts (--rows runsrule); "scattertile"
 # scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
 # (sorted positions summed without atomics, then folded) at its launches (--rows anchors),
-# "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts);
+# "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorlayout"
+# its per-anchor sums element-major against anchor-major (--rows anchorlayout);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
@@ -65,6 +66,7 @@ for part in ${parts//,/ }; do
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
+        anchorlayout) run anchorlayout python benchmarks/patches.py --rows anchorlayout ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
             --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
@@ -79,7 +81,8 @@ for part in ${parts//,/ }; do
             --section InstructionStats --section Occupancy \
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
-           stagedsweep, runssweep, runsrule, scattertile, anchors, anchorparts, dpossweep, bruns)" >&2
+           stagedsweep, runssweep, runsrule, scattertile, anchors, anchorparts,
+           anchorlayout, dpossweep, bruns)" >&2
            exit 2 ;;
     esac
 done

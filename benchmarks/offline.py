@@ -226,6 +226,7 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
                                staged_wpsum=("flatpix", 8, 1, 1024, 1, 1, 4)),
         "staged interior": dict(staged_gather=("interior", 4, 16, 64, 71, 8192, 4)),
         "dpos (8, 4)": dict(dpos=(8, 4)),
+        "anchors element-major": dict(anchors_emajor=True),
         "staged region": dict(staged_gather=("region", 16, 1, 128, 71, 8192, 4),
                               staged_wpsum=("region", 8, 2, 64, 71, 8192, 4)),
         "direct": {k: None for k in default if k.startswith("staged_")},

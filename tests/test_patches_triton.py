@@ -580,11 +580,12 @@ def spy_anchors(mp):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases(), st.booleans())
-def test_anchors_random(case, wide):
+@given(runs_cases(), st.booleans(), st.booleans())
+def test_anchors_random(case, wide, emajor):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
-    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices:
+    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices and
+    the per-anchor sums in either layout:
     scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
     reference's, per dtype; two runs give the same bits (no atomics on floats)."""
     from dnls.ops import _patches_triton
@@ -603,6 +604,7 @@ def test_anchors_random(case, wide):
         mp.setattr(_patches_triton, "ANCHORS_INTERPRET", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "anchors_emajor", emajor)
         if wide:
             mp.setattr(_patches_triton, "_wide", lambda size: True)
         ran = spy_anchors(mp)
