@@ -49,6 +49,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def count_ones(patches: torch.Tensor) -> torch.Tensor:
+    """One value expanded to one-channel patches of ``patches``' geometry ``(B, HD, Q, K, pt,
+    C, ps, ps)``: what a scatter of counts adds, in ``patches``' accumulation dtype."""
+    one = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
+    return one.expand(*patches.shape[:5], 1, *patches.shape[6:])
+
+
 def border_index(i: torch.Tensor, n: int, border: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Map integer coordinates onto ``[0, n)``; returns the index and a validity mask (zero)."""
     if border == "reflect":

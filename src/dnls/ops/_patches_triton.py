@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .. import _checks
 from .._common import cuda_launch, next_power_of_2
+from .._ref import count_ones
 from ._search_triton import (
     _TL_DTYPES,
     _accumulate,
@@ -1485,21 +1486,31 @@ def _scatter_anchors(
     return out if weights is None else (out, gw.view(weights.shape))
 
 
+def _scatter_by_anchors(patches, inds, shape6, geom, counts: bool = False):
+    """scatter's (``counts``: and dnls.scatter's counts') result by anchors, where the rule
+    picks it and it applies; else None."""
+    e = geom.pt * patches.shape[5] * geom.ps * geom.ps
+    whole = not inds.is_floating_point()
+    if not (patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e)):
+        return None
+    # one value expanded (a gradient of a sum, or dnls.scatter's counts where they take a
+    # scatter of their own): read it once, not as a patches tensor
+    const = all(s == 0 for s in patches.stride())
+    src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
+    return _scatter_anchors(src, inds, shape6, geom, const, counts=counts)
+
+
 def scatter(patches, inds, shape6, geom, anchors: bool = True) -> torch.Tensor:
     """``anchors``: try scatter by anchors where the rule picks it (False: it did not apply)."""
     b, hd, t, _, h, w = shape6
     c = patches.shape[5]
     q, k = inds.shape[2:4]
     whole = not inds.is_floating_point()
-    # one value expanded (a gradient of a sum, or dnls.scatter's counts where they take a
-    # scatter of their own): read it once, not as a patches tensor
-    const = all(s == 0 for s in patches.stride())
+    const = all(s == 0 for s in patches.stride())  # (one value expanded: read once)
     e = geom.pt * c * geom.ps * geom.ps
-    if anchors and patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
-        src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
-        out = _scatter_anchors(src, inds, (b, hd, t, c, h, w), geom, const)
-        if out is not None:
-            return out.to(patches.dtype)
+    out = _scatter_by_anchors(patches, inds, shape6, geom) if anchors else None
+    if out is not None:
+        return out.to(patches.dtype)
     scale = None
     if patches.numel() and torch.are_deterministic_algorithms_enabled():
         one = patches.as_strided((1,), (1,)) if const else patches
@@ -1545,17 +1556,10 @@ def scatter_counts(patches, inds, shape6, geom):
     (where by anchors does not apply to the patches, it does not to their counts either: the
     same positions, and no more elements)."""
     b, hd, t, c, h, w = shape6
-    const = all(s == 0 for s in patches.stride())
-    e = geom.pt * c * geom.ps * geom.ps
-    whole = not inds.is_floating_point()
-    if patches.numel() and whole and CONFIG["scatter_anchors"] and _by_anchors(geom, e):
-        src = patches.as_strided((1,), (1,)) if const else patches.contiguous()
-        got = _scatter_anchors(src, inds, shape6, geom, const, counts=True)
-        if got is not None:
-            return got[0].to(patches.dtype), got[1]
-    one = torch.ones((), dtype=_acc(patches.dtype), device=patches.device)
-    ones = one.expand(*patches.shape[:5], 1, geom.ps, geom.ps)
-    counts = scatter(ones, inds, (b, hd, t, 1, h, w), geom, anchors=False)
+    got = _scatter_by_anchors(patches, inds, shape6, geom, counts=True)
+    if got is not None:
+        return got[0].to(patches.dtype), got[1]
+    counts = scatter(count_ones(patches), inds, (b, hd, t, 1, h, w), geom, anchors=False)
     return scatter(patches, inds, shape6, geom, anchors=False), counts
 
 

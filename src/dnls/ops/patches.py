@@ -21,7 +21,7 @@ import torch
 
 from .. import _checks
 from .._common import backend, fused_cpu, merge_heads, split_heads
-from .._ref import PatchGeom, acc_dtype, flat_video, read, read_dpos, write
+from .._ref import PatchGeom, acc_dtype, count_ones, flat_video, read, read_dpos, write
 from . import _cpu
 
 # ---------------------------------------------------------------------------------------------
@@ -56,16 +56,9 @@ def _scatter_ref(patches, inds, shape6: tuple[int, ...], geom: PatchGeom) -> tor
     return write(p, _flat_pos(inds), shape6, geom).to(patches.dtype).contiguous()
 
 
-def _ones(patches: torch.Tensor) -> torch.Tensor:
-    """One value expanded to one-channel patches of ``patches``' geometry: what a scatter of
-    counts adds (in ``patches``' accumulation dtype)."""
-    one = torch.ones((), dtype=acc_dtype(patches.dtype), device=patches.device)
-    return one.expand(*patches.shape[:5], 1, *patches.shape[6:])
-
-
 def _scatter_counts_ref(patches, inds, shape6: tuple[int, ...], geom: PatchGeom):
     b, hd, t, _, h, w = shape6
-    counts = _scatter_ref(_ones(patches), inds, (b, hd, t, 1, h, w), geom)
+    counts = _scatter_ref(count_ones(patches), inds, (b, hd, t, 1, h, w), geom)
     return _scatter_ref(patches, inds, shape6, geom), counts
 
 
@@ -154,6 +147,14 @@ def _(vid, inds, grad, *, ps, pt, dilation, border):
     return inds.new_empty(inds.shape)
 
 
+def _scatter_setup(patches, inds, frames, height, width, dilation, border):
+    """``(shape6, geom, cpu)`` of a scatter op's arguments; ``cpu``: the fused CPU kernels run."""
+    b, hd = inds.shape[:2]
+    pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
+    cpu = fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds)
+    return (b, hd, frames, c, height, width), PatchGeom(ps, pt, dilation, border), cpu
+
+
 @torch.library.custom_op("dnls::scatter", mutates_args=())
 def _scatter_op(
     patches: torch.Tensor,
@@ -165,11 +166,8 @@ def _scatter_op(
     dilation: int,
     border: str,
 ) -> torch.Tensor:
-    b, hd = inds.shape[:2]
-    pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
-    shape6 = (b, hd, frames, c, height, width)
-    geom = PatchGeom(ps, pt, dilation, border)
-    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds):
+    shape6, geom, cpu = _scatter_setup(patches, inds, frames, height, width, dilation, border)
+    if cpu:
         return _cpu.scatter(patches, inds, shape6, border)
     return _run(patches.device, "scatter", _scatter_ref, patches, inds, shape6, geom, sums=patches)
 
@@ -193,12 +191,9 @@ def _scatter_counts_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dnls.scatter's two results in one op, ``(vid, counts)``: where the kernels sort the
     positions (scatter by anchors), the counts come from the same pass."""
-    b, hd = inds.shape[:2]
-    pt, c, ps = patches.shape[4], patches.shape[5], patches.shape[6]
-    shape6 = (b, hd, frames, c, height, width)
-    geom = PatchGeom(ps, pt, dilation, border)
-    if fused_cpu(patches.device) and _cpu.applies(patches.device, pt, dilation, inds):
-        counts = _cpu.scatter(_ones(patches), inds, (b, hd, frames, 1, height, width), border)
+    shape6, geom, cpu = _scatter_setup(patches, inds, frames, height, width, dilation, border)
+    if cpu:
+        counts = _cpu.scatter(count_ones(patches), inds, (*shape6[:3], 1, *shape6[4:]), border)
         return _cpu.scatter(patches, inds, shape6, border), counts
     return _run(
         patches.device, "scatter", _scatter_counts_ref, patches, inds, shape6, geom, sums=patches
