@@ -20,6 +20,7 @@ time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -309,6 +310,20 @@ def runs_rule(results, args):
     _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
 
 
+@contextlib.contextmanager
+def _anchors_everywhere():
+    """Scatter by anchors wherever it applies, whatever the patch size (its rule, _by_anchors,
+    bypassed) inside the block."""
+    from dnls.ops import _patches_triton as kernels
+
+    rule = kernels._by_anchors
+    kernels._by_anchors = lambda geom, e, weighted=False: True
+    try:
+        yield
+    finally:
+        kernels._by_anchors = rule
+
+
 def anchors_sweep(results, args):
     """scatter and wpsum forward+backward by anchors (the positions sorted, each position's
     patches summed once without atomics, the sums folded into the video per pixel) against
@@ -324,13 +339,9 @@ def anchors_sweep(results, args):
     configs += [("wpsum f+b", NO_ANCHORS)]
     configs += [("wpsum f+b", dict(wpsum_bwd_anchors=a)) for a in launches]
     rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
-    rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e, weighted=False: True
-    try:
+    with _anchors_everywhere():
         _run_sweep(results, args, configs, default, rows)
         _anchors_parts(results, args, rows, default)
-    finally:
-        kernels._by_anchors = rule
 
 
 def anchors_layout(results, args):
@@ -342,12 +353,8 @@ def anchors_layout(results, args):
     default = dict(kernels.CONFIG)
     configs = [(op, dict(anchors_emajor=em)) for op in ("scatter", "wpsum f+b")
                for em in (False, True)]  # fmt: skip
-    rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e, weighted=False: True
-    try:
+    with _anchors_everywhere():
         _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE[2:])
-    finally:
-        kernels._by_anchors = rule
 
 
 def anchors_parts(results, args):
@@ -355,12 +362,8 @@ def anchors_parts(results, args):
     call and each kernel's time, atomics against by anchors, on the same rows."""
     from dnls.ops import _patches_triton as kernels
 
-    rule = kernels._by_anchors
-    kernels._by_anchors = lambda geom, e, weighted=False: True
-    try:
+    with _anchors_everywhere():
         _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN + RUNS_RULE, dict(kernels.CONFIG))
-    finally:
-        kernels._by_anchors = rule
 
 
 def _anchors_parts(results, args, rows, default):
