@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
-#          scattertile,anchors,anchorparts,anchorlayout,dpossweep,bruns
+#          scattertile,anchors,anchorparts,anchorlayout,dpossweep,bruns,rowssweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -23,7 +23,8 @@
 # scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
 # (sorted positions summed without atomics, then folded) at its launches (--rows anchors),
 # "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorlayout"
-# its per-anchor sums element-major against anchor-major (--rows anchorlayout);
+# its per-anchor sums element-major against anchor-major (--rows anchorlayout); "rowssweep"
+# gather and wpsum in the staged kernel's rows modes against the defaults (--rows rowssweep);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
@@ -68,6 +69,7 @@ for part in ${parts//,/ }; do
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
         anchorlayout) run anchorlayout python benchmarks/patches.py --rows anchorlayout ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
+        rowssweep) run rowssweep python benchmarks/patches.py --rows rowssweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
             --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
         attention) run attention python benchmarks/attention.py ;;
@@ -82,7 +84,7 @@ for part in ${parts//,/ }; do
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
            stagedsweep, runssweep, runsrule, scattertile, anchors, anchorparts,
-           anchorlayout, dpossweep, bruns)" >&2
+           anchorlayout, dpossweep, bruns, rowssweep)" >&2
            exit 2 ;;
     esac
 done

@@ -11,10 +11,10 @@ H100). Every result is first checked against its baseline at the real size.
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
 ``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``anchorlayout``,
-``dpossweep``, ``scattertile``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
-interpreter, each configuration launched as on CUDA and checked (against the default kernels,
-the reference or torch), nothing timed: a check of the script itself before it costs device
-time.
+``dpossweep``, ``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
+under Triton's interpreter, each configuration launched as on CUDA and checked (against the
+default kernels, the reference or torch), nothing timed: a check of the script itself before
+it costs device time.
 """
 
 from __future__ import annotations
@@ -252,6 +252,30 @@ def staged_sweep(results, args):
         print(f"iunfold sweep {case} {cfg}: {ms:.3f} ms, rel err {err:.1e}", flush=True)  # noqa: T201
         results.append(dict(op="iunfold sweep", case=case, ms=ms, err=err, **cfg))
     kernels.CONFIG.update(default)
+
+
+def rows_sweep(results, args):
+    """gather and wpsum in the staged kernel's rows modes (each patch read in chunks of
+    consecutive elements, a warp's lanes along it, kb queries at a time; "rowspix" pixel by
+    pixel from a channels-last copy) against the defaults: (mode, queries per program, queries
+    at a time, elements per chunk, -, -, warps). The K16 row (128 channels) takes the keys
+    ending in "_last"."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    tiles = {
+        "": [("rows", 16, 4, 32, 1, 1, 4), ("rows", 16, 8, 32, 1, 1, 4),
+             ("rows", 32, 8, 32, 1, 1, 8), ("rows", 16, 4, 64, 1, 1, 4),
+             ("rowspix", 16, 4, 32, 1, 1, 4), ("rowspix", 16, 8, 32, 1, 1, 4)],
+        "_last": [("rows", 16, 4, 128, 1, 1, 4), ("rows", 16, 8, 128, 1, 1, 4),
+                  ("rows", 32, 8, 128, 1, 1, 8), ("rows", 16, 4, 32, 1, 1, 4)],
+    }  # fmt: skip
+    rows = KNN_SMOKE if SMOKE else KNN
+    for row, last in ((rows[:1], ""), (rows[1:], "_last")):
+        configs = []
+        for op in ("wpsum", "gather"):
+            configs += [(op, {})] + [(op, {f"staged_{op}{last}": t}) for t in tiles[last]]
+        _run_sweep(results, args, configs, default, row)
 
 
 def dpos_sweep(results, args):
@@ -570,7 +594,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile", "anchors", "anchorparts", "anchorlayout",
+    "scattertile", "anchors", "anchorparts", "anchorlayout", "rowssweep",
 )  # fmt: skip
 
 
@@ -719,7 +743,7 @@ ROWS = {
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "anchorparts": anchors_parts, "anchorlayout": anchors_layout, "dpossweep": dpos_sweep,
-    "layout": layout_rows, "det": det_rows,
+    "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,
     "profile": profile_rows,
 }  # fmt: skip
 

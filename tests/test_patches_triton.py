@@ -343,7 +343,8 @@ def use_staged(mp, cfg, last=False):
     "cfg",
     [("region", 4, 2, 16, 16, 4096, 4), ("region", 4, 2, 16, 9, 64, 4),
      ("interior", 4, 2, 16, 9, 64, 4), ("region", 4, 1, 32, 16, 4096, 4),
-     ("flat", 4, 2, 16, 9, 64, 4), ("flatpix", 4, 2, 16, 9, 64, 4), None],
+     ("flat", 4, 2, 16, 9, 64, 4), ("flatpix", 4, 2, 16, 9, 64, 4),
+     ("rows", 4, 2, 16, 9, 64, 4), ("rowspix", 8, 4, 4, 9, 64, 4), None],
 )  # fmt: skip
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("last", [False, True])
@@ -352,7 +353,9 @@ def test_staged_modes(monkeypatch, cfg, central, last):
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
     direct path), the interior mode (tiles inside the frame skip the border rule; "flat": such
     a tile's output is written as flat runs, addresses from lookup tables; "flatpix": read
-    channels-last, pixel by pixel, stored through a table), and without
+    channels-last, pixel by pixel, stored through a table; "rows" / "rowspix": each patch read
+    in chunks of block_e elements, kb queries at a time, in the patch's order or pixel by
+    pixel, chunks that end inside the patch or past it), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
     the region modes take the direct kernels."""
@@ -386,7 +389,7 @@ def staged_cases(draw):
     h, w = (reach + ps * dil + draw(st.integers(1, 6)) for _ in range(2))
     t = draw(st.integers(1, 3))
     nheads = draw(st.sampled_from([1, 2]))
-    mode = draw(st.sampled_from(["interior", "flat", "flatpix", "region"]))
+    mode = draw(st.sampled_from(["interior", "flat", "flatpix", "region", "rows", "rowspix"]))
     block_q = draw(st.sampled_from([1, 2, 4]))
     kb = draw(st.sampled_from([1, 2, 4]))
     block_e = draw(st.sampled_from([4, 16, 32]))
@@ -438,6 +441,8 @@ def test_staged_random(case):
         (("interior", 4, 2, 16, 9, 64, 4), None),
         (("flat", 4, 2, 16, 9, 64, 4), "runs"),
         (("flatpix", 4, 2, 16, 9, 64, 4), None),
+        (("rows", 4, 2, 16, 9, 64, 4), None),
+        (("rowspix", 4, 2, 16, 9, 64, 4), None),
     ],
 )
 def test_wide_offsets(monkeypatch, cfg, scatter):

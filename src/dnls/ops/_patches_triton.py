@@ -793,6 +793,78 @@ def _flat_pass(
 
 
 @triton.jit
+def _rows_pass(
+    vid, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
+    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr, BLOCK_Q: tl.constexpr,
+    QS: tl.constexpr, CH: tl.constexpr, PIX: tl.constexpr,
+):  # fmt: skip
+    """The rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the frame of one
+    (batch, head) slice (``vid`` at its start), QS queries at a time: each patch is read as
+    chunks of CH consecutive elements (the lanes of a warp along a patch, in the patch's order,
+    or with PIX pixel by pixel from a channels-last video), every chunk of a neighbour from one
+    position, loaded once per query and neighbour and shared by the lanes (no lookup tables, no
+    shared memory). wpsum (WSUM) keeps a sum per chunk across the K neighbours; gather stores
+    each chunk."""
+    E: tl.constexpr = PT * C * PS * PS
+    NCH: tl.constexpr = (E + CH - 1) // CH
+    lane = tl.arange(0, CH)
+    # per chunk: each lane's element (lanes past E read the last one and store nothing), its
+    # offset in the video and its index in the patch's own order
+    eoffs = ()
+    dsts = ()
+    emasks = ()
+    for ci in tl.static_range(NCH):
+        el = ci * CH + lane
+        emasks = emasks + (el < E,)
+        el = tl.minimum(el, E - 1)
+        if PIX:
+            el = _pixel_major(el, C, PS)
+        dt, c, oy, ox = _element(el, C, PS, DIL)
+        if I64:
+            eoffs = eoffs + (dt.to(tl.int64) * s_t + c.to(tl.int64) * s_c + oy * s_y + ox * s_x,)
+        else:
+            eoffs = eoffs + (dt * s_t + c * s_c + oy * s_y + ox * s_x,)
+        dsts = dsts + (el,)
+    nq = tl.minimum(R - r0, BLOCK_Q)
+    for s0 in range(0, nq, QS):
+        qi = s0 + tl.arange(0, QS)
+        qm = qi < nq
+        qi = tl.minimum(qi, nq - 1)  # (rows past the tile read its last query, store nothing)
+        accs = ()
+        if WSUM:
+            for _ci in tl.static_range(NCH):
+                accs = accs + (tl.zeros((QS, CH), dtype=ACC),)
+        for k in range(K):
+            n = (r0 + qi) * K + k
+            t = tl.load(inds + n * 3)
+            y = tl.load(inds + n * 3 + 1)
+            x = tl.load(inds + n * 3 + 2)
+            if I64:
+                poff = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+            else:
+                poff = t * s_t + y * s_y + x * s_x
+            if WSUM:
+                w = tl.load(weights + n).to(ACC)
+                new = ()
+                for ci in tl.static_range(NCH):
+                    v = tl.load(vid + (poff[:, None] + eoffs[ci][None, :])).to(ACC)
+                    new = new + (accs[ci] + w[:, None] * v,)
+                accs = new
+            else:
+                for ci in tl.static_range(NCH):
+                    v = tl.load(vid + (poff[:, None] + eoffs[ci][None, :]))
+                    optr = out + n.to(tl.int64)[:, None] * E + dsts[ci][None, :]
+                    tl.store(optr, v, mask=qm[:, None] & emasks[ci][None, :])
+        if WSUM:
+            q = (r0 + qi).to(tl.int64)
+            for ci in tl.static_range(NCH):
+                optr = out + q[:, None] * E + dsts[ci][None, :]
+                tl.store(optr, accs[ci].to(out.dtype.element_ty),
+                         mask=qm[:, None] & emasks[ci][None, :])  # fmt: skip
+
+
+@triton.jit
 def _staged_kernel(
     vid,  # (B, HD, T, C, H, W), any strides
     weights,  # (R, K) contiguous (WSUM)
@@ -806,6 +878,7 @@ def _staged_kernel(
     BLOCK_Q: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr,
     PITCH: tl.constexpr, REG: tl.constexpr, STRIDE: tl.constexpr, GRID: tl.constexpr,
     INTERIOR: tl.constexpr, FLAT: tl.constexpr, EP: tl.constexpr, PIX: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
     """wpsum or gather of BLOCK_Q queries at whole positions (GRID: the points of iunfold's
     grid). First the box that holds every patch of the tile. Region mode (not INTERIOR): the box
@@ -814,10 +887,14 @@ def _staged_kernel(
     elements are gathered from it (through shared memory), one add per element for the address.
     INTERIOR: a tile whose box lies inside the frame reads the video without the border rule,
     one add per element for the address; with FLAT, a tile also within one (batch, head) slice
-    writes its output as one flat run of FLAT values at a time (``_flat_pass``). Other tiles (a box
+    writes its output as one flat run of FLAT values at a time (``_flat_pass``), or with ROWS
+    reads each patch as chunks of ROWS elements, KB queries at a time (``_rows_pass``). Other
+    tiles (a box
     that does not fit or is not inside; in region mode, a tile over two (batch, head) slices)
     read the video through the border rule."""
     RPC: tl.constexpr = (REG // PITCH) // C
+    # (the rows pass takes KB queries at a time; the other tiles then one neighbour at a time)
+    TKB: tl.constexpr = 1 if ROWS else KB
     LO: tl.constexpr = (PS // 2) * DIL
     SPAN: tl.constexpr = (PS - 1) * DIL
     if I64:
@@ -846,7 +923,13 @@ def _staged_kernel(
         staged = staged & (xmin >= LO) & (xmin - LO + nw <= W)
     else:
         staged = one & (nw <= PITCH) & (nt * nh <= RPC)
-    if FLAT and staged and one:
+    if ROWS and staged and one:
+        vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
+        _rows_pass(
+            vbase, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, ACC,
+            WSUM, BLOCK_Q, KB, ROWS, PIX,
+        )  # fmt: skip
+    elif FLAT and staged and one:
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _flat_pass(
             vbase, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, ACC,
@@ -857,7 +940,7 @@ def _staged_kernel(
             _tile_pass(
                 vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
                 s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
-                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 2, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 2, BLOCK_Q, TKB, BLOCK_E, PITCH, RPC,
                 STRIDE, GRID,
             )  # fmt: skip
         else:
@@ -878,14 +961,14 @@ def _staged_kernel(
             _tile_pass(
                 vid, weights, inds, out, region, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
                 s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
-                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 1, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+                C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 1, BLOCK_Q, TKB, BLOCK_E, PITCH, RPC,
                 STRIDE, GRID,
             )  # fmt: skip
     else:
         _tile_pass(
             vid, weights, inds, out, 0, r0, R, Q, K, HD, T, H, W, s_b, s_h, s_t, s_c,
             s_y, s_x, tmin, ymin, xmin, nh, g_start, g_t0, g_h0, g_w0, g_nh, g_nw,
-            C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 0, BLOCK_Q, KB, BLOCK_E, PITCH, RPC,
+            C, PS, PT, DIL, BORDER, I64, ACC, WSUM, 0, BLOCK_Q, TKB, BLOCK_E, PITCH, RPC,
             STRIDE, GRID,
         )  # fmt: skip
 
@@ -1091,9 +1174,14 @@ def _fold_kernel(
 # of block_e values, addresses from lookup tables; "flatpix": as flat, the video read from a
 # channels-last copy and each patch walked pixel by pixel, channels innermost, so that a
 # warp's load of wpsum touches 3.4 128-byte lines on K14 instead of 6.3,
-# benchmarks/access_model.py), queries per program,
-# neighbours per gather, patch elements per chunk, region row pitch (pixels) and size
-# (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
+# benchmarks/access_model.py; "rows": as interior, and such a tile within one slice reads
+# each patch as chunks of block_e consecutive elements, a warp's lanes along the patch, kb
+# queries at a time, each neighbour's position loaded once per query and shared by the lanes,
+# with no lookup tables (flat's tl.gather stores its table to shared memory, with two
+# barriers, at every neighbour); "rowspix": as rows, pixel by pixel from the channels-last
+# copy), queries per program, neighbours per gather (rows modes: queries at a time), patch
+# elements per chunk, region row pitch (pixels) and size (values), warps. Defaults: the best
+# of the sweeps on the H200 (BENCHMARKS.md, kernel times):
 # wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
 # at 0c3da0b; gather K14 0.88 (direct) -> 0.63 ms and K16 ps1 C128 0.299 -> 0.287 ms at
 # 6bb1fad (wpsum K16: 0.162 direct, 0.160 at best staged, so direct); on the H100 at e9a95a5,
@@ -1270,7 +1358,7 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
     if mode == "region" and (last or (reg // pitch) // c < 1):
         return False
-    vid = _reads(vid, mode == "flatpix")
+    vid = _reads(vid, mode in ("flatpix", "rowspix"))
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
     stride, *gpar = (1, 0, 0, 0, 0, 1, 1) if grid is None else grid[1:]
@@ -1282,7 +1370,9 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
         KP=next_power_of_2(k), BLOCK_E=min(block_e, next_power_of_2(e)), PITCH=pitch, REG=reg,
         STRIDE=stride, GRID=grid is not None, INTERIOR=mode != "region",
         FLAT=block_e if mode in ("flat", "flatpix") and grid is None else 0,
-        EP=next_power_of_2(e), PIX=mode == "flatpix", num_warps=warps,
+        EP=next_power_of_2(e), PIX=mode in ("flatpix", "rowspix"),
+        ROWS=min(block_e, next_power_of_2(e)) if mode in ("rows", "rowspix") and grid is None
+        else 0, num_warps=warps,
     )  # fmt: skip
     return True
 
