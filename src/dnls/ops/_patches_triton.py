@@ -817,7 +817,8 @@ def _rows_pass(
     for ci in tl.static_range(NCH):
         el = ci * CH + lane
         emasks = emasks + (el < E,)
-        el = tl.minimum(el, E - 1)
+        if (ci + 1) * CH > E:  # (only the last chunk can pass the patch's end)
+            el = tl.minimum(el, E - 1)
         if PIX:
             el = _pixel_major(el, C, PS)
         dt, c, oy, ox = _element(el, C, PS, DIL)
