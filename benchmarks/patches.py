@@ -255,11 +255,11 @@ def staged_sweep(results, args):
 
 
 def rows_sweep(results, args):
-    """gather and wpsum in the staged kernel's rows modes (each patch read in chunks of
-    consecutive elements, a warp's lanes along it, kb queries at a time; "rowspix" pixel by
-    pixel from a channels-last copy) against the defaults: (mode, queries per program, queries
-    at a time, elements per chunk, -, -, warps). The K16 row (128 channels) takes the keys
-    ending in "_last"."""
+    """wpsum in the staged kernel's rows modes (each patch read in chunks of consecutive
+    elements, a warp's lanes along it, kb queries at a time; "rowspix" pixel by pixel from a
+    channels-last copy) against the direct kernel and the interior tile: (mode, queries per
+    program, queries at a time, elements per chunk, -, -, warps). The K16 row (128 channels)
+    takes the key ending in "_last"."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
@@ -272,9 +272,9 @@ def rows_sweep(results, args):
     }  # fmt: skip
     rows = KNN_SMOKE if SMOKE else KNN
     for row, last in ((rows[:1], ""), (rows[1:], "_last")):
-        configs = []
-        for op in ("wpsum", "gather"):
-            configs += [(op, {})] + [(op, {f"staged_{op}{last}": t}) for t in tiles[last]]
+        key = f"staged_wpsum{last}"
+        configs = [("wpsum", {key: t}) for t in [None, ("interior", 8, 2, 64, 71, 8192, 4)]]
+        configs += [("wpsum", {key: t}) for t in tiles[last]]
         _run_sweep(results, args, configs, default, row)
 
 

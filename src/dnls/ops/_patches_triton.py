@@ -796,7 +796,7 @@ def _flat_pass(
 def _rows_pass(
     vid, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    I64: tl.constexpr, ACC: tl.constexpr, WSUM: tl.constexpr, BLOCK_Q: tl.constexpr,
+    I64: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
     QS: tl.constexpr, CH: tl.constexpr, PIX: tl.constexpr,
 ):  # fmt: skip
     """The rows ``[r0, r0 + BLOCK_Q)`` of a tile whose patches all lie inside the frame of one
@@ -804,8 +804,9 @@ def _rows_pass(
     chunks of CH consecutive elements (the lanes of a warp along a patch, in the patch's order,
     or with PIX pixel by pixel from a channels-last video), every chunk of a neighbour from one
     position, loaded once per query and neighbour and shared by the lanes (no lookup tables, no
-    shared memory). wpsum (WSUM) keeps a sum per chunk across the K neighbours; gather stores
-    each chunk."""
+    shared memory), a sum per chunk kept across the K neighbours: wpsum only (gather's version,
+    storing each chunk, was slower than its flat pass on the H100, 0.69-0.92 against 0.48 ms
+    on K14, and wrong at one launch, BENCHMARKS.md)."""
     E: tl.constexpr = PT * C * PS * PS
     NCH: tl.constexpr = (E + CH - 1) // CH
     lane = tl.arange(0, CH)
@@ -833,9 +834,8 @@ def _rows_pass(
         qm = qi < nq
         qi = tl.minimum(qi, nq - 1)  # (rows past the tile read its last query, store nothing)
         accs = ()
-        if WSUM:
-            for _ci in tl.static_range(NCH):
-                accs = accs + (tl.zeros((QS, CH), dtype=ACC),)
+        for _ci in tl.static_range(NCH):
+            accs = accs + (tl.zeros((QS, CH), dtype=ACC),)
         for k in range(K):
             n = (r0 + qi) * K + k
             t = tl.load(inds + n * 3)
@@ -845,24 +845,17 @@ def _rows_pass(
                 poff = t.to(tl.int64) * s_t + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
             else:
                 poff = t * s_t + y * s_y + x * s_x
-            if WSUM:
-                w = tl.load(weights + n).to(ACC)
-                new = ()
-                for ci in tl.static_range(NCH):
-                    v = tl.load(vid + (poff[:, None] + eoffs[ci][None, :])).to(ACC)
-                    new = new + (accs[ci] + w[:, None] * v,)
-                accs = new
-            else:
-                for ci in tl.static_range(NCH):
-                    v = tl.load(vid + (poff[:, None] + eoffs[ci][None, :]))
-                    optr = out + n.to(tl.int64)[:, None] * E + dsts[ci][None, :]
-                    tl.store(optr, v, mask=qm[:, None] & emasks[ci][None, :])
-        if WSUM:
-            q = (r0 + qi).to(tl.int64)
+            w = tl.load(weights + n).to(ACC)
+            new = ()
             for ci in tl.static_range(NCH):
-                optr = out + q[:, None] * E + dsts[ci][None, :]
-                tl.store(optr, accs[ci].to(out.dtype.element_ty),
-                         mask=qm[:, None] & emasks[ci][None, :])  # fmt: skip
+                v = tl.load(vid + (poff[:, None] + eoffs[ci][None, :])).to(ACC)
+                new = new + (accs[ci] + w[:, None] * v,)
+            accs = new
+        q = (r0 + qi).to(tl.int64)
+        for ci in tl.static_range(NCH):
+            optr = out + q[:, None] * E + dsts[ci][None, :]
+            tl.store(optr, accs[ci].to(out.dtype.element_ty),
+                     mask=qm[:, None] & emasks[ci][None, :])  # fmt: skip
 
 
 @triton.jit
@@ -889,7 +882,8 @@ def _staged_kernel(
     INTERIOR: a tile whose box lies inside the frame reads the video without the border rule,
     one add per element for the address; with FLAT, a tile also within one (batch, head) slice
     writes its output as one flat run of FLAT values at a time (``_flat_pass``), or with ROWS
-    reads each patch as chunks of ROWS elements, KB queries at a time (``_rows_pass``). Other
+    reads each patch as chunks of ROWS elements, KB queries at a time (``_rows_pass``, wpsum
+    only). Other
     tiles (a box
     that does not fit or is not inside; in region mode, a tile over two (batch, head) slices)
     read the video through the border rule."""
@@ -928,7 +922,7 @@ def _staged_kernel(
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
         _rows_pass(
             vbase, weights, inds, out, r0, R, K, s_t, s_c, s_y, s_x, C, PS, PT, DIL, I64, ACC,
-            WSUM, BLOCK_Q, KB, ROWS, PIX,
+            BLOCK_Q, KB, ROWS, PIX,
         )  # fmt: skip
     elif FLAT and staged and one:
         vbase = vid + (bh // HD).to(tl.int64) * s_b + (bh % HD).to(tl.int64) * s_h
@@ -1175,19 +1169,21 @@ def _fold_kernel(
 # of block_e values, addresses from lookup tables; "flatpix": as flat, the video read from a
 # channels-last copy and each patch walked pixel by pixel, channels innermost, so that a
 # warp's load of wpsum touches 3.4 128-byte lines on K14 instead of 6.3,
-# benchmarks/access_model.py; "rows": as interior, and such a tile within one slice reads
-# each patch as chunks of block_e consecutive elements, a warp's lanes along the patch, kb
-# queries at a time, each neighbour's position loaded once per query and shared by the lanes,
-# with no lookup tables (flat's tl.gather stores its table to shared memory, with two
-# barriers, at every neighbour); "rowspix": as rows, pixel by pixel from the channels-last
-# copy), queries per program, neighbours per gather (rows modes: queries at a time), patch
-# elements per chunk, region row pitch (pixels) and size (values), warps. Defaults: the best
-# of the sweeps on the H200 (BENCHMARKS.md, kernel times):
+# benchmarks/access_model.py; "rows" (wpsum only; gather takes it as interior): as interior,
+# and such a tile within one slice reads each patch as chunks of block_e consecutive elements,
+# a warp's lanes along the patch, kb queries at a time, each neighbour's position loaded
+# once per query and shared by the lanes, with no lookup tables (flat's tl.gather stores its
+# table to shared memory, with two barriers, at every neighbour); "rowspix": as rows, pixel
+# by pixel from the channels-last copy), queries per program, neighbours per gather (rows
+# modes: queries at a time), patch elements per chunk, region row pitch (pixels) and size
+# (values), warps. Defaults: the best of the sweeps on the H200 (BENCHMARKS.md, kernel times):
 # wpsum K14 ps7 C3 0.78 -> 0.46 ms and iunfold C3 1024² ps7 0.79 ms (the tile kernel) -> 0.24 ms
 # at 0c3da0b; gather K14 0.88 (direct) -> 0.63 ms and K16 ps1 C128 0.299 -> 0.287 ms at
 # 6bb1fad (wpsum K16: 0.162 direct, 0.160 at best staged, so direct); on the H100 at e9a95a5,
 # gather K14 0.662 (interior) -> 0.476 ms in flat mode, 56% -> 75% of the copy bandwidth (flat
-# and flatpix wpsum lost to the interior tile: 0.40 and 0.26 against 0.25 ms).
+# and flatpix wpsum lost to the interior tile: 0.40 and 0.26 against 0.25 ms). On the H100 at
+# 56ca0c7, wpsum K14 0.253 (interior) -> 0.219 ms in rows mode (16, 8, 32, 4), the best of six
+# launches; K16 0.171 (direct) against 0.165 at best in rows mode (within 4%: direct kept).
 #
 # scatter at whole positions: (patches per program, elements per chunk, warps) of its tile
 # kernel, or None for the flat kernel (one element per lane, its position decoded per
@@ -1219,7 +1215,7 @@ CONFIG = {
     "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_emajor": False,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
-    "staged_wpsum": ("interior", 8, 2, 64, 71, 8192, 4),
+    "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
     "staged_gather": ("flat", 8, 1, 1024, 1, 1, 4),
     "staged_gather1": ("region", 32, 1, 32, 39, 1024, 4),
     "staged_wpsum_last": None,
@@ -1230,7 +1226,7 @@ CONFIG = {
 # The staged kernel under the interpreter, per op in CUDA's modes: small tiles and a small
 # region, so that the tests' tiny frames take both the staged and the direct path.
 STAGED_INTERPRET = {
-    "wpsum": ("interior", 4, 2, 16, 9, 256, 4), "gather": ("flat", 4, 1, 64, 1, 1, 4),
+    "wpsum": ("rows", 4, 2, 16, 1, 1, 4), "gather": ("flat", 4, 1, 64, 1, 1, 4),
     "gather1": ("region", 4, 1, 16, 9, 256, 4), "wpsum_last": ("interior", 4, 2, 16, 1, 1, 4),
     "gather_last": ("interior", 4, 2, 16, 1, 1, 4), "gather1_last": None,
 }  # fmt: skip
@@ -1359,6 +1355,8 @@ def _staged(op, vid, weights, inds, out, geom, grid=None) -> bool:
     mode, block_q, kb, block_e, pitch, reg, warps = cfg
     if mode == "region" and (last or (reg // pitch) // c < 1):
         return False
+    if mode in ("rows", "rowspix") and weights is None:  # (wpsum's modes: gather takes their
+        mode = "interior"  # other tiles' pass, the interior tile, for every tile)
     vid = _reads(vid, mode in ("flatpix", "rowspix"))
     r = b * hd * q
     e = geom.pt * c * geom.ps * geom.ps
