@@ -24,7 +24,7 @@
 # (sorted positions summed without atomics, then folded) at its launches (--rows anchors),
 # "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorlayout"
 # its per-anchor sums element-major against anchor-major (--rows anchorlayout); "rowssweep"
-# gather and wpsum in the staged kernel's rows modes against the defaults (--rows rowssweep);
+# wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.

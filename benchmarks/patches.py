@@ -257,9 +257,9 @@ def staged_sweep(results, args):
 def rows_sweep(results, args):
     """wpsum in the staged kernel's rows modes (each patch read in chunks of consecutive
     elements, a warp's lanes along it, kb queries at a time; "rowspix" pixel by pixel from a
-    channels-last copy) against the direct kernel and the interior tile: (mode, queries per
-    program, queries at a time, elements per chunk, -, -, warps). The K16 row (128 channels)
-    takes the key ending in "_last"."""
+    channels-last copy) against the direct kernel and, on K14, the interior tile (the earlier
+    defaults): (mode, queries per program, queries at a time, elements per chunk, -, -,
+    warps). The K16 row (128 channels) takes the key ending in "_last"."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
@@ -273,8 +273,8 @@ def rows_sweep(results, args):
     rows = KNN_SMOKE if SMOKE else KNN
     for row, last in ((rows[:1], ""), (rows[1:], "_last")):
         key = f"staged_wpsum{last}"
-        configs = [("wpsum", {key: t}) for t in [None, ("interior", 8, 2, 64, 71, 8192, 4)]]
-        configs += [("wpsum", {key: t}) for t in tiles[last]]
+        before = [None] + ([("interior", 8, 2, 64, 71, 8192, 4)] if last == "" else [])
+        configs = [("wpsum", {key: t}) for t in before + tiles[last]]
         _run_sweep(results, args, configs, default, row)
 
 

@@ -353,9 +353,10 @@ def test_staged_modes(monkeypatch, cfg, central, last):
     fits in (the staged path, except tiles that span two slices), one no box fits in (the
     direct path), the interior mode (tiles inside the frame skip the border rule; "flat": such
     a tile's output is written as flat runs, addresses from lookup tables; "flatpix": read
-    channels-last, pixel by pixel, stored through a table; "rows" / "rowspix": each patch read
-    in chunks of block_e elements, kb queries at a time, in the patch's order or pixel by
-    pixel, chunks that end inside the patch or past it), and without
+    channels-last, pixel by pixel, stored through a table; "rows" / "rowspix", wpsum's (gather
+    takes them as interior): each patch read in chunks of block_e elements, kb queries at a
+    time, in the patch's order or pixel by pixel, chunks that end inside the patch or past
+    it), and without
     the staged kernel (the ops' direct kernels); positions over the whole frame or only where
     every patch lies inside it. ``last``: the video read channels-last (many channels), where
     the region modes take the direct kernels."""
