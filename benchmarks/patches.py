@@ -10,11 +10,11 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``anchorlayout``,
-``dpossweep``, ``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
-under Triton's interpreter, each configuration launched as on CUDA and checked (against the
-default kernels, the reference or torch), nothing timed: a check of the script itself before
-it costs device time.
+``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``dpossweep``,
+``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
+interpreter, each configuration launched as on CUDA and checked (against the default kernels,
+the reference or torch), nothing timed: a check of the script itself before it costs device
+time.
 """
 
 from __future__ import annotations
@@ -368,19 +368,6 @@ def anchors_sweep(results, args):
         _anchors_parts(results, args, rows, default)
 
 
-def anchors_layout(results, args):
-    """scatter and wpsum forward+backward by anchors with the per-anchor sums stored
-    element-major (the fold's neighbouring pixels then read side by side) against
-    anchor-major, on the knn rows and K16 ps3 C16 / ps7 C8; the rule bypassed."""
-    from dnls.ops import _patches_triton as kernels
-
-    default = dict(kernels.CONFIG)
-    configs = [(op, dict(anchors_emajor=em)) for op in ("scatter", "wpsum f+b")
-               for em in (False, True)]  # fmt: skip
-    with _anchors_everywhere():
-        _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE[2:])
-
-
 def anchors_parts(results, args):
     """The second half of ``anchors`` alone (no sweep of launches): peak memory, host time per
     call and each kernel's time, atomics against by anchors, on the same rows."""
@@ -594,7 +581,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile", "anchors", "anchorparts", "anchorlayout", "rowssweep",
+    "scattertile", "anchors", "anchorparts", "rowssweep",
 )  # fmt: skip
 
 
@@ -742,7 +729,7 @@ ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
-    "anchorparts": anchors_parts, "anchorlayout": anchors_layout, "dpossweep": dpos_sweep,
+    "anchorparts": anchors_parts, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,
     "profile": profile_rows,
 }  # fmt: skip

@@ -496,12 +496,11 @@ def _anchor_sum_kernel(
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, I64: tl.constexpr,
     ACC: tl.constexpr, BLOCK_A: tl.constexpr, U: tl.constexpr, CONST: tl.constexpr,
-    WEIGHTED: tl.constexpr, EMAJOR: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_A anchors per program: each sums the patches of its entries, U of them per step
     (their rows loaded together), in the order of ``order``, so the sums have the same bits
-    on every run. No atomics: each anchor's sum is written once (EMAJOR: ``out`` is
-    ``(E, R)``, each element's sums of neighbouring anchors side by side, for the fold).
+    on every run. No atomics: each anchor's sum is written once.
 
     WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
     ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch at
@@ -547,10 +546,7 @@ def _anchor_sum_kernel(
                     acc += gq * f[:, None]
                 else:
                     acc += tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
-    if EMAJOR:
-        optr = out + a[:, None] + e[None, :].to(a.dtype) * R
-    else:
-        optr = out + a[:, None] * E + e[None, :]
+    optr = out + a[:, None] * E + e[None, :]
     tl.store(optr, acc, mask=am[:, None] & em[None, :])
 
 
@@ -1064,15 +1060,13 @@ def _fold_kernel(
     start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
     PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, REFLECT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr, EMAJOR: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
 ):  # fmt: skip
     """Each program sums, for BLOCK_X pixels of one row of one frame and all channels, every
     patch element that lands there. A pixel at coordinate ``p`` is written by the patch pixel
     at ``p`` and, with reflection, by those at ``-p`` and ``2 (n - 1) - p`` (one bounce, which
     the launcher guarantees is enough); each is a patch of the grid if its centre is a grid
-    point of the region among queries ``[start, start + Qn)``. EMAJOR: ``patches`` is
-    element-major, ``(PT, C, PS, PS, B, Qn)``, so that neighbouring pixels read neighbouring
-    patches' values side by side."""
+    point of the region among queries ``[start, start + Qn)``."""
     xb = tl.program_id(0)
     yq = tl.program_id(1)
     bt = tl.program_id(2)
@@ -1095,13 +1089,7 @@ def _fold_kernel(
         ny = 1
         nx = 1
         nt = 1
-    if EMAJOR:  # (a patch's elements B * Qn apart, neighbouring patches side by side)
-        p_q = 1
-        p_e = tl.num_programs(2) // T * Qn
-    else:
-        p_q = PT * C * PS * PS
-        p_e = 1
-    pbase = patches + b.to(tl.int64) * Qn * p_q
+    pbase = patches + b.to(tl.int64) * Qn * (PT * C * PS * PS)
     for dt in tl.static_range(PT):
         for ct in range(nt):
             tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
@@ -1132,11 +1120,7 @@ def _fold_kernel(
                                 if USED:
                                     u = tl.load(used + b.to(tl.int64) * Qn + q, mask=ok, other=0)
                                     ok = ok & (u > 0)
-                                ptr = pbase + q[:, None] * p_q
-                                if EMAJOR and I64:
-                                    ptr = ptr + e.to(tl.int64)[None, :] * p_e
-                                else:
-                                    ptr = ptr + e[None, :] * p_e
+                                ptr = pbase + q[:, None] * (PT * C * PS * PS) + e[None, :]
                                 v = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
                                 acc += v.to(ACC)
                                 if USED:
@@ -1203,16 +1187,15 @@ def _fold_kernel(
 # forward+backward 2.186 -> 1.457, 3.670 -> 1.817, 9.196 -> 3.379. By anchors also beat by
 # runs for scatter on every row where runs beat the atomics; for wpsum's backward it ties on
 # K16 and, on K14, loses in kernel time (1.457 against 1.214) but wins in event time.
-# anchors_emajor: its per-anchor sums stored element-major, so that the fold's neighbouring
-# pixels read side by side (ncu on the H100: the fold, 0.147 of K14's 0.797 ms, is bound by
-# its loads, each warp's touching 32 lines). Not timed yet, so off.
+# (Per-anchor sums stored element-major, for the fold's loads, lost on every row on the H100:
+# scatter K14 0.785 -> 0.971 kernel ms, K16 0.423 -> 0.587; removed.)
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
     "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
-    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_emajor": False,
+    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2),
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
@@ -1545,8 +1528,7 @@ def _scatter_anchors(
     ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
     order = key if const else torch.sort(key, stable=True).indices
     acc = _acc(patches.dtype if vid is None else vid.dtype)
-    emajor = bool(CONFIG["anchors_emajor"])
-    sums = torch.empty((e, r) if emajor else (r, e), dtype=acc, device=pos.device)
+    sums = torch.empty((r, e), dtype=acc, device=pos.device)
     op = "scatter_anchors" if weights is None else "wpsum_bwd_anchors"
     block_a, u, warps = CONFIG[op] if cuda_launch(pos.device) else ANCHORS_INTERPRET
     ep = next_power_of_2(e)
@@ -1561,13 +1543,10 @@ def _scatter_anchors(
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
         BORDER=_modes(shape6, geom, True)["BORDER"], E=e, EP=ep,
         I64=_wide(max(n * e, r * e, src.numel())), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u,
-        CONST=const, WEIGHTED=weights is not None, EMAJOR=emajor, num_warps=warps,
+        CONST=const, WEIGHTED=weights is not None, num_warps=warps,
     )  # fmt: skip
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
-    if emajor:  # (the fold reads this layout as it lies)
-        sums = sums.view(geom.pt, c, geom.ps, geom.ps, b * hd, rn).permute(4, 5, 0, 1, 2, 3)
-    else:
-        sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
+    sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
     out, cnt = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
     out = out.view(shape6)
     if counts:
@@ -1728,8 +1707,7 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     """``(vid, counts)`` of ifold for patches ``(B, Qn, pt, C, ps, ps)`` of the grid;
     ``used (B, Qn)``: read only the patches where it is positive, each counted ``used`` times
     (scatter by anchors: a patch per position, the sum of that many entries), the others taken
-    as zero (their memory is never read). ``patches`` laid out element-major (a permuted view
-    of a contiguous ``(pt, C, ps, ps, B, Qn)``) is read as it lies, not copied."""
+    as zero (their memory is never read)."""
     b, t, c, h, w = shape5
     qn, pt, _, ps = patches.shape[1:5]
     acc = _acc(patches.dtype)
@@ -1737,18 +1715,17 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     counts = torch.empty(b, t, 1, h, w, dtype=acc, device=patches.device)
     t0, t1, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
-    emajor = not patches.is_contiguous() and patches.permute(2, 3, 4, 5, 0, 1).is_contiguous()
     if out.numel():
         block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 32)
         block_x = min(block_x, next_power_of_2(w))
         _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
-            patches if emajor else patches.contiguous(), out, counts,
+            patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CP=next_power_of_2(c), PS=ps, PT=pt,
             DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
-            USED=used is not None, EMAJOR=emajor,
+            USED=used is not None,
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
