@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
-#          scattertile,anchors,anchorparts,dpossweep,bruns,rowssweep
+#          scattertile,anchors,anchorparts,anchorflush,dpossweep,bruns,rowssweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -22,7 +22,8 @@
 # same on rows of other patch sizes and channel layouts (--rows runsrule); "scattertile"
 # scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
 # (sorted positions summed without atomics, then folded) at its launches (--rows anchors),
-# "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts); "rowssweep"
+# "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorflush"
+# its sums added into the video with atomics against folded (--rows anchorflush); "rowssweep"
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
@@ -66,6 +67,7 @@ for part in ${parts//,/ }; do
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
+        anchorflush) run anchorflush python benchmarks/patches.py --rows anchorflush ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         rowssweep) run rowssweep python benchmarks/patches.py --rows rowssweep ;;
         bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
@@ -82,7 +84,7 @@ for part in ${parts//,/ }; do
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
            stagedsweep, runssweep, runsrule, scattertile, anchors, anchorparts,
-           dpossweep, bruns, rowssweep)" >&2
+           anchorflush, dpossweep, bruns, rowssweep)" >&2
            exit 2 ;;
     esac
 done

@@ -10,11 +10,11 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``dpossweep``,
-``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU, under Triton's
-interpreter, each configuration launched as on CUDA and checked (against the default kernels,
-the reference or torch), nothing timed: a check of the script itself before it costs device
-time.
+``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``anchorflush``,
+``dpossweep``, ``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
+under Triton's interpreter, each configuration launched as on CUDA and checked (against the
+default kernels, the reference or torch), nothing timed: a check of the script itself before
+it costs device time.
 """
 
 from __future__ import annotations
@@ -368,6 +368,27 @@ def anchors_sweep(results, args):
         _anchors_parts(results, args, rows, default)
 
 
+def anchors_flush(results, args):
+    """scatter and wpsum forward+backward by anchors with each anchor's sum added into the
+    video with atomics (``anchors_flush``: a counting sort, no per-anchor sums in memory, no
+    fold) against the folded sums at the default launch, at launches of the sum kernel; on the
+    knn rows and the runs rule's, whatever the patch size (the rule bypassed). Then, on the
+    knn rows, peak memory, host time and each kernel's time, atomics against flushed sums."""
+    from dnls.ops import _patches_triton as kernels
+
+    default = dict(kernels.CONFIG)
+    configs = [("scatter", {})]
+    configs += [("scatter", dict(anchors_flush=True, scatter_anchors=a))
+                for a in ((2, 4, 4), (4, 4, 4), (1, 8, 2))]  # fmt: skip
+    configs += [("wpsum f+b", {})]
+    configs += [("wpsum f+b", dict(anchors_flush=True, wpsum_bwd_anchors=a))
+                for a in ((1, 8, 2), (2, 4, 4))]  # fmt: skip
+    with _anchors_everywhere():
+        _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE)
+        _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN,
+                       dict(default, anchors_flush=True))  # fmt: skip
+
+
 def anchors_parts(results, args):
     """The second half of ``anchors`` alone (no sweep of launches): peak memory, host time per
     call and each kernel's time, atomics against by anchors, on the same rows."""
@@ -581,7 +602,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
-    "scattertile", "anchors", "anchorparts", "rowssweep",
+    "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep",
 )  # fmt: skip
 
 
@@ -729,7 +750,7 @@ ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
-    "anchorparts": anchors_parts, "dpossweep": dpos_sweep,
+    "anchorparts": anchors_parts, "anchorflush": anchors_flush, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,
     "profile": profile_rows,
 }  # fmt: skip

@@ -585,14 +585,30 @@ def spy_anchors(mp):
     return ran
 
 
+def spy_folds(mp):
+    """Record, per call of the fold kernels' launcher, 1."""
+    from dnls.ops import _patches_triton
+
+    seen = []
+    inner = _patches_triton.fold
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return inner(*args, **kwargs)
+
+    mp.setattr(_patches_triton, "fold", spy)
+    return seen
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases(), st.booleans())
-def test_anchors_random(case, wide):
+@given(runs_cases(), st.booleans(), st.booleans())
+def test_anchors_random(case, wide, flush):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
-    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices:
-    scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
-    reference's, per dtype; two runs give the same bits (no atomics on floats)."""
+    wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices, the
+    sums folded or (``flush``) added into the video with atomics: scatter, its counts, gather's
+    video gradient (a scatter) and wpsum's gradients equal the reference's, per dtype. Under
+    deterministic algorithms the sums are folded, flush or not: two runs give the same bits."""
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
@@ -609,9 +625,11 @@ def test_anchors_random(case, wide):
         mp.setattr(_patches_triton, "ANCHORS_INTERPRET", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", case["launch"])
+        mp.setitem(_patches_triton.CONFIG, "anchors_flush", flush)
         if wide:
             mp.setattr(_patches_triton, "_wide", lambda size: True)
         ran = spy_anchors(mp)
+        folds = spy_folds(mp)
         fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
         check(run_both(mp, fn, [patches]), dtype, f"scatter {dtype}", scale=10)
         fn = lambda v: dnls.gather(v, inds, **geom, nheads=hd)  # noqa: E731
@@ -620,10 +638,16 @@ def test_anchors_random(case, wide):
         check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
         assert len(ran) == 3, ran  # scatter with its counts, gather's and wpsum's backward
         assert all(r == applies for r in ran), f"by anchors: {ran}, expected {applies}"
+        assert len(folds) == (0 if flush or not applies else 3), f"folds: {folds}"
+        folds.clear()
         mp.setenv("DNLS_BACKEND", "triton")
-        runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
+        with deterministic():
+            runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
         for a, b in zip(*runs, strict=True):
             assert torch.equal(a, b), "scatter by anchors: two runs differ"
+        # (float64 takes the reference there: its index_add_ is deterministic then)
+        folds_expected = [1, 1] if applies and dtype != torch.float64 else []
+        assert folds == folds_expected, f"folds under deterministic: {folds}"
 
 
 def test_anchors_box(monkeypatch):

@@ -482,25 +482,47 @@ def _anchor_key_kernel(inds, key, hist, N, QK, R, t0, y0, x0, nt, ny, nx,
 
 
 @triton.jit
+def _anchor_place_kernel(key, cursor, order, N, R, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """A counting sort of the entries by anchor, in no fixed order within an anchor: each
+    entry takes the next slot of its anchor's (``cursor``: the first slot of each anchor's
+    entries, advanced with atomics) and writes its number there. Entries outside the box (key
+    R) are left out."""
+    if WIDE:
+        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(key + n, mask=n < N, other=R)
+    m = a < R
+    one = tl.full((BLOCK,), 1, cursor.dtype.element_ty)
+    slot = tl.atomic_add(cursor + a, one, mask=m, sem="relaxed")
+    tl.store(order + slot, n.to(order.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _anchor_sum_kernel(
     patches,  # (N, E) rows, contiguous; CONST: one value, every element's; WEIGHTED: (N/K, E)
-    order,  # (N,) the entries sorted by anchor (stably)
+    order,  # (N,) the entries grouped by anchor (sorted stably, or placed: FLUSH)
     ends,  # (R,) per anchor, the end of its entries in ``order`` (inclusive cumsum of hist)
     hist,  # (R,) per anchor, its number of entries
-    out,  # (R, E) contiguous: per anchor with entries, the sum of its patches
+    out,  # (R, E) contiguous: per anchor with entries, the sum of its patches; FLUSH: the
+    # video's accumulation buffer (B * HD, T, C, H, W), strides o_*
+    counts,  # FLUSH and COUNTS: (B * HD, T, 1, H, W) contiguous accumulation buffer
     weights,  # WEIGHTED: (N,) each entry's factor (its row of ``patches`` is ``n // K``)
     vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
     gw,  # WEIGHTED: (N,) output, the weights' gradient
     R, K, HD, T, H, W, t0, y0, x0, nt, ny, nx,
     s_b, s_h, s_t, s_c, s_y, s_x,
+    o_bh, o_t, o_c, o_y, o_x,
     C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     BORDER: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, I64: tl.constexpr,
     ACC: tl.constexpr, BLOCK_A: tl.constexpr, U: tl.constexpr, CONST: tl.constexpr,
-    WEIGHTED: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLUSH: tl.constexpr, COUNTS: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_A anchors per program: each sums the patches of its entries, U of them per step
-    (their rows loaded together), in the order of ``order``, so the sums have the same bits
-    on every run. No atomics: each anchor's sum is written once.
+    (their rows loaded together), in the order of ``order``. Each anchor's sum is written
+    once; sorted stably, the sums have the same bits on every run. FLUSH: each sum is added
+    into the video with atomics instead, through the border rule, as one patch at the anchor
+    (and, COUNTS, the anchor's count into each pixel its patch covers), with no fold after.
 
     WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
     ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch at
@@ -515,13 +537,14 @@ def _anchor_sum_kernel(
     e = tl.arange(0, EP)
     em = e < E
     acc = tl.zeros((BLOCK_A, EP), dtype=ACC)
-    if WEIGHTED:  # the video's patch at each anchor (slice bh, position t, y, x)
+    if WEIGHTED or FLUSH:  # each anchor's slice bh and position t, y, x
         rn = nt * ny * nx
         bh = a // rn
         x = a % nx + x0
         y = (a // nx) % ny + y0
         t = (a // (nx * ny)) % nt + t0
         dt, c, oy, ox = _element(e, C, PS, DIL)
+    if WEIGHTED:  # the video's patch at each anchor
         base = vid + ((bh // HD) * s_b + (bh % HD) * s_h).to(tl.int64)[:, None]
         vp, _, _ = _read(
             base + (c.to(tl.int64) * s_c)[None, :], (t[:, None] + dt[None, :]).to(tl.int32),
@@ -546,8 +569,23 @@ def _anchor_sum_kernel(
                     acc += gq * f[:, None]
                 else:
                     acc += tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
-    optr = out + a[:, None] * E + e[None, :]
-    tl.store(optr, acc, mask=am[:, None] & em[None, :])
+    if FLUSH:
+        tt = (t[:, None] + dt[None, :]).to(tl.int32)
+        yy = (y[:, None] + oy[None, :]).to(tl.int32)
+        xx = (x[:, None] + ox[None, :]).to(tl.int32)
+        m = am[:, None] & em[None, :]
+        obase = out + (bh.to(tl.int64) * o_bh)[:, None] + (c.to(tl.int64) * o_c)[None, :]
+        _add(obase, tt, yy, xx, T, H, W, o_t, o_y, o_x, acc, m, 1.0, BORDER, I64, True, ACC,
+             False)  # fmt: skip
+        if COUNTS:  # (the elements of channel 0 cover each of the patch's pixels once)
+            hw = H * W
+            cbase = counts + (bh.to(tl.int64) * T * hw)[:, None]
+            ones = tl.zeros((BLOCK_A, EP), dtype=ACC) + cnt.to(ACC)[:, None]
+            _add(cbase, tt, yy, xx, T, H, W, hw, W, 1, ones, m & (c == 0)[None, :], 1.0,
+                 BORDER, I64, True, ACC, False)  # fmt: skip
+    else:
+        optr = out + a[:, None] * E + e[None, :]
+        tl.store(optr, acc, mask=am[:, None] & em[None, :])
 
 
 @triton.jit
@@ -1189,13 +1227,17 @@ def _fold_kernel(
 # K16 and, on K14, loses in kernel time (1.457 against 1.214) but wins in event time.
 # (Per-anchor sums stored element-major, for the fold's loads, lost on every row on the H100:
 # scatter K14 0.785 -> 0.971 kernel ms, K16 0.423 -> 0.587; removed.)
+# anchors_flush: by anchors with each anchor's sum added into the video with atomics, the
+# entries grouped by a counting sort (no stable sort, no per-anchor sums in memory, no fold);
+# its bits can vary between runs, so torch.use_deterministic_algorithms(True) keeps the fold.
+# Not timed yet, so off.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
     "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
-    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2),
+    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": False,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
@@ -1524,11 +1566,25 @@ def _scatter_anchors(
     _anchor_key_kernel[(triton.cdiv(n, block),)](
         pos, key, hist, n, n // (b * hd), r, t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
     )
+    flush = bool(CONFIG["anchors_flush"]) and not torch.are_deterministic_algorithms_enabled()
     # (one value per element: each anchor's sum is its count times it, no entry is read)
     ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
-    order = key if const else torch.sort(key, stable=True).indices
+    if const:
+        order = key
+    elif flush:  # (the order within an anchor is free: its sum is added with atomics anyway)
+        order = torch.empty(n, dtype=itype, device=pos.device)
+        _anchor_place_kernel[(triton.cdiv(n, block),)](
+            key, ends - hist, order, n, r, WIDE=wide, BLOCK=block
+        )
+    else:
+        order = torch.sort(key, stable=True).indices
     acc = _acc(patches.dtype if vid is None else vid.dtype)
-    sums = torch.empty((r, e), dtype=acc, device=pos.device)
+    if flush:
+        sums, strides = _buffer(shape6, acc, pos.device)
+        cnt = torch.zeros((b * hd, t, 1, h, w) if counts else (1,), dtype=acc, device=pos.device)
+    else:
+        sums, strides = torch.empty((r, e), dtype=acc, device=pos.device), (0,) * 5
+        cnt = sums
     op = "scatter_anchors" if weights is None else "wpsum_bwd_anchors"
     block_a, u, warps = CONFIG[op] if cuda_launch(pos.device) else ANCHORS_INTERPRET
     ep = next_power_of_2(e)
@@ -1536,15 +1592,21 @@ def _scatter_anchors(
     src = vid if vid is not None else patches
     gw = torch.empty(n, dtype=weights.dtype, device=pos.device) if weights is not None else sums
     _anchor_sum_kernel[(triton.cdiv(r, block_a),)](
-        patches, order, ends, hist, sums, sums if weights is None else weights.contiguous(),
+        patches, order, ends, hist, sums, cnt, sums if weights is None else weights.contiguous(),
         src, gw, r, 1 if weights is None else weights.shape[3], hd, t, h, w,
         t0, y0, x0, nt, ny, nx,
-        *(src.stride() if vid is not None else (0,) * 6),
+        *(src.stride() if vid is not None else (0,) * 6), *strides,
         C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
         BORDER=_modes(shape6, geom, True)["BORDER"], E=e, EP=ep,
-        I64=_wide(max(n * e, r * e, src.numel())), ACC=_TL_DTYPES[acc], BLOCK_A=block_a, U=u,
-        CONST=const, WEIGHTED=weights is not None, num_warps=warps,
+        I64=_wide(max(n * e, r * e, src.numel(), sums.numel())), ACC=_TL_DTYPES[acc],
+        BLOCK_A=block_a, U=u, CONST=const, WEIGHTED=weights is not None, FLUSH=flush,
+        COUNTS=flush and counts, num_warps=warps,
     )  # fmt: skip
+    if flush:
+        out = sums.contiguous()
+        if counts:
+            return out, cnt.view(b, hd, t, 1, h, w)
+        return out if weights is None else (out, gw.view(weights.shape))
     region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
     sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
     out, cnt = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
