@@ -371,22 +371,16 @@ def anchors_sweep(results, args):
 def anchors_flush(results, args):
     """scatter and wpsum forward+backward by anchors with each anchor's sum added into the
     video with atomics (``anchors_flush``: a counting sort, no per-anchor sums in memory, no
-    fold) against the folded sums at the default launch, at launches of the sum kernel; on the
-    knn rows and the runs rule's, whatever the patch size (the rule bypassed). Then, on the
-    knn rows, peak memory, host time and each kernel's time, atomics against flushed sums."""
+    fold) against the folded sums and against the atomics (no anchors), at the default
+    launches, on the knn rows and the runs rule's, whatever the patch size (the rule
+    bypassed): the data of the rule, _by_anchors."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
-    configs = [("scatter", {})]
-    configs += [("scatter", dict(anchors_flush=True, scatter_anchors=a))
-                for a in ((2, 4, 4), (4, 4, 4), (1, 8, 2))]  # fmt: skip
-    configs += [("wpsum f+b", {})]
-    configs += [("wpsum f+b", dict(anchors_flush=True, wpsum_bwd_anchors=a))
-                for a in ((1, 8, 2), (2, 4, 4))]  # fmt: skip
+    ways = (NO_ANCHORS, dict(anchors_flush=False), dict(anchors_flush=True))
+    configs = [(op, cfg) for op in ("scatter", "wpsum f+b") for cfg in ways]
     with _anchors_everywhere():
         _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE)
-        _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN,
-                       dict(default, anchors_flush=True))  # fmt: skip
 
 
 def anchors_parts(results, args):

@@ -1230,14 +1230,16 @@ def _fold_kernel(
 # anchors_flush: by anchors with each anchor's sum added into the video with atomics, the
 # entries grouped by a counting sort (no stable sort, no per-anchor sums in memory, no fold);
 # its bits can vary between runs, so torch.use_deterministic_algorithms(True) keeps the fold.
-# Not timed yet, so off.
+# On the H200 at 6787a9b (--rows anchorflush, kernel ms, folded -> flushed): scatter K14 ps7
+# C3 0.648 -> 0.439, K16 ps7 C8 0.908 -> 0.841, K16 ps3 C16 0.412 -> 0.345, K16 ps1 C128 0.330
+# -> 0.342; wpsum forward+backward K14 ps7 1.179 -> 1.116, K16 ps7 C8 3.231 -> 3.336.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
     "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
-    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": False,
+    "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": True,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
