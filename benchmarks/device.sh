@@ -4,7 +4,7 @@
 # and the commit (with the number of uncommitted files).
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
-#   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,runssweep,runsrule,
+#   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,
 #          scattertile,anchors,anchorparts,anchorflush,dpossweep,bruns,rowssweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
@@ -17,11 +17,10 @@
 # both knn rows' patch ops at the defaults and wpsum's flat modes (patches.py --rows profile).
 # SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search", PATCH_ROWS
 # (default fold,knn) those of "patches". The part "stagedsweep" times the staged gather/wpsum tiles
-# against the direct kernels (patches.py --rows stagedsweep); "runssweep" scatter and wpsum's
-# backward by runs of equal positions against the defaults (--rows runssweep), "runsrule" the
-# same on rows of other patch sizes and channel layouts (--rows runsrule); "scattertile"
+# against the direct kernels (patches.py --rows stagedsweep); "scattertile"
 # scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
-# (sorted positions summed without atomics, then folded) at its launches (--rows anchors),
+# (the entries grouped by position, each position's patches summed once) at its launches
+# (--rows anchors),
 # "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorflush"
 # its sums added into the video with atomics against folded (--rows anchorflush); "rowssweep"
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
@@ -62,8 +61,6 @@ for part in ${parts//,/ }; do
             --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows "${PATCH_ROWS:-fold,knn}" ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
-        runssweep) run runssweep python benchmarks/patches.py --rows runssweep ;;
-        runsrule) run runsrule python benchmarks/patches.py --rows runsrule ;;
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
@@ -83,7 +80,7 @@ for part in ${parts//,/ }; do
             --section InstructionStats --section Occupancy \
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
-           stagedsweep, runssweep, runsrule, scattertile, anchors, anchorparts,
+           stagedsweep, scattertile, anchors, anchorparts,
            anchorflush, dpossweep, bruns, rowssweep)" >&2
            exit 2 ;;
     esac

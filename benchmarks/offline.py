@@ -217,7 +217,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
     settings = {
         "default": {},
         "scatter tile": dict(scatter_tile=(16, 32, 4)),
-        "runs": dict(scatter_runs=True, wpsum_bwd_runs=True),
         "staged flat": dict(staged_gather=("flat", 4, 1, 1024, 1, 1, 4),
                             staged_wpsum=("flat", 8, 1, 1024, 1, 1, 4),
                             staged_gather_last=("flat", 4, 1, 1024, 1, 1, 4),
@@ -253,7 +252,7 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
     try:
         for name, setting in settings.items():
             kernels.CONFIG.update(default, **setting)
-            for det in (False, True) if name in ("default", "runs") else (False,):
+            for det in (False, True) if name == "default" else (False,):
                 torch.use_deterministic_algorithms(det)
                 with compile_only() as done:
                     for case in cases:

@@ -10,7 +10,7 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``runssweep``, ``runsrule``, ``anchors``, ``anchorparts``, ``anchorflush``,
+``stagedsweep``, ``anchors``, ``anchorparts``, ``anchorflush``,
 ``dpossweep``, ``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
 under Triton's interpreter, each configuration launched as on CUDA and checked (against the
 default kernels, the reference or torch), nothing timed: a check of the script itself before
@@ -288,52 +288,6 @@ def dpos_sweep(results, args):
     _run_sweep(results, args, [("gather dpos", dict(dpos=d)) for d in launches], default)
 
 
-def runs_sweep(results, args):
-    """scatter and wpsum's backward by runs of equal positions (the positions sorted, each
-    run's patches summed in registers and added once) against the defaults, and the runs
-    kernel's launches: (streams per program, entries per stream, warps). The kernel times
-    include the sort."""
-    from dnls.ops import _patches_triton as kernels
-
-    default = dict(kernels.CONFIG)
-    launches = ((1, 64, 1), (2, 64, 1), (1, 64, 2), (1, 128, 1), (1, 32, 1), (2, 64, 4))
-    configs = [("scatter", {}), ("wpsum f+b", {})]
-    configs += [("scatter", dict(scatter_runs=True, runs=r, **NO_ANCHORS)) for r in launches]
-    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=r, **NO_ANCHORS))
-                for r in launches[:4]]  # fmt: skip
-    _run_sweep(results, args, configs, default)
-    for label, vid, inds, ps in _knn_inputs(args):  # the sort's share, and peak memory
-        fn = lambda: kernels._runs_order(inds, (*inds.shape[:2], *vid.shape[1:]))  # noqa: E731, B023
-        ms, kms = bench(fn, 100), kernel_ms(fn)
-        print(f"runs order {label}: {ms:.3f} ms, kernels {kms:.3f} ms", flush=True)  # noqa: T201
-        results.append(dict(op="runs order", case=label, ms=ms, kernel_ms=kms))
-        ops = _knn_ops(vid, inds, ps)
-        for runs in (False, True):
-            kernels.CONFIG.update(
-                default, scatter_runs=runs, wpsum_bwd_runs=runs, **(NO_ANCHORS if runs else {})
-            )
-            for name in ("scatter", "wpsum f+b"):
-                mb = peak_mb(ops[name])
-                print(f"peak {name} {label} runs={runs}: {mb:.1f} MB", flush=True)  # noqa: T201
-                results.append(dict(op=f"{name} peak", case=label, runs=runs, mb=mb))
-        kernels.CONFIG.update(default)
-        del ops
-
-
-def runs_rule(results, args):
-    """scatter and wpsum's backward by runs against the defaults on rows that tell a rule by
-    patch size from a rule by channel layout apart (the knn rows differ in both: K14 ps7 C3,
-    channels-first, wins with runs; K16 ps1 C128, channels-last, loses)."""
-    from dnls.ops import _patches_triton as kernels
-
-    default = dict(kernels.CONFIG)
-    configs = [("scatter", {}), ("wpsum f+b", {})]
-    configs += [("scatter", dict(scatter_runs=True, runs=r, **NO_ANCHORS))
-                for r in ((1, 64, 1), (2, 64, 1))]  # fmt: skip
-    configs += [("wpsum f+b", dict(wpsum_bwd_runs=True, runs=(1, 64, 1), **NO_ANCHORS))]
-    _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else RUNS_RULE)
-
-
 @contextlib.contextmanager
 def _anchors_everywhere():
     """Scatter by anchors wherever it applies, whatever the patch size (its rule, _by_anchors,
@@ -349,12 +303,12 @@ def _anchors_everywhere():
 
 
 def anchors_sweep(results, args):
-    """scatter and wpsum forward+backward by anchors (the positions sorted, each position's
-    patches summed once without atomics, the sums folded into the video per pixel) against
+    """scatter and wpsum forward+backward by anchors (the entries grouped by position, each
+    position's patches summed once, the sums added into the video: anchors_flush) against
     atomics, at launches of its sum kernel (anchors per program, entries per step, warps),
-    on the knn rows and the runs rule's, whatever the patch size (its rule, _by_anchors, is
+    on the knn rows and the rule's, whatever the patch size (its rule, _by_anchors, is
     bypassed); then peak memory, the host's time per call and each kernel's time. The kernel
-    times include the sort and the fold."""
+    times include the grouping (and, anchors_flush off, the fold)."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
@@ -362,7 +316,7 @@ def anchors_sweep(results, args):
     configs = [("scatter", NO_ANCHORS)] + [("scatter", dict(scatter_anchors=a)) for a in launches]
     configs += [("wpsum f+b", NO_ANCHORS)]
     configs += [("wpsum f+b", dict(wpsum_bwd_anchors=a)) for a in launches]
-    rows = KNN_SMOKE if SMOKE else KNN + RUNS_RULE
+    rows = KNN_SMOKE if SMOKE else KNN + RULE_ROWS
     with _anchors_everywhere():
         _run_sweep(results, args, configs, default, rows)
         _anchors_parts(results, args, rows, default)
@@ -372,7 +326,7 @@ def anchors_flush(results, args):
     """scatter and wpsum forward+backward by anchors with each anchor's sum added into the
     video with atomics (``anchors_flush``: a counting sort, no per-anchor sums in memory, no
     fold) against the folded sums and against the atomics (no anchors), at the default
-    launches, on the knn rows and the runs rule's, whatever the patch size (the rule
+    launches, on the knn rows and the rule's, whatever the patch size (the rule
     bypassed): the data of the rule, _by_anchors."""
     from dnls.ops import _patches_triton as kernels
 
@@ -380,7 +334,7 @@ def anchors_flush(results, args):
     ways = (NO_ANCHORS, dict(anchors_flush=False), dict(anchors_flush=True))
     configs = [(op, cfg) for op in ("scatter", "wpsum f+b") for cfg in ways]
     with _anchors_everywhere():
-        _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RUNS_RULE)
+        _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RULE_ROWS)
 
 
 def anchors_parts(results, args):
@@ -389,7 +343,7 @@ def anchors_parts(results, args):
     from dnls.ops import _patches_triton as kernels
 
     with _anchors_everywhere():
-        _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN + RUNS_RULE, dict(kernels.CONFIG))
+        _anchors_parts(results, args, KNN_SMOKE if SMOKE else KNN + RULE_ROWS, dict(kernels.CONFIG))
 
 
 def _anchors_parts(results, args, rows, default):
@@ -520,8 +474,7 @@ def _run_sweep(results, args, configs, default, rows=None):
         direct = {
             f"staged_{op}{last}": None for op in ("gather", "wpsum") for last in ("", "_last")
         }
-        kernels.CONFIG.update(default, scatter_tile=None, scatter_runs=False,
-                              wpsum_bwd_runs=False, **NO_ANCHORS, **direct)  # fmt: skip
+        kernels.CONFIG.update(default, scatter_tile=None, **NO_ANCHORS, **direct)
         # outputs of the ops this sweep times only
         expect = {name: ops[name]() for name in {name for name, _ in configs}}
         for name, cfg in configs:
@@ -572,7 +525,7 @@ def _knn_inputs(args, rows=None):
         yield label, vid, inds, skw["ps"]
 
 
-# scatter and wpsum's video gradient without scatter by anchors (by atomics, or by runs)
+# scatter and wpsum's video gradient without scatter by anchors (by atomics)
 NO_ANCHORS = dict(scatter_anchors=None, wpsum_bwd_anchors=None)
 KNN = (
     ("K14 ps7 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=7, k=14)),
@@ -580,9 +533,9 @@ KNN = (
 )
 
 
-# runs_rule's rows: patches of 1, 3 and 7 pixels into channels-first (3 channels) and
-# channels-last (16, 8) buffers
-RUNS_RULE = (
+# the rule's rows (scatter by anchors, _by_anchors): patches of 1, 3 and 7 pixels into
+# channels-first (3 channels) and channels-last (16, 8) buffers
+RULE_ROWS = (
     ("K14 ps3 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=3, k=14)),
     ("K14 ps1 C3 1024x1024", (1, 1, 3, 1024, 1024), dict(ws=21, ps=1, k=14)),
     ("K16 ps3 C16 5x128x128", (1, 5, 16, 128, 128), dict(ws=9, wt=1, ps=3, k=16)),
@@ -595,7 +548,7 @@ KNN_SMOKE = (
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
 )
 SMOKE_ROWS = (
-    "fold", "knn", "det", "knnsweep", "stagedsweep", "runssweep", "runsrule", "dpossweep",
+    "fold", "knn", "det", "knnsweep", "stagedsweep", "dpossweep",
     "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep",
 )  # fmt: skip
 
@@ -742,7 +695,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 ROWS = {
     "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
-    "stagedsweep": staged_sweep, "runssweep": runs_sweep, "runsrule": runs_rule,
+    "stagedsweep": staged_sweep,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "anchorparts": anchors_parts, "anchorflush": anchors_flush, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,

@@ -201,13 +201,13 @@ def test_gather_position_gradient_launches(monkeypatch, launch):
     check(run_both(monkeypatch, fn, [vid, inds]), torch.float64, "gather")
 
 
-@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs", "anchors"])
+@pytest.mark.parametrize("tile", [None, (4, 16, 4), "anchors"])
 @pytest.mark.parametrize("fractional", [False, True])
 def test_deterministic_mode(monkeypatch, tile, fractional):
     """Under torch.use_deterministic_algorithms the kernels that add with atomics (scatter's
-    flat, tile and runs kernels, wpsum's backward) add fixed-point values into int64, and
-    scatter by anchors adds none: repeated runs give the same bits, and the results equal the
-    reference's."""
+    flat and tile kernels, wpsum's backward) add fixed-point values into int64, and scatter by
+    anchors folds its sums, with no atomics: repeated runs give the same bits, and the results
+    equal the reference's."""
     use_scatter(monkeypatch, tile)
     shape = (1, 2, 3, 16, 16) if CUDA else (1, 2, 2, 5, 6)
     vid = rand_video(shape, torch.float32, seed=9).to(DEVICE)
@@ -310,16 +310,13 @@ def test_channels_last_layout(monkeypatch):
 
 def use_scatter(mp, kind):
     """How scatter (and wpsum's video gradient) add at whole positions: ``None`` the flat
-    kernel, a tuple scatter's tile kernel at that tile, ``"runs"`` runs of equal positions
-    (:func:`_scatter_runs_kernel`, both ops), ``"anchors"`` scatter by anchors where it
-    applies, whatever the patch size (:func:`_scatter_anchors`, else the flat kernel)."""
+    kernel, a tuple scatter's tile kernel at that tile, ``"anchors"`` scatter by anchors (both
+    ops) where it applies, whatever the patch size (:func:`_scatter_anchors`, else the flat
+    kernel)."""
     from dnls.ops import _patches_triton
 
-    runs = kind == "runs"
     anchors = kind == "anchors"
-    mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if runs or anchors else kind)
-    mp.setitem(_patches_triton.CONFIG, "scatter_runs", runs)
-    mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_runs", runs)
+    mp.setitem(_patches_triton.CONFIG, "scatter_tile", None if anchors else kind)
     for op in ("scatter_anchors", "wpsum_bwd_anchors"):
         mp.setitem(_patches_triton.CONFIG, op, (2, 4, 4) if anchors else None)
     if anchors:  # every patch size, not only those the rule picks
@@ -440,7 +437,7 @@ def test_staged_random(case):
     ("cfg", "scatter"),
     [
         (("interior", 4, 2, 16, 9, 64, 4), None),
-        (("flat", 4, 2, 16, 9, 64, 4), "runs"),
+        (("flat", 4, 2, 16, 9, 64, 4), "anchors"),
         (("flatpix", 4, 2, 16, 9, 64, 4), None),
         (("rows", 4, 2, 16, 9, 64, 4), None),
         (("rowspix", 4, 2, 16, 9, 64, 4), None),
@@ -448,7 +445,7 @@ def test_staged_random(case):
 )
 def test_wide_offsets(monkeypatch, cfg, scatter):
     """The kernels' 64-bit addressing (taken for tensors of 2^31 elements or more), forced on
-    tiny tensors: gather, wpsum and scatter (flat, or by runs of equal positions), staged (most
+    tiny tensors: gather, wpsum and scatter (flat, or by anchors), staged (most
     tiles inside the frame) and direct, forward and gradients, equal the reference's."""
     from dnls.ops import _patches_triton
 
@@ -475,15 +472,15 @@ def test_wide_offsets(monkeypatch, cfg, scatter):
 @pytest.mark.parametrize(
     ("dilation", "last", "tile"),
     [(1, False, (4, 16, 4)), (2, False, (4, 16, 4)), (1, True, (4, 16, 4)), (1, True, (4, 2, 4)),
-     (2, False, (4, 2, 4)), (2, False, None), (2, False, "runs"), (1, True, "runs")],
+     (2, False, (4, 2, 4)), (2, False, None), (2, False, "anchors"), (1, True, "anchors")],
 )  # fmt: skip
 def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
     """Whole positions: scatter's tile kernel (or, with ``tile`` None, its flat kernel) and
     wpsum's backward address the patches of a program by offsets where they all lie inside the
     video, else through the border rule (most positions are inside, a few at the edges, so both
     kinds of program run), channels-first or -last, in chunks of 16 of a patch's 54
-    elements (the last one masked) or of 2 (none masked); ``"runs"``: both add runs of equal
-    positions through the border rule. Outputs and gradients equal the reference's."""
+    elements (the last one masked) or of 2 (none masked); ``"anchors"``: both add each
+    position's sum through the border rule. Outputs and gradients equal the reference's."""
     from dnls.ops import _patches_triton
 
     use_scatter(monkeypatch, tile)
@@ -511,9 +508,9 @@ def test_tiles_inside_and_at_the_border(monkeypatch, dilation, last, tile):
 
 
 @st.composite
-def runs_cases(draw):
-    """Whole positions drawn from a few (so that runs of equal positions are long and cross
-    the streams' ends), some at the frame's edges; the runs kernel's launch; a dtype."""
+def pooled_cases(draw):
+    """Whole positions drawn from a few (so that many entries share a position), some at the
+    frame's edges; a launch of scatter by anchors; a dtype."""
     case = draw(patch_cases())
     return dict(
         case, fractional=False, pool=draw(st.integers(1, 4)),
@@ -523,7 +520,7 @@ def runs_cases(draw):
 
 
 def pooled_inputs(case, q, k):
-    """The inputs of a runs case (:func:`runs_cases`) with ``q`` queries of ``k`` entries:
+    """The inputs of a pooled case (:func:`pooled_cases`) with ``q`` queries of ``k`` entries:
     positions drawn from its pool, a video, weights and patches of its dtype, and scatter's
     keywords."""
     b, t, c, h, w = case["shape"]
@@ -541,32 +538,6 @@ def pooled_inputs(case, q, k):
                          seed=case["seed"] + 3).to(DEVICE)  # fmt: skip
     sc = dict(dilation=geom["dilation"], border=geom["border"], nheads=hd)
     return inds, vid, weights, patches, sc
-
-
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases())
-def test_runs_random(case):
-    """scatter and wpsum's video gradient by runs of equal positions, over random
-    configurations, positions with many repeats and launches: outputs and gradients equal the
-    reference's, per dtype; under deterministic algorithms (float32), the same bits twice."""
-    from dnls.ops import _patches_triton
-
-    geom, hd, dtype = case["geom"], case["nheads"], case["dtype"]
-    inds, vid, weights, patches, sc = pooled_inputs(case, case["q"], case["k"])
-    with pytest.MonkeyPatch.context() as mp:
-        use_scatter(mp, "runs")
-        mp.setattr(_patches_triton, "RUNS_INTERPRET", case["launch"])
-        mp.setitem(_patches_triton.CONFIG, "runs", case["launch"])
-        fn = lambda p: dnls.scatter(p, inds, shape=vid.shape, **sc)  # noqa: E731
-        check(run_both(mp, fn, [patches]), dtype, f"scatter {dtype}", scale=10)
-        fn = lambda v, wt: dnls.wpsum(v, wt, inds, nheads=hd, **geom)  # noqa: E731
-        check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
-        if dtype == torch.float32:
-            mp.setenv("DNLS_BACKEND", "triton")
-            with deterministic():
-                runs = [dnls.scatter(patches, inds, shape=vid.shape, **sc) for _ in range(2)]
-            for a, b in zip(*runs, strict=True):
-                assert torch.equal(a, b), "deterministic scatter by runs: two runs differ"
 
 
 def spy_anchors(mp):
@@ -601,7 +572,7 @@ def spy_folds(mp):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(runs_cases(), st.booleans(), st.booleans())
+@given(pooled_cases(), st.booleans(), st.booleans())
 def test_anchors_random(case, wide, flush):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
@@ -739,36 +710,11 @@ def test_anchors_fallback(monkeypatch):
     assert ran == [False], ran  # (tried once: not again for the counts)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_runs_order_groups_positions(wide):
-    """The order the runs kernel walks: a permutation of the entries that puts equal (slice,
-    position) together, in raster order, keeping each group's entries in their original order
-    (stable); with 64-bit keys where the video has 2^31 elements or more."""
-    from dnls.ops import _patches_triton
-
-    g = torch.Generator().manual_seed(3)
-    pool = torch.stack([torch.randint(0, 2, (5,), generator=g),
-                        torch.randint(0, 7, (5,), generator=g),
-                        torch.randint(0, 6, (5,), generator=g)], -1)  # fmt: skip
-    inds = pool[torch.randint(0, 5, (2, 3, 7, 4), generator=g)].int()
-    shape6 = (2, 3, 2, 1, 2**16, 2**16) if wide else (2, 3, 2, 1, 7, 6)
-    order = _patches_triton._runs_order(inds.to(DEVICE), shape6).cpu()
-    assert torch.equal(order.sort().values, torch.arange(inds.numel() // 3))
-    slot = torch.arange(6).repeat_interleave(7 * 4)
-    h, w = shape6[4:]
-    flat = inds.reshape(-1, 3).long()
-    key = ((slot * 2 + flat[:, 0]) * h + flat[:, 1]) * w + flat[:, 2]
-    keys = key[order]
-    assert (keys[1:] >= keys[:-1]).all(), "not in raster order"
-    same = keys[1:] == keys[:-1]
-    assert (order[1:][same] > order[:-1][same]).all(), "a group's entries out of order"
-
-
-@pytest.mark.parametrize("tile", [None, (4, 16, 4), "runs", "anchors"])
+@pytest.mark.parametrize("tile", [None, (4, 16, 4), "anchors"])
 def test_scatter_of_one_value_expanded(monkeypatch, tile):
     """A patches tensor that is one value expanded (a gradient of a sum, or dnls.scatter's
     counts where they take a scatter of their own) is read as that value, not materialised, by
-    the flat, tile, runs and anchors kernels; the sums equal the reference's."""
+    the flat, tile and anchors kernels; the sums equal the reference's."""
     use_scatter(monkeypatch, tile)
     ran = spy_anchors(monkeypatch)
     shape = (1, 2, 3, 6, 7)

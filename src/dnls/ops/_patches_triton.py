@@ -19,15 +19,15 @@ Backward, with ``P(v, x)`` the patches of ``v`` at ``x`` and ``S = P^T`` (a scat
 
 Reads are gathers that coalesce along ``j`` (consecutive columns). Generic scatters add with
 atomics into a float32 (float64) buffer, so their bits can vary between runs. At whole
-positions they can also go by runs of equal positions (the entries sorted by position, each
-run's patches summed in registers and added once): positions from a search hold each pixel
-about K times, so that takes about K times fewer atomics. Or by anchors, with no atomics on
-the video: each position's patches summed once (the entries sorted stably by position) into
-one patch per pixel of the box that holds the positions, then folded into the video as
-``ifold`` does; the same bits on every run. Under
-``torch.use_deterministic_algorithms(True)`` they add into int64 accumulators instead, each
-contribution rounded to a fixed point ``1 / scale`` (``scale`` the largest power of two that
-no sum can overflow): integer addition is associative, so every run gives the same bits.
+positions they can also go by anchors: the entries grouped by position, each position's
+patches summed once into one patch per pixel of the box that holds the positions (positions
+from a search hold each pixel about K times), and that patch added into the video with
+atomics, about K times fewer than one per entry. Under
+``torch.use_deterministic_algorithms(True)`` the entries are sorted stably instead and the
+per-position sums folded into the video as ``ifold`` does (no atomics: the same bits on every
+run); the other scatters add into int64 accumulators, each contribution rounded to a fixed
+point ``1 / scale`` (``scale`` the largest power of two that no sum can overflow): integer
+addition is associative, so every run gives the same bits.
 ``ifold`` (patches on a query grid) needs no atomics: each output pixel sums the patch
 elements that land on it, so it is deterministic.
 """
@@ -333,126 +333,6 @@ def _scatter_tile_kernel(
                 y[:, None] + oy[None, :], x[:, None] + ox[None, :], T, H, W, o_t, o_y, o_x,
                 val, m, scale, BORDER, I64, True, ACC, FIXED,
             )  # fmt: skip
-
-
-@triton.jit
-def _scatter_runs_kernel(
-    patches,  # (B * HD * QK, E) rows, contiguous; CONST: one value; WEIGHTED: (B * HD * Q, E)
-    weights,  # WEIGHTED: (B * HD * QK,) each entry's factor (its row is ``n // K``)
-    inds,  # (B * HD * QK, 3) whole positions
-    order,  # (N,) the entries ordered by position: equal positions are adjacent
-    out,  # (B * HD, T, C, H, W) accumulation buffer, strides below
-    vid,  # WEIGHTED: (B, HD, T, C, H, W), any strides, the video wpsum read
-    gw,  # WEIGHTED: (B * HD * QK,) output, the weights' gradient
-    N, QK, K, HD, T, H, W, CH,
-    o_bh, o_t, o_c, o_y, o_x, scale,
-    s_b, s_h, s_t, s_c, s_y, s_x,
-    C: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    BORDER: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr,
-    CONST: tl.constexpr, WEIGHTED: tl.constexpr, NS: tl.constexpr, EP: tl.constexpr,
-):  # fmt: skip
-    """Whole positions, the entries taken in ``order`` (sorted by position): NS streams per
-    program, each walking CH consecutive entries and summing the patches of a run of equal
-    positions in registers; a run's sum is added into the video (atomics, through the border
-    rule; FIXED: at fixed point ``scale`` into int64) once, when the run ends. Positions that
-    come from a search hold each pixel about K times, so this adds about K times fewer values
-    atomically than one add per patch element. The streams of a program advance together, so
-    NS patch rows are in flight at each step.
-
-    WEIGHTED (wpsum's backward, ``patches`` its output gradient ``g``): entry ``n`` adds
-    ``w_n g_q`` (``q = n // K``) and writes ``gw_n = <g_q, P(vid, x_n)>``, the video's patch
-    read once per run."""
-    E: tl.constexpr = PT * C * PS * PS
-    s = tl.program_id(0) * NS + tl.arange(0, NS)
-    if I64:
-        g = s.to(tl.int64) * CH
-    else:
-        g = s * CH
-    e = tl.arange(0, EP)
-    em = e < E
-    acc = tl.zeros((NS, EP), dtype=ACC)
-    vp = tl.zeros((NS, EP), dtype=ACC)  # WEIGHTED: the video's patch at the run's position
-    run_bh = tl.full((NS,), -1, tl.int32)
-    run_t = tl.zeros((NS,), tl.int32)
-    run_y = tl.zeros((NS,), tl.int32)
-    run_x = tl.zeros((NS,), tl.int32)
-    n = tl.load(order + g, mask=g < N, other=0)
-    for _step in range(CH):
-        live = g < N
-        # the next entry's index is read a step ahead: its load overlaps this step's
-        n_next = tl.load(order + g + 1, mask=g + 1 < N, other=0)
-        if not I64:
-            n = n.to(tl.int32)
-        bh = (n // QK).to(tl.int32)
-        t, y, x = _load_pos(inds, n, live, True, ACC)
-        new = live & ((bh != run_bh) | (t != run_t) | (y != run_y) | (x != run_x))
-        done = new & (run_bh >= 0)
-        # the runs that end here are added first: their sums, not the new rows, are live
-        if tl.max(done.to(tl.int32), axis=0) > 0:
-            _flush_runs(out, acc, done, run_bh, run_t, run_y, run_x, e, em, T, H, W,
-                        o_bh, o_t, o_c, o_y, o_x, scale, C, PS, DIL, BORDER, I64, ACC,
-                        FIXED)  # fmt: skip
-        m = live[:, None] & em[None, :]
-        if CONST:
-            v = tl.where(m, tl.load(patches).to(ACC), 0.0)
-        elif WEIGHTED:
-            f = tl.load(weights + n, mask=live, other=0.0).to(ACC)
-            gq = tl.load(patches + (n // K)[:, None] * E + e[None, :], mask=m, other=0.0)
-            gq = gq.to(ACC)
-            if tl.max(new.to(tl.int32), axis=0) > 0:
-                dt, c, oy, ox = _element(e, C, PS, DIL)
-                b64 = bh.to(tl.int64)
-                base = vid + ((b64 // HD) * s_b + (b64 % HD) * s_h)[:, None]
-                rd, _, _ = _read(
-                    base + (c.to(tl.int64) * s_c)[None, :], t[:, None] + dt[None, :],
-                    y[:, None] + oy[None, :], x[:, None] + ox[None, :], T, H, W,
-                    s_t, s_y, s_x, new[:, None] & em[None, :], BORDER, I64, True, ACC,
-                )  # fmt: skip
-                vp = tl.where(new[:, None], rd, vp)
-            tl.store(gw + n, tl.sum(gq * vp, axis=1).to(gw.dtype.element_ty), mask=live)
-            v = gq * f[:, None]
-        else:
-            v = tl.load(patches + n[:, None] * E + e[None, :], mask=m, other=0.0).to(ACC)
-        acc = tl.where(new[:, None], v, acc + v)
-        run_bh = tl.where(new, bh, run_bh)
-        run_t = tl.where(new, t, run_t)
-        run_y = tl.where(new, y, run_y)
-        run_x = tl.where(new, x, run_x)
-        g += 1
-        n = n_next
-    _flush_runs(out, acc, run_bh >= 0, run_bh, run_t, run_y, run_x, e, em, T, H, W,
-                o_bh, o_t, o_c, o_y, o_x, scale, C, PS, DIL, BORDER, I64, ACC,
-                FIXED)  # fmt: skip
-
-
-@triton.jit
-def _flush_runs(out, acc, done, bh, t, y, x, e, em, T, H, W, o_bh, o_t, o_c, o_y, o_x, scale,
-                C: tl.constexpr, PS: tl.constexpr, DIL: tl.constexpr, BORDER: tl.constexpr,
-                I64: tl.constexpr, ACC: tl.constexpr, FIXED: tl.constexpr):  # fmt: skip
-    """Add the sums ``acc`` of the runs ``done`` (slice ``bh``, position ``t, y, x``) into
-    the video through the border rule."""
-    dt, c, oy, ox = _element(e, C, PS, DIL)
-    base = out + tl.maximum(bh, 0).to(tl.int64)[:, None] * o_bh + (c.to(tl.int64) * o_c)[None, :]
-    _add(base, t[:, None] + dt[None, :], y[:, None] + oy[None, :], x[:, None] + ox[None, :],
-         T, H, W, o_t, o_y, o_x, acc, done[:, None] & em[None, :], scale, BORDER, I64, True,
-         ACC, FIXED)  # fmt: skip
-
-
-@triton.jit
-def _runs_key_kernel(inds, key, N, QK, T, H, W, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """Each entry's sort key: its slice and position (clamped into the video), raster order
-    (WIDE: int64)."""
-    if WIDE:
-        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = n < N
-    t = tl.minimum(tl.maximum(tl.load(inds + n * 3, mask=m, other=0), 0), T - 1)
-    y = tl.minimum(tl.maximum(tl.load(inds + n * 3 + 1, mask=m, other=0), 0), H - 1)
-    x = tl.minimum(tl.maximum(tl.load(inds + n * 3 + 2, mask=m, other=0), 0), W - 1)
-    if WIDE:
-        t = t.to(tl.int64)
-    tl.store(key + n, (((n // QK) * T + t) * H + y) * W + x, mask=m)
 
 
 @triton.jit
@@ -1213,12 +1093,11 @@ def _fold_kernel(
 # tile kernel at (16, 32, 4), 1.74 ms flat (an earlier run); K16 ps1 C128 0.459 / 0.453 ms.
 # On the H100 at 8f52d1a, K16's tile adds as 128-bit vectors (no element mask): 0.533 ms at
 # (32, 128, 4) against 0.534 flat, so the flat kernel stays.
-# scatter_runs / wpsum_bwd_runs: scatter, and wpsum's video gradient, at whole positions by
-# runs of equal positions (_scatter_runs_kernel, launched as "runs": streams per program,
-# entries per stream, warps); on the H100 at e9a95a5, scatter K14 1.76 -> 1.25 ms and wpsum's
-# forward+backward 2.18 -> 1.21 ms, but K16 (ps 1) slower at every launch, so off.
+# (By runs of equal positions, a stable sort and each run summed in registers, then added with
+# atomics, lost to by anchors for scatter on every row where either beat the atomics (H100,
+# 5157482), and was off by default; removed (2026-12-06).)
 # scatter_anchors / wpsum_bwd_anchors: scatter, and wpsum's video gradient, at whole positions
-# by anchors (_scatter_anchors: sorted, summed per position without atomics, folded) where
+# by anchors (_scatter_anchors: grouped, summed per position, added or folded) where
 # _by_anchors says so, launched as (anchors per program, entries per step, warps); None: off.
 # On the H100 at 5157482, kernel ms at these launches (the best of six for each op): scatter
 # K14 ps7 C3 1.757 -> 1.049, K16 ps3 C16 1.382 -> 0.615, K16 ps7 C8 8.772 -> 1.375; wpsum
@@ -1238,7 +1117,7 @@ def _fold_kernel(
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
-    "scatter_runs": False, "wpsum_bwd_runs": False, "runs": (1, 64, 1), "dpos": (32, 4),
+    "dpos": (32, 4),
     "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": True,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
@@ -1259,8 +1138,6 @@ STAGED_INTERPRET = {
 }  # fmt: skip
 
 
-# _scatter_runs_kernel's launch under the interpreter: short streams, so that runs cross them
-RUNS_INTERPRET = (2, 3, 4)
 # _anchor_sum_kernel's launch under the interpreter (anchors per program, entries per step,
 # warps): 3 entries per step, so that anchors of 1 to 7 entries end inside and at a step's end
 ANCHORS_INTERPRET = (2, 3, 4)
@@ -1465,47 +1342,6 @@ def gather_dpos(vid, inds, grad, geom) -> torch.Tensor:
     return gpos
 
 
-def _runs_order(inds: torch.Tensor, shape6) -> torch.Tensor:
-    """The entries of whole positions ``inds (B, HD, Q, K, 3)`` ordered by (slice, position),
-    raster order (int64 indices into the flattened ``B * HD * Q * K``): equal positions end up
-    adjacent. The sort is stable, so the order, and the sums of :func:`_scatter_runs`, are the
-    same on every run."""
-    b, hd, t, _, h, w = shape6
-    n = inds.numel() // 3
-    wide = b * hd * t * h * w >= 2**31  # else 32-bit keys (a radix sort of half the passes)
-    key = torch.empty(n, dtype=torch.int64 if wide else torch.int32, device=inds.device)
-    if n:
-        block = 1024
-        _runs_key_kernel[(triton.cdiv(n, block),)](
-            _inds(inds), key, n, n // (b * hd), t, h, w, WIDE=wide, BLOCK=block
-        )
-    return torch.sort(key, stable=True).indices
-
-
-def _scatter_runs(rows, weights, inds, buf, strides, scale, geom, *, const=False, k=1,
-                  vid=None, gw=None, FIXED, ACC) -> None:  # fmt: skip
-    """Add patches at whole positions ``inds (B, HD, Q, K, 3)`` into ``buf`` with
-    :func:`_scatter_runs_kernel`, in position order: ``rows`` one patch per entry (or one value,
-    ``const``), or with ``weights (B, HD, Q, K)``, the row ``q`` of ``rows (B, HD, Q, E)``
-    times the weight of each of its K entries, and into ``gw`` (like ``weights``) the product
-    of that row with ``vid``'s patch at the entry's position (wpsum's backward)."""
-    b, hd, t, c, h, w = buf.shape
-    n = inds.numel() // 3
-    qk = n // (b * hd)
-    ns, ch, warps = CONFIG["runs"] if cuda_launch(buf.device) else RUNS_INTERPRET
-    e = geom.pt * c * geom.ps * geom.ps
-    src = rows if vid is None else _reads(vid)
-    pos = _inds(inds)  # (converted once: _inds in _runs_order then returns it as it is)
-    _scatter_runs_kernel[(triton.cdiv(n, ns * ch),)](
-        rows, rows if weights is None else weights.contiguous(), pos,
-        _runs_order(pos, buf.shape), buf, src, rows if gw is None else gw, n, qk, k, hd, t, h,
-        w, ch, *strides, scale or 1.0, *(src.stride() if vid is not None else (0,) * 6),
-        C=c, PS=geom.ps, PT=geom.pt, DIL=geom.dilation,
-        **_modes(buf.shape, geom, True, rows, inds, src), FIXED=FIXED, ACC=ACC, CONST=const,
-        WEIGHTED=weights is not None, NS=ns, EP=next_power_of_2(e), num_warps=warps,
-    )  # fmt: skip
-
-
 def _wide(size: int) -> bool:
     """Whether indices up to ``size`` need 64 bits (scatter by anchors; the tests force it)."""
     return size >= 2**31
@@ -1655,12 +1491,7 @@ def scatter(patches, inds, shape6, geom, anchors: bool = True) -> torch.Tensor:
     tile = CONFIG["scatter_tile"]
     if tile and not cuda_launch(patches.device):
         tile = (4, 16, 4)  # small tiles under the interpreter
-    if patches.numel() and whole and CONFIG["scatter_runs"]:
-        _scatter_runs(
-            patches.as_strided((1,), (1,)) if const else patches.contiguous(), None, inds, buf,
-            strides, scale, geom, const=const, **fixed,
-        )  # fmt: skip
-    elif patches.numel() and whole and tile:
+    if patches.numel() and whole and tile:
         block_n, block_e, warps = tile
         block_e = min(block_e, next_power_of_2(e))
         _scatter_tile_kernel[(triton.cdiv(q * k, block_n), b * hd)](
@@ -1737,11 +1568,7 @@ def wpsum_backward(grad, vid, weights, inds, geom):
     gvid, strides = _buffer(tuple(vid.shape), torch.int64 if scale is not None else acc, vid.device)
     gw = torch.empty(weights.shape, dtype=weights.dtype, device=vid.device)
     gpos = torch.zeros(inds.shape, dtype=inds.dtype, device=vid.device)
-    runs = whole and CONFIG["wpsum_bwd_runs"]
-    if r and k and runs:
-        _scatter_runs(grad.contiguous(), weights, inds, gvid, strides, scale, geom, k=k,
-                      vid=vid, gw=gw, FIXED=scale is not None, ACC=_TL_DTYPES[acc])  # fmt: skip
-    elif r and k:
+    if r and k:
         block_e, block_q, warps = _tile(e, vid.device, "wpsum_bwd")
         src = _reads(vid)
         _wpsum_bwd_kernel[(triton.cdiv(r, block_q),)](
