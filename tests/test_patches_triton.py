@@ -577,9 +577,10 @@ def test_anchors_random(case, wide, flush):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
     wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices, the
-    sums folded or (``flush``) added into the video with atomics: scatter, its counts, gather's
-    video gradient (a scatter) and wpsum's gradients equal the reference's, per dtype. Under
-    deterministic algorithms the sums are folded, flush or not: two runs give the same bits."""
+    sums folded or (``flush``, patches wider than a pixel) added into the video with atomics:
+    scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
+    reference's, per dtype. Under deterministic algorithms the sums are folded, flush or not:
+    two runs give the same bits."""
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
@@ -609,7 +610,8 @@ def test_anchors_random(case, wide, flush):
         check(run_both(mp, fn, [vid, weights]), dtype, f"wpsum {dtype}", scale=10)
         assert len(ran) == 3, ran  # scatter with its counts, gather's and wpsum's backward
         assert all(r == applies for r in ran), f"by anchors: {ran}, expected {applies}"
-        assert len(folds) == (0 if flush or not applies else 3), f"folds: {folds}"
+        folded = applies and not (flush and geom["ps"] > 1)  # (one-pixel patches fold)
+        assert len(folds) == (3 if folded else 0), f"folds: {folds}"
         folds.clear()
         mp.setenv("DNLS_BACKEND", "triton")
         with deterministic():
@@ -675,21 +677,41 @@ def test_anchors_search_box(monkeypatch):
 
 def test_anchors_rule_at_one_pixel(monkeypatch):
     """At the default settings, one-pixel patches of 64 channels (a search's outputs) are
-    scattered by anchors, and equal the reference's, but wpsum's video gradient of them takes
-    the atomics (the rule's split, from the H100's K16 ps1 C128 row)."""
+    scattered by anchors with their sums folded, and equal the reference's, but wpsum's video
+    gradient of them takes the atomics (the rule's split, from the H100's K16 ps1 C128 row)."""
     monkeypatch.setenv("DNLS_BACKEND", "triton")
     ran = spy_anchors(monkeypatch)
+    folds = spy_folds(monkeypatch)
     shape = (1, 2, 64, 6, 6)
     vid = rand_video(shape, seed=21).to(DEVICE)
     _, inds = dnls.search(vid, ws=3, wt=0, ps=1, k=4)
     patches = rand_video((*inds.shape[:4], 1, 64, 1, 1), seed=22).to(DEVICE)
     fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
     check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
-    assert ran == [True], ran
+    assert ran == [True] and folds == [1], (ran, folds)
     weights = rand_video(inds.shape[:4], seed=23).to(DEVICE)
     fn = lambda v, w: dnls.wpsum(v, w, inds, ps=1)  # noqa: E731
     check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
     assert ran == [True], ran  # (wpsum's backward did not try it)
+
+
+def test_anchors_rule_small_patches(monkeypatch):
+    """At the default settings, patches wider than a pixel go by anchors however few their
+    elements (ps 3, one channel: 9), scatter and wpsum's video gradient, each anchor's sum
+    added into the video (no fold); the results equal the reference's."""
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    ran = spy_anchors(monkeypatch)
+    folds = spy_folds(monkeypatch)
+    shape = (1, 3, 1, 7, 6)
+    vid = rand_video(shape, seed=24).to(DEVICE)
+    _, inds = dnls.search(vid, ws=3, wt=1, ps=3, k=5)
+    patches = rand_video((*inds.shape[:4], 1, 1, 3, 3), seed=25).to(DEVICE)
+    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
+    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    weights = rand_video(inds.shape[:4], seed=26).to(DEVICE)
+    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=3)  # noqa: E731
+    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+    assert ran == [True, True] and folds == [], (ran, folds)
 
 
 def test_anchors_fallback(monkeypatch):

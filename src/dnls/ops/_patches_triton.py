@@ -1108,10 +1108,12 @@ def _fold_kernel(
 # scatter K14 0.785 -> 0.971 kernel ms, K16 0.423 -> 0.587; removed.)
 # anchors_flush: by anchors with each anchor's sum added into the video with atomics, the
 # entries grouped by a counting sort (no stable sort, no per-anchor sums in memory, no fold);
-# its bits can vary between runs, so torch.use_deterministic_algorithms(True) keeps the fold.
-# On the H200 at 6787a9b (--rows anchorflush, kernel ms, folded -> flushed): scatter K14 ps7
-# C3 0.648 -> 0.439, K16 ps7 C8 0.908 -> 0.841, K16 ps3 C16 0.412 -> 0.345, K16 ps1 C128 0.330
-# -> 0.342; wpsum forward+backward K14 ps7 1.179 -> 1.116, K16 ps7 C8 3.231 -> 3.336.
+# its bits can vary between runs, so torch.use_deterministic_algorithms(True) keeps the fold;
+# one-pixel patches keep it too (_flush). On the H100 at c76db78 (--rows anchorflush, kernel
+# ms, folded -> flushed): scatter K14 ps7 C3 0.784 -> 0.531, ps3 C3 0.335 -> 0.215, K16 ps3
+# C16 0.511 -> 0.421, K16 ps1 C128 0.421 -> 0.457; wpsum forward+backward K14 ps7 1.210 ->
+# 1.134, K16 ps3 C16 1.754 -> 1.694. On the H200 at 6787a9b, K16 ps7 C8 0.908 -> 0.841 (wpsum
+# forward+backward 3.231 -> 3.336).
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
@@ -1349,14 +1351,27 @@ def _wide(size: int) -> bool:
 
 def _by_anchors(geom, e: int, weighted: bool = False) -> bool:
     """Whether a scatter of patches of ``e`` elements (``weighted``: wpsum's video gradient)
-    goes by anchors where it applies: patches of at least 64 elements, or at least 5 pixels
-    wide (one channel at ps 7, 49 elements); for wpsum's video gradient, only patches wider
-    than a pixel. Set from six rows on the H100 (BENCHMARKS.md): by anchors won at ps 7 with 3
-    channels, ps 3 with 16 and ps 7 with 8 (1.7x-6.4x) and, since dnls.scatter's counts come
-    from the same pass, scatter at ps 1 with 128 channels (0.42 against 0.53 ms), where
-    wpsum's gradient still loses (0.79 against 0.66 ms); it tied or lost at ps 3 and ps 1 with
-    3 channels."""
-    return (e >= 64 or geom.ps >= 5) and (geom.ps > 1 or not weighted)
+    goes by anchors where it applies: patches wider than a pixel; one-pixel patches for
+    scatter only, with at least 64 elements. Set from six rows on the H100 at c76db78
+    (BENCHMARKS.md, kernel ms, atomics against by anchors at the defaults): scatter ps 7 C3
+    1.748 -> 0.531, ps 3 C3 0.534 -> 0.215, ps 3 C16 1.370 -> 0.421, ps 1 C128 0.532 -> 0.421
+    (folded), ps 1 C3 0.756 against 0.770; wpsum forward+backward ps 7 C3 2.139 -> 1.134, ps 3
+    C3 0.759 -> 0.483, ps 3 C16 3.651 -> 1.694, but ps 1 C128 0.660 against 0.800 and ps 1 C3
+    1.553 against 1.699."""
+    return geom.ps > 1 or (e >= 64 and not weighted)
+
+
+def _flush(geom) -> bool:
+    """Whether scatter by anchors adds each anchor's sum into the video with atomics (else it
+    sorts stably and folds the sums): ``anchors_flush`` on, patches wider than a pixel, and
+    not under ``torch.use_deterministic_algorithms(True)``. One-pixel patches do not overlap,
+    so the fold is a copy: on the H100 at c76db78, scatter at ps 1 with 128 channels took
+    0.421 kernel ms folded against 0.457 flushed."""
+    return (
+        bool(CONFIG["anchors_flush"])
+        and geom.ps > 1
+        and not torch.are_deterministic_algorithms_enabled()
+    )
 
 
 def _scatter_anchors(
@@ -1404,7 +1419,7 @@ def _scatter_anchors(
     _anchor_key_kernel[(triton.cdiv(n, block),)](
         pos, key, hist, n, n // (b * hd), r, t0, y0, x0, nt, ny, nx, WIDE=wide, BLOCK=block
     )
-    flush = bool(CONFIG["anchors_flush"]) and not torch.are_deterministic_algorithms_enabled()
+    flush = _flush(geom)
     # (one value per element: each anchor's sum is its count times it, no entry is read)
     ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
     if const:
