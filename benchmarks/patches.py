@@ -325,13 +325,15 @@ def anchors_sweep(results, args):
 def anchors_flush(results, args):
     """scatter and wpsum forward+backward by anchors with each anchor's sum added into the
     video with atomics (``anchors_flush``: a counting sort, no per-anchor sums in memory, no
-    fold) against the folded sums and against the atomics (no anchors), at the default
+    fold; one-pixel patches fold) against the folded sums (grouped by a stable sort, or by the
+    counting sort: ``anchors_stable`` off) and against the atomics (no anchors), at the default
     launches, on the knn rows and the rule's, whatever the patch size (the rule
     bypassed): the data of the rule, _by_anchors."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.CONFIG)
-    ways = (NO_ANCHORS, dict(anchors_flush=False), dict(anchors_flush=True))
+    ways = (NO_ANCHORS, dict(anchors_flush=False), dict(anchors_flush=False, anchors_stable=False),
+            dict(anchors_flush=True))  # fmt: skip
     configs = [(op, cfg) for op in ("scatter", "wpsum f+b") for cfg in ways]
     with _anchors_everywhere():
         _run_sweep(results, args, configs, default, KNN_SMOKE if SMOKE else KNN + RULE_ROWS)

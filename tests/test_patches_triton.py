@@ -572,15 +572,16 @@ def spy_folds(mp):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(pooled_cases(), st.booleans(), st.booleans())
-def test_anchors_random(case, wide, flush):
+@given(pooled_cases(), st.booleans(), st.booleans(), st.booleans())
+def test_anchors_random(case, wide, flush, stable):
     """scatter by anchors over random configurations, positions with many repeats (so that
     the box that holds them has fewer pixels than there are entries, and the path applies
     wherever ifold's kernel covers the geometry) and launches, with 32- or 64-bit indices, the
-    sums folded or (``flush``, patches wider than a pixel) added into the video with atomics:
-    scatter, its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
-    reference's, per dtype. Under deterministic algorithms the sums are folded, flush or not:
-    two runs give the same bits."""
+    sums folded or (``flush``, patches wider than a pixel) added into the video with atomics,
+    the entries grouped by a stable sort or (folded, not ``stable``) a counting sort: scatter,
+    its counts, gather's video gradient (a scatter) and wpsum's gradients equal the
+    reference's, per dtype. Under deterministic algorithms the sums are sorted stably and
+    folded, whatever the settings: two runs give the same bits."""
     from dnls.ops import _patches_triton
 
     b, t, c, h, w = case["shape"]
@@ -598,6 +599,7 @@ def test_anchors_random(case, wide, flush):
         mp.setitem(_patches_triton.CONFIG, "scatter_anchors", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "wpsum_bwd_anchors", case["launch"])
         mp.setitem(_patches_triton.CONFIG, "anchors_flush", flush)
+        mp.setitem(_patches_triton.CONFIG, "anchors_stable", stable)
         if wide:
             mp.setattr(_patches_triton, "_wide", lambda size: True)
         ran = spy_anchors(mp)

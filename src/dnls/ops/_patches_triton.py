@@ -1114,13 +1114,16 @@ def _fold_kernel(
 # C16 0.511 -> 0.421, K16 ps1 C128 0.421 -> 0.457; wpsum forward+backward K14 ps7 1.210 ->
 # 1.134, K16 ps3 C16 1.754 -> 1.694. On the H200 at 6787a9b, K16 ps7 C8 0.908 -> 0.841 (wpsum
 # forward+backward 3.231 -> 3.336).
+# anchors_stable: folded sums (one-pixel patches, or anchors_flush off) group the entries by a
+# stable sort even outside the deterministic mode; off: by the counting sort, as flushed sums
+# do (their bits then vary between runs). Not timed yet, so on.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
-    "flat_block": 1024, "flat_warps": 4, "scatter_tile": None,
-    "dpos": (32, 4),
+    "flat_block": 1024, "flat_warps": 4, "scatter_tile": None, "dpos": (32, 4),
     "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": True,
+    "anchors_stable": True,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
@@ -1424,7 +1427,9 @@ def _scatter_anchors(
     ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
     if const:
         order = key
-    elif flush:  # (the order within an anchor is free: its sum is added with atomics anyway)
+    elif flush or not (
+        CONFIG["anchors_stable"] or torch.are_deterministic_algorithms_enabled()
+    ):  # (the order within an anchor is free: flushed, its sum is added with atomics anyway)
         order = torch.empty(n, dtype=itype, device=pos.device)
         _anchor_place_kernel[(triton.cdiv(n, block),)](
             key, ends - hist, order, n, r, WIDE=wide, BLOCK=block
