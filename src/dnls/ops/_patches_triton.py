@@ -1380,16 +1380,19 @@ def _flush(geom) -> bool:
 def _scatter_anchors(
     patches, inds, shape6, geom, const: bool = False, weights=None, vid=None, counts=False
 ):
-    """scatter at whole positions without atomics on the video, or None where it does not
-    apply: the entries are sorted by position (stably), each position's patches summed once
-    (:func:`_anchor_sum_kernel`) into one patch per pixel of the box that holds every
-    position (for a search's outputs, the box it recorded from its geometry; else the
-    positions' bounds, read back to the host: a sync), and those patches folded into the
-    video (:func:`fold`, each pixel summing what lands on it; pixels without entries are
-    neither written nor read). Deterministic: the same bits on every run. Applies where
-    :func:`fold` covers the geometry and the box has no more pixels than there are entries
-    (its patches then take no more memory than the input's). (The whole video as the box,
-    which needs no sync, took twice as long on K14 ps7, BENCHMARKS.md.)
+    """scatter at whole positions by anchors, or None where it does not apply: the entries
+    are grouped by position, each position's patches summed once (:func:`_anchor_sum_kernel`)
+    into one patch per pixel of the box that holds every position (for a search's outputs,
+    the box it recorded from its geometry; else the positions' bounds, read back to the host:
+    a sync). Where :func:`_flush` says so, the entries are grouped by a counting sort and each
+    sum is added into the video with atomics, about K times fewer than one per entry. Else
+    they are sorted stably (or, ``anchors_stable`` off outside the deterministic mode, grouped
+    by the counting sort) and the sums folded into the video (:func:`fold`, each pixel summing
+    what lands on it; pixels without entries are neither written nor read): no atomics, and
+    sorted stably, the same bits on every run. Applies where :func:`fold` covers the geometry
+    and the box has no more pixels than there are entries (its patches then take no more
+    memory than the input's). (The whole video as the box, which needs no sync, took twice as
+    long on K14 ps7, BENCHMARKS.md.)
 
     ``const``: ``patches`` is one value, every element's. With ``weights (B, HD, Q, K)`` and
     ``vid``, wpsum's backward: ``patches`` is its output gradient ``(B, HD, Q, E)``, each entry

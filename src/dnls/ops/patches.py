@@ -189,8 +189,8 @@ def _scatter_counts_op(
     dilation: int,
     border: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dnls.scatter's two results in one op, ``(vid, counts)``: where the kernels sort the
-    positions (scatter by anchors), the counts come from the same pass."""
+    """dnls.scatter's two results in one op, ``(vid, counts)``: where the kernels group the
+    entries by position (scatter by anchors), the counts come from the same pass."""
     shape6, geom, cpu = _scatter_setup(patches, inds, frames, height, width, dilation, border)
     if cpu:
         counts = _cpu.scatter(count_ones(patches), inds, (*shape6[:3], 1, *shape6[4:]), border)
