@@ -228,7 +228,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
         "staged rows": dict(staged_wpsum_last=("rows", 16, 4, 128, 1, 1, 4)),
         "staged rowspix": dict(staged_wpsum=("rowspix", 16, 8, 32, 1, 1, 4)),
         "dpos (8, 4)": dict(dpos=(8, 4)),
-        "anchors flush": dict(anchors_flush=True),
         "staged region": dict(staged_gather=("region", 16, 1, 128, 71, 8192, 4),
                               staged_wpsum=("region", 8, 2, 64, 71, 8192, 4)),
         "direct": {k: None for k in default if k.startswith("staged_")},

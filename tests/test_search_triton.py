@@ -251,7 +251,9 @@ def test_row_kernel_channels_outer(monkeypatch, kw, cout, strip, cvec, nch):
     config = dict(rows_qreg=0, rows_cout=cout, rows_strip=strip, rows_cvec=cvec)
     # (on the CPU two frames where the window has one: the interpreter's time is per query)
     frames = 3 if CUDA or kw.get("wt") else 2
-    shape = (1, frames, 3 * nch // 2, 9, 150) if CUDA else (1, frames, nch, 8, 70)
+    # (on the CPU 6 rows: one strip of 2 whose windows are not slid vertically, 2 slid above
+    # and below; 70 columns: one block of 30 whose windows are not slid sideways)
+    shape = (1, frames, 3 * nch // 2, 9, 150) if CUDA else (1, frames, nch, 6, 70)
     assert_rows_match(monkeypatch, config, shape, 20, **kw)
 
 
