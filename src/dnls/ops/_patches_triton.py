@@ -22,12 +22,12 @@ atomics into a float32 (float64) buffer, so their bits can vary between runs. At
 positions they can also go by anchors: the entries grouped by position, each position's
 patches summed once into one patch per pixel of the box that holds the positions (positions
 from a search hold each pixel about K times), and that patch added into the video with
-atomics, about K times fewer than one per entry. Under
-``torch.use_deterministic_algorithms(True)`` the entries are sorted stably instead and the
-per-position sums folded into the video as ``ifold`` does (no atomics: the same bits on every
-run); the other scatters add into int64 accumulators, each contribution rounded to a fixed
-point ``1 / scale`` (``scale`` the largest power of two that no sum can overflow): integer
-addition is associative, so every run gives the same bits.
+atomics, about K times fewer than one per entry. One-pixel patches, and every patch under
+``torch.use_deterministic_algorithms(True)``, sort the entries stably instead and fold the
+per-position sums into the video as ``ifold`` does (no atomics: the same bits on every run).
+In that mode the other scatters add into int64 accumulators, each contribution rounded to a
+fixed point ``1 / scale`` (``scale`` the largest power of two that no sum can overflow):
+integer addition is associative, so every run gives the same bits.
 ``ifold`` (patches on a query grid) needs no atomics: each output pixel sums the patch
 elements that land on it, so it is deterministic.
 """
