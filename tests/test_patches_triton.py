@@ -647,6 +647,20 @@ def test_anchors_box(monkeypatch):
     assert ran == [True] * 2, ran  # (scatter and its counts in one pass, per border)
 
 
+def check_at_search(mp, shape, seed, ps, **search):
+    """scatter of random patches, and wpsum (forward and gradients), at the outputs of a search
+    (keywords ``search``) of a random video of ``shape`` (float64): each equals the
+    reference's."""
+    vid = rand_video(shape, seed=seed).to(DEVICE)
+    _, inds = dnls.search(vid, ps=ps, **search)
+    patches = rand_video((*inds.shape[:4], 1, shape[2], ps, ps), seed=seed + 1).to(DEVICE)
+    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
+    check(run_both(mp, fn, [patches]), torch.float64, "scatter")
+    weights = rand_video(inds.shape[:4], seed=seed + 2).to(DEVICE)
+    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=ps)  # noqa: E731
+    check(run_both(mp, fn, [vid, weights]), torch.float64, "wpsum")
+
+
 def test_anchors_search_box(monkeypatch):
     """scatter by anchors of a search's outputs (a batch of its queries) sums over the box the
     search recorded from its geometry, with no read-back of the positions: scatter, its
@@ -664,15 +678,7 @@ def test_anchors_search_box(monkeypatch):
         return box
 
     monkeypatch.setattr(_checks, "known_box", spy)
-    shape = (1, 3, 3, 14, 12)
-    vid = rand_video(shape, seed=12).to(DEVICE)
-    _, inds = dnls.search(vid, ws=3, wt=1, ps=3, k=6, start=40, count=90)
-    patches = rand_video((*inds.shape[:4], 1, 3, 3, 3), seed=13).to(DEVICE)
-    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
-    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
-    weights = rand_video(inds.shape[:4], seed=14).to(DEVICE)
-    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=3)  # noqa: E731
-    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+    check_at_search(monkeypatch, (1, 3, 3, 14, 12), 12, ws=3, wt=1, ps=3, k=6, start=40, count=90)
     assert ran == [True] * 2, ran  # scatter with its counts, wpsum's backward
     assert len(boxes) == 2 and all(b is not None for b in boxes), boxes
 
@@ -684,17 +690,9 @@ def test_anchors_rule_at_one_pixel(monkeypatch):
     monkeypatch.setenv("DNLS_BACKEND", "triton")
     ran = spy_anchors(monkeypatch)
     folds = spy_folds(monkeypatch)
-    shape = (1, 2, 64, 6, 6)
-    vid = rand_video(shape, seed=21).to(DEVICE)
-    _, inds = dnls.search(vid, ws=3, wt=0, ps=1, k=4)
-    patches = rand_video((*inds.shape[:4], 1, 64, 1, 1), seed=22).to(DEVICE)
-    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
-    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
+    check_at_search(monkeypatch, (1, 2, 64, 6, 6), 21, ws=3, wt=0, ps=1, k=4)
+    # scatter went by anchors, folded; wpsum's backward did not try it
     assert ran == [True] and folds == [1], (ran, folds)
-    weights = rand_video(inds.shape[:4], seed=23).to(DEVICE)
-    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=1)  # noqa: E731
-    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
-    assert ran == [True], ran  # (wpsum's backward did not try it)
 
 
 def test_anchors_rule_small_patches(monkeypatch):
@@ -704,15 +702,7 @@ def test_anchors_rule_small_patches(monkeypatch):
     monkeypatch.setenv("DNLS_BACKEND", "triton")
     ran = spy_anchors(monkeypatch)
     folds = spy_folds(monkeypatch)
-    shape = (1, 3, 1, 7, 6)
-    vid = rand_video(shape, seed=24).to(DEVICE)
-    _, inds = dnls.search(vid, ws=3, wt=1, ps=3, k=5)
-    patches = rand_video((*inds.shape[:4], 1, 1, 3, 3), seed=25).to(DEVICE)
-    fn = lambda p: dnls.scatter(p, inds, shape=shape)  # noqa: E731
-    check(run_both(monkeypatch, fn, [patches]), torch.float64, "scatter")
-    weights = rand_video(inds.shape[:4], seed=26).to(DEVICE)
-    fn = lambda v, w: dnls.wpsum(v, w, inds, ps=3)  # noqa: E731
-    check(run_both(monkeypatch, fn, [vid, weights]), torch.float64, "wpsum")
+    check_at_search(monkeypatch, (1, 3, 1, 7, 6), 24, ws=3, wt=1, ps=3, k=5)
     assert ran == [True, True] and folds == [], (ran, folds)
 
 
