@@ -1430,9 +1430,8 @@ def _scatter_anchors(
     ends = hist if const else torch.cumsum(hist, 0, dtype=itype)
     if const:
         order = key
-    elif flush or not (
-        CONFIG["anchors_stable"] or torch.are_deterministic_algorithms_enabled()
-    ):  # (the order within an anchor is free: flushed, its sum is added with atomics anyway)
+    elif flush or not (CONFIG["anchors_stable"] or torch.are_deterministic_algorithms_enabled()):
+        # (the order within an anchor is free: flushed, its sum is added with atomics anyway)
         order = torch.empty(n, dtype=itype, device=pos.device)
         _anchor_place_kernel[(triton.cdiv(n, block),)](
             key, ends - hist, order, n, r, WIDE=wide, BLOCK=block
@@ -1463,15 +1462,13 @@ def _scatter_anchors(
         BLOCK_A=block_a, U=u, CONST=const, WEIGHTED=weights is not None, FLUSH=flush,
         COUNTS=flush and counts, num_warps=warps,
     )  # fmt: skip
-    if flush:
+    if flush:  # (the video and counts are summed already)
         out = sums.contiguous()
-        if counts:
-            return out, cnt.view(b, hd, t, 1, h, w)
-        return out if weights is None else (out, gw.view(weights.shape))
-    region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
-    sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
-    out, cnt = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
-    out = out.view(shape6)
+    else:
+        region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
+        sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)
+        out, cnt = fold(sums, shape5, 1, region, 0, geom.dilation, geom.border, used=hist)
+        out = out.view(shape6)
     if counts:
         return out, cnt.view(b, hd, t, 1, h, w)
     return out if weights is None else (out, gw.view(weights.shape))
