@@ -1116,14 +1116,17 @@ def _fold_kernel(
 # forward+backward 3.231 -> 3.336).
 # anchors_stable: folded sums (one-pixel patches, or anchors_flush off) group the entries by a
 # stable sort even outside the deterministic mode; off: by the counting sort, as flushed sums
-# do (their bits then vary between runs). Not timed yet, so on.
+# do (their bits then vary between runs; the deterministic mode still sorts stably). On the
+# H100 at 8ea8884 (--rows anchorflush, kernel ms, stable -> counting sort): scatter K16 ps1
+# C128 0.417 -> 0.365 (58% -> 63% of the copy bandwidth); folded sums 5-33% faster on the five
+# other rows for scatter, 2-19% for wpsum forward+backward; so off.
 # dpos: (patches per program, warps) of gather's position gradient (fractional positions).
 # Offline (sm_90), the default spills on K14's geometry (255 registers, a 528-632-byte stack);
 # (8, 4) takes 127 registers and (16, 8) 160, neither spills. Not timed yet, so unchanged.
 CONFIG = {
     "flat_block": 1024, "flat_warps": 4, "scatter_tile": None, "dpos": (32, 4),
     "scatter_anchors": (2, 4, 4), "wpsum_bwd_anchors": (1, 8, 2), "anchors_flush": True,
-    "anchors_stable": True,
+    "anchors_stable": False,
     "wpsum_block_e": None, "wpsum_tile": 1024, "wpsum_warps": 8,
     "wpsum_bwd_block_e": 128, "wpsum_bwd_tile": 1024, "wpsum_bwd_warps": 4,
     "staged_wpsum": ("rows", 16, 8, 32, 1, 1, 4),
@@ -1366,7 +1369,7 @@ def _by_anchors(geom, e: int, weighted: bool = False) -> bool:
 
 def _flush(geom) -> bool:
     """Whether scatter by anchors adds each anchor's sum into the video with atomics (else it
-    sorts stably and folds the sums): ``anchors_flush`` on, patches wider than a pixel, and
+    folds the sums): ``anchors_flush`` on, patches wider than a pixel, and
     not under ``torch.use_deterministic_algorithms(True)``. One-pixel patches do not overlap,
     so the fold is a copy: on the H100 at c76db78, scatter at ps 1 with 128 channels took
     0.421 kernel ms folded against 0.457 flushed."""
@@ -1386,10 +1389,11 @@ def _scatter_anchors(
     the box it recorded from its geometry; else the positions' bounds, read back to the host:
     a sync). Where :func:`_flush` says so, the entries are grouped by a counting sort and each
     sum is added into the video with atomics, about K times fewer than one per entry. Else
-    they are sorted stably (or, ``anchors_stable`` off outside the deterministic mode, grouped
-    by the counting sort) and the sums folded into the video (:func:`fold`, each pixel summing
-    what lands on it; pixels without entries are neither written nor read): no atomics, and
-    sorted stably, the same bits on every run. Applies where :func:`fold` covers the geometry
+    the sums are folded into the video (:func:`fold`, each pixel summing what lands on it;
+    pixels without entries are neither written nor read), with no atomics; the entries are
+    grouped by the counting sort too (the order within an anchor, and so the bits, can vary
+    between runs) unless ``anchors_stable`` or the deterministic mode sorts them stably: the
+    same bits on every run. Applies where :func:`fold` covers the geometry
     and the box has no more pixels than there are entries (its patches then take no more
     memory than the input's). (The whole video as the box, which needs no sync, took twice as
     long on K14 ps7, BENCHMARKS.md.)
