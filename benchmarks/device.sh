@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,
-#          scattertile,anchors,anchorparts,anchorflush,dpossweep,bruns,rowssweep
+#          scattertile,anchors,anchorparts,anchorflush,dpossweep,bruns,rowssweep,host
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -24,6 +24,7 @@
 # "anchorparts" its peak, host and per-kernel times alone (--rows anchorparts), "anchorflush"
 # its sums added into the video with atomics against folded (--rows anchorflush); "rowssweep"
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
+# "host" each knn op's event, kernel and host time per call, and a cProfile of its host path;
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep); "bruns" search's
 # key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
@@ -64,6 +65,7 @@ for part in ${parts//,/ }; do
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
+        host) run host python benchmarks/patches.py --rows host ;;
         anchorflush) run anchorflush python benchmarks/patches.py --rows anchorflush ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         rowssweep) run rowssweep python benchmarks/patches.py --rows rowssweep ;;
@@ -81,7 +83,7 @@ for part in ${parts//,/ }; do
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
            stagedsweep, scattertile, anchors, anchorparts,
-           anchorflush, dpossweep, bruns, rowssweep)" >&2
+           anchorflush, dpossweep, bruns, rowssweep, host)" >&2
            exit 2 ;;
     esac
 done

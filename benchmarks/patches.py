@@ -11,7 +11,7 @@ H100). Every result is first checked against its baseline at the real size.
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
 ``stagedsweep``, ``anchors``, ``anchorparts``, ``anchorflush``,
-``dpossweep``, ``scattertile``, ``rowssweep``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
+``dpossweep``, ``scattertile``, ``rowssweep``, ``host``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
 under Triton's interpreter, each configuration launched as on CUDA and checked (against the
 default kernels, the reference or torch), nothing timed: a check of the script itself before
 it costs device time.
@@ -372,6 +372,39 @@ def _anchors_parts(results, args, rows, default):
         torch.cuda.empty_cache()
 
 
+def host_rows(results, args):
+    """Where each knn op's CUDA-event time exceeds its kernels' time: the host's time per call
+    (launches, torch calls, Python), and the host functions that take it (cProfile of 50 calls:
+    the 12 largest by own time, and dnls's 15 largest by cumulative time)."""
+    import cProfile
+    import pstats
+
+    for label, vid, inds, ps in _knn_inputs(args):
+        ops = _knn_ops(vid, inds, ps)
+        for name in ("gather", "scatter", "wpsum", "wpsum f+b"):
+            fn = ops[name]
+            fn()
+            ms = float("nan") if SMOKE else bench(fn, 100)
+            kms = float("nan") if SMOKE else kernel_ms(fn)
+            host = float("nan") if SMOKE else _timing.host_ms(fn)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(2 if SMOKE else 50):
+                fn()
+            prof.disable()
+            if not SMOKE:
+                torch.cuda.synchronize()
+            print(f"host {name} {label}: event {ms:.3f} ms, kernels {kms:.3f} ms, "  # noqa: T201
+                  f"host {host:.3f} ms per call", flush=True)  # fmt: skip
+            stats = pstats.Stats(prof, stream=sys.stdout)
+            stats.sort_stats("tottime").print_stats(12)
+            stats.sort_stats("cumulative").print_stats("dnls", 15)  # (dnls's own functions)
+            results.append(dict(op=f"{name} host", case=label, ms=ms, kernel_ms=kms, host_ms=host))
+        del ops
+        if not SMOKE:
+            torch.cuda.empty_cache()
+
+
 def scatter_tiles(results, args):
     """scatter's tile kernel (patches per program, elements per chunk, warps) against the
     default on the knn rows: where a chunk covers whole patches (K16: 128 channels), its loads
@@ -551,7 +584,7 @@ KNN_SMOKE = (
 )
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "dpossweep",
-    "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep",
+    "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep", "host",
 )  # fmt: skip
 
 
@@ -701,7 +734,7 @@ ROWS = {
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "anchorparts": anchors_parts, "anchorflush": anchors_flush, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,
-    "profile": profile_rows,
+    "profile": profile_rows, "host": host_rows,
 }  # fmt: skip
 
 
