@@ -374,8 +374,9 @@ def _anchors_parts(results, args, rows, default):
 
 def host_rows(results, args):
     """Where each knn op's CUDA-event time exceeds its kernels' time: the host's time per call
-    (launches, torch calls, Python), and the host functions that take it (cProfile of 50 calls:
-    the 12 largest by own time, and dnls's 15 largest by cumulative time)."""
+    (launches, torch calls, Python), and the host functions that take it: cProfile of 50 calls
+    (the 12 largest by own time) and the torch profiler's host events of 20 (the 15 largest by
+    own time: launches, torch ops, any synchronisation)."""
     import cProfile
     import pstats
 
@@ -398,7 +399,14 @@ def host_rows(results, args):
                   f"host {host:.3f} ms per call", flush=True)  # fmt: skip
             stats = pstats.Stats(prof, stream=sys.stdout)
             stats.sort_stats("tottime").print_stats(12)
-            stats.sort_stats("cumulative").print_stats("dnls", 15)  # (dnls's own functions)
+            if not SMOKE:  # the host's CUDA calls and torch ops (a synchronisation shows here)
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as tprof:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))  # noqa: T201
             results.append(dict(op=f"{name} host", case=label, ms=ms, kernel_ms=kms, host_ms=host))
         del ops
         if not SMOKE:
