@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,
-#          scattertile,anchors,anchorparts,anchorflush,dpossweep,bruns,rowssweep,host
+#          scattertile,anchors,anchorparts,anchorflush,dpossweep,rowssweep,host
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -26,8 +26,7 @@
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "host" each knn op's event, kernel and host time per call, and a cProfile of its host path;
 # "dpossweep"
-# gather's position gradient at its launches (--rows dpossweep); "bruns" search's
-# key gradient by runs: W3 and W1s checked and timed with it, then a sweep of its launches.
+# gather's position gradient at its launches (--rows dpossweep).
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
 # CPU (tiny sizes, the interpreter, nothing timed).
 set -uo pipefail
@@ -69,8 +68,6 @@ for part in ${parts//,/ }; do
         anchorflush) run anchorflush python benchmarks/patches.py --rows anchorflush ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         rowssweep) run rowssweep python benchmarks/patches.py --rows rowssweep ;;
-        bruns) run bruns python benchmarks/search.py --rows W3,W1s --parts bwd \
-            --config '{"bwd_runs": [1, 64, 2]}' --sweep W3,W1s,W1,W4,W2 --sweep-parts bruns ;;
         attention) run attention python benchmarks/attention.py ;;
         profile) run profile "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" \
             --clock-control none --profile-from-start off --section SpeedOfLight \
@@ -83,7 +80,7 @@ for part in ${parts//,/ }; do
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
            stagedsweep, scattertile, anchors, anchorparts,
-           anchorflush, dpossweep, bruns, rowssweep, host)" >&2
+           anchorflush, dpossweep, rowssweep, host)" >&2
            exit 2 ;;
     esac
 done

@@ -141,11 +141,6 @@ def compile_row(name: str, part: str, config: dict) -> list[tuple[str, float, by
     return launches
 
 
-# the launch of search's key gradient by runs (streams, results per stream, warps) compiled
-# here while its setting is off (src/dnls/ops/_search_triton.py, CONFIG["bwd_runs"])
-BWD_RUNS = (1, 64, 2)
-
-
 def compile_search_small() -> list[tuple[str, str, float, bytes]]:
     """(case, kernel name, compile seconds, cubin) of each launch of searches forward and
     backward at small sizes that reach each search kernel: the row kernel (3 channels, the
@@ -163,8 +158,6 @@ def compile_search_small() -> list[tuple[str, str, float, bytes]]:
         "direct, sub-pixel flows": (torch.rand(1, 3, 3, 16, 16),
                                     dict(ws=3, wt=1, ps=3, k=4, flows=flows)),
     }  # fmt: skip
-    cases["rows C3 l2, key gradient by runs"] = cases["rows C3 l2"]
-    cases["direct dot, heads, key gradient by runs"] = cases["direct dot, heads"]
     from dnls.ops import _search_triton as kernels
 
     launches = []
@@ -174,8 +167,6 @@ def compile_search_small() -> list[tuple[str, str, float, bytes]]:
             torch.use_deterministic_algorithms(det)
             for name, (vid, kw) in cases.items():
                 kernels.CONFIG.update(default)
-                if "by runs" in name:
-                    kernels.CONFIG["bwd_runs"] = BWD_RUNS
                 with compile_only() as done:
                     v = vid.clone().requires_grad_()
                     d, _ = dnls.search(v, **kw)

@@ -12,7 +12,7 @@ reference on a slice of the queries at the real size.
 frames, windows and patches: :func:`smoke_rows`) on the CPU under Triton's interpreter: the
 checks, the sweeps (each configuration checked against the default kernels) and nothing timed.
 It is a check of the script itself before device time is spent on it (``device.sh
-search,bruns``).
+search``).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def measure(name: str, args: argparse.Namespace, gpu: str) -> dict:
 
 
 # sweep parts timed forward+backward (the others: forward)
-BACKWARD_PARTS = ("f+b", "clast", "gq", "bruns")
+BACKWARD_PARTS = ("f+b", "clast", "gq")
 
 # the row kernel's (columns per block, warps, rows per strip) the sweep times
 # (strips of 3 and 4 rows at 32 columns: the part "strip")
@@ -239,9 +239,8 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
     at precomputed key offsets; the row kernel's per-lane candidate buffer, and for one-pixel
     patches the direct kernel's (with its skip of candidates no lane keeps); the row kernel's
     channels per load (channel-blocked videos; rows_cpad: zero channels padding C = 3 to 4);
-    the backward's key gradient by runs of results at the same key, and their launches.
     ``parts``: which of "fwd", "f+b", "rows", "strip", "unroll", "cout", "clast", "gq", "buffer",
-    "dsel", "cvec", "bruns" to include ("mem": the peak-memory runs after the sweep)."""
+    "dsel", "cvec" to include ("mem": the peak-memory runs after the sweep)."""
     out = []
     qregs = (64, 0) if row.kw["ps"] == 1 else (64,)
     for block_q in (32, 64, 128, 256):
@@ -260,8 +259,6 @@ def sweep_configs(row: Row, parts: str = "fwd,f+b,rows,mem") -> list[tuple[str, 
         out.append(("gq", dict(bwd_keys=False, bwd_gq_sum=gq, bwd_block_q=32, bwd_warps=4)))
     for block_q, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
         out.append(("gq", dict(bwd_keys=True, bwd_block_q=block_q, bwd_warps=warps)))
-    for launch in (None, (1, 64, 2), (1, 64, 1), (2, 64, 2), (1, 128, 2), (1, 32, 2)):
-        out.append(("bruns", dict(bwd_runs=launch)))
     # the direct kernel's selection (one-pixel patches: the rows it runs on whole): inserted at
     # once, with the skip, buffered
     if row.kw["ps"] == 1:

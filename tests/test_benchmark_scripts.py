@@ -28,11 +28,11 @@ def _run(script: str, *args: str, timeout: int = 600) -> str:
 
 def test_search_script():
     """W3's row (the row kernel, l2): the check, forward+backward, the plain-PyTorch baseline
-    and the sweep of the key gradient's launches by runs."""
+    and the sweep of the backward's query-gradient modes and launches."""
     out = _run("search.py", "--rows", "W3", "--parts", "bwd,base", "--sweep", "W3",
-               "--sweep-parts", "bruns")  # fmt: skip
+               "--sweep-parts", "gq")  # fmt: skip
     assert "W3" in out and " ok rel-err" in out, out[-2000:]
-    assert out.count("config W3 bruns") == 6, out[-2000:]
+    assert out.count("config W3 gq") == 6, out[-2000:]
 
 
 def test_patches_script():

@@ -149,23 +149,15 @@ def assert_cross_grads_match(mp, shape, seed, deterministic, contiguous=False, *
         (dict(ws=3, ps=2, k=3, dilation=2, stride0=2, self_match="anchor"), True, False),
         (dict(ws=3, ps=3, k=4, wt=1, stride1=2), True, True),
         (dict(ws=3, ps=1, k=3, nheads=2, dist="dot"), True, False),
-        (dict(ws=3, ps=3, k=4), "runs", False),
-        (dict(ws=5, ps=3, k=3, dist="dot", border="zero", nheads=2), "runs", False),
-        (dict(ws=3, ps=2, k=3, dilation=2, stride0=2, self_match="anchor"), "runs", False),
-        (dict(ws=3, ps=3, k=4, wt=1, stride1=2), "runs", True),
-        (dict(ws=3, ps=1, k=3, nheads=2, dist="dot"), "runs", True),
     ],
 )
 def test_backward_whole_positions(monkeypatch, kw, keys, deterministic):
     """Whole positions: the first pass takes the results whose key patch lies inside the frame
     at precomputed key offsets, the second the others (near the borders, through the border
-    rule); together they equal the reference's gradients, float or fixed point. ``"runs"``:
-    the first pass's key gradient goes by runs of results at the same key
-    (``_search_bwd_runs_kernel``, 3 results per stream under the interpreter)."""
+    rule); together they equal the reference's gradients, float or fixed point."""
     from dnls.ops import _search_triton as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "bwd_keys", bool(keys))
-    monkeypatch.setitem(kernels.CONFIG, "bwd_runs", (2, 3, 4) if keys == "runs" else None)
+    monkeypatch.setitem(kernels.CONFIG, "bwd_keys", keys)
     shape = (1, 3, 4, 12, 11) if CUDA else (1, 3, 4, 7, 6)
     assert_cross_grads_match(monkeypatch, shape, 30, deterministic, **kw)
 
@@ -462,39 +454,6 @@ def test_channels_last_views(monkeypatch, ps):
     d2, i2 = dnls.search(*last, **kw)
     assert_close(d1, d0, what="dists")
     assert torch.equal(d2, d1) and torch.equal(i2, i1) and torch.equal(i1, i0)
-
-
-@st.composite
-def bwd_runs_cases(draw):
-    """Searches at whole positions whose backward takes the runs kernel, and its launch."""
-    nheads = draw(st.sampled_from([1, 2]))
-    t = draw(st.integers(1, 3))
-    shape = (draw(st.integers(1, 2)), t, nheads * draw(st.integers(1, 3)),
-             draw(st.integers(3, MAX_HW + 1)), draw(st.integers(3, MAX_HW + 1)))  # fmt: skip
-    kw = dict(
-        ws=3, wt=draw(st.integers(0, (t - 1) // 2)),
-        ps=draw(st.integers(1, 3)), k=draw(st.integers(1, 3)),
-        dist=draw(st.sampled_from(["l2", "dot"])), nheads=nheads,
-        stride0=draw(st.integers(1, 2)), dilation=draw(st.integers(1, 2)),
-        border=draw(st.sampled_from(["reflect", "zero"])),
-        self_match=draw(st.sampled_from(["keep", "exclude", "anchor"])),
-    )  # fmt: skip
-    launch = (draw(st.sampled_from([1, 2, 4])), draw(st.integers(1, 7)), 4)
-    return dict(shape=shape, kw=kw, launch=launch, seed=draw(st.integers(0, 2**16)),
-                deterministic=draw(st.booleans()))  # fmt: skip
-
-
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(bwd_runs_cases())
-def test_backward_runs_random(case):
-    """The key gradient by runs of results at the same key over random searches and launches:
-    both videos' gradients equal the reference's (float64, or float32 fixed point)."""
-    from dnls.ops import _search_triton as kernels
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(kernels.CONFIG, "bwd_runs", case["launch"])
-        assert_cross_grads_match(mp, case["shape"], case["seed"], case["deterministic"],
-                                 **case["kw"])  # fmt: skip
 
 
 @pytest.mark.parametrize("ps", [1, 3])

@@ -1312,97 +1312,6 @@ def _result_key(widx_ptr, at, rmask, qt, qy, qx, tstart, pix_off, flow_ptr, lo, 
 
 
 @triton.jit
-def _bwd_runs_key_kernel(ko_ptr, key_ptr, N, CK, SLICE, BLOCK: tl.constexpr):
-    """The sort key of each (slice, query, result): its slice and key offset, where the key
-    patch lies inside the frame, else past every other key."""
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = n < N
-    ko = tl.load(ko_ptr + n, mask=m, other=-1).to(tl.int64)
-    key = tl.where(ko >= 0, (n // CK) * SLICE + ko, (N // CK) * SLICE)
-    tl.store(key_ptr + n, key.to(key_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _search_bwd_runs_kernel(
-    q_ptr, k_ptr, gd_ptr, ko_ptr, order, gk_ptr,
-    sq_b, sq_h, sq_t, sq_c, sq_y, sq_x,
-    sk_b, sk_h, sk_c, sk_y, sk_x, sa_c,
-    N, HD, T, C, H, W, start, count, t0, h0, w0, nh, nw, stride0, K, scale, CH,
-    PS: tl.constexpr, DIL: tl.constexpr, DOT: tl.constexpr, REFLECT: tl.constexpr,
-    FIXED: tl.constexpr, ACC: tl.constexpr, NS: tl.constexpr, CP: tl.constexpr,
-    PSP: tl.constexpr,
-):  # fmt: skip
-    """dL/dk of the backward's first pass (whole positions, patches of one frame, key patches
-    inside the frame) by runs of results at the same key: the results in ``order`` (sorted by
-    slice and key offset ``ko``), NS streams per program of CH results each. A run sums
-    ``A = sum g q`` (q its query's patch) and ``G = sum g``, then adds its dL/dk once:
-    ``A`` (dot) or ``2 (G k - A)`` (l2: the sum of ``-2 g (q - k)``), k the key's patch, read
-    once per run. Keys of a search hold each pixel about K times, so this adds about K times
-    fewer values atomically (FIXED: at fixed point ``scale`` into int64)."""
-    s = tl.program_id(0) * NS + tl.arange(0, NS)
-    g = s.to(tl.int64) * CH
-    ii = tl.arange(0, PSP)
-    offs = (ii - PS // 2) * DIL
-    pmask = ii < PS
-    ch = tl.arange(0, CP)[None, :, None, None]
-    cm = ch < C
-    e_k = ((offs * sk_y)[:, None] + (offs * sk_x)[None, :])[None, None, :, :]
-    e_m = (pmask[:, None] & pmask[None, :])[None, None, :, :] & cm
-    acc = tl.zeros((NS, CP, PSP, PSP), ACC)
-    gsum = tl.zeros((NS,), ACC)
-    run_bh = tl.full((NS,), -1, tl.int64)
-    run_ko = tl.zeros((NS,), tl.int64)
-    n = tl.load(order + g, mask=g < N, other=0)
-    for _step in range(CH):
-        # the next result's index is read a step ahead: its load overlaps this step's
-        n_next = tl.load(order + g + 1, mask=g + 1 < N, other=0)
-        ko = tl.load(ko_ptr + n, mask=g < N, other=-1).to(tl.int64)
-        live = (g < N) & (ko >= 0)  # (the others: the second pass's)
-        bh = (n // K) // count  # (not n // (count * K): that product may pass int32)
-        new = live & ((bh != run_bh) | (ko != run_ko))
-        done = new & (run_bh >= 0)
-        if tl.max(done.to(tl.int32), axis=0) > 0:
-            _flush_key_runs(k_ptr, gk_ptr, acc, gsum, done, run_bh, run_ko, ch, e_k, e_m,
-                            sk_b, sk_h, sk_c, sa_c, HD, T, C, H, W, scale, DOT, FIXED,
-                            ACC)  # fmt: skip
-        gv = tl.load(gd_ptr + n, mask=live, other=0.0).to(ACC)
-        qi = start + ((n // K) % count).to(tl.int32)
-        qt, qy, qx = _query_position(qi, t0, h0, w0, nh, nw, stride0)
-        q_sp, q_m = _spatial(qy, qx, offs, pmask, sq_y, sq_x, H, W, REFLECT)
-        q_base = (bh // HD) * sq_b + (bh % HD) * sq_h + qt.to(tl.int64) * sq_t
-        qv = tl.load(q_ptr + q_base[:, None, None, None] + ch * sq_c + q_sp,
-                     mask=q_m & cm & live[:, None, None, None], other=0.0).to(ACC)  # fmt: skip
-        term = gv[:, None, None, None] * qv
-        acc = tl.where(new[:, None, None, None], term, acc + term)
-        gsum = tl.where(new, gv, gsum + gv)
-        run_bh = tl.where(new, bh, run_bh)
-        run_ko = tl.where(new, ko, run_ko)
-        g += 1
-        n = n_next
-    _flush_key_runs(k_ptr, gk_ptr, acc, gsum, run_bh >= 0, run_bh, run_ko, ch, e_k, e_m,
-                    sk_b, sk_h, sk_c, sa_c, HD, T, C, H, W, scale, DOT, FIXED,
-                    ACC)  # fmt: skip
-
-
-@triton.jit
-def _flush_key_runs(k_ptr, gk_ptr, acc, gsum, done, bh, ko, ch, e_k, e_m, sk_b, sk_h, sk_c,
-                    sa_c, HD, T, C, H, W, scale, DOT: tl.constexpr, FIXED: tl.constexpr,
-                    ACC: tl.constexpr):  # fmt: skip
-    """Add the runs ``done``'s dL/dk (slice ``bh``, key offset ``ko``) into ``gk``."""
-    bh = tl.maximum(bh, 0)
-    at = ko[:, None, None, None] + e_k
-    m = done[:, None, None, None] & e_m
-    if DOT:
-        delta = acc
-    else:
-        kb = (bh // HD) * sk_b + (bh % HD) * sk_h
-        kv = tl.load(k_ptr + kb[:, None, None, None] + ch * sk_c + at, mask=m, other=0.0)
-        delta = 2 * (gsum[:, None, None, None] * kv.to(ACC) - acc)
-    gb = bh * T * C * H * W
-    _accumulate(gk_ptr + gb[:, None, None, None] + ch * sa_c + at, delta, m, scale, FIXED)
-
-
-@triton.jit
 def _search_bwd_keys_kernel(
     widx_ptr,  # (B*HD, count, K) window indices, -1 for the query itself
     ko_ptr,  # out: (B*HD, count, K) key offsets, -1 where the key patch leaves the frame
@@ -1513,7 +1422,6 @@ def _search_bwd_kernel(
     PSP: tl.constexpr,
     GQ: tl.constexpr,
     KEYS: tl.constexpr,
-    GK: tl.constexpr,
 ):
     """For each (query, result): g = dL/d dist, q and k the two patches.
         l2:  dL/dq += 2 g (q - k),  dL/dk = -2 g (q - k);   dot: dL/dq += g k,  dL/dk = g q
@@ -1524,8 +1432,7 @@ def _search_bwd_kernel(
     deterministic mode. The query's patch is the same for all its results: with GQ > 0 (patches
     of one frame) the channel tiles are the outer loop and each tile's dL/dq is summed in
     registers over the results, then added once (GQ=1: K times fewer adds into gq) or, for
-    one-pixel patches in one tile, which no other query touches, stored once (GQ=2). Without
-    GK, the first pass (KEYS=1) leaves dL/dk to :func:`_search_bwd_runs_kernel`."""
+    one-pixel patches in one tile, which no other query touches, stored once (GQ=2)."""
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HD
@@ -1591,8 +1498,7 @@ def _search_bwd_kernel(
                 kv = tl.load(k_c + ko4 + e_k, mask=km, other=0.0).to(ACC)
                 gqp, gkp = _pair_grads(g4, qv_t, kv, DOT)
                 gq_sum += tl.where(km, gqp, 0.0)
-                if GK:  # (else _search_bwd_runs_kernel adds dL/dk of this pass)
-                    _accumulate(gk_c + ko4 + e_k, gkp, km, scale, FIXED)
+                _accumulate(gk_c + ko4 + e_k, gkp, km, scale, FIXED)
             else:
                 if KEYS == 2:
                     # second pass: the results the first one left (key patch leaves the frame)
@@ -1762,10 +1668,11 @@ class _Layout(NamedTuple):
 # at precomputed key offsets. Measured on the H200 (BENCHMARKS.md), forward+backward: W3 30.49
 # ms per-result adds, 28.34 summed, 14.17 two passes at 16 queries on 4 warps (32 on 4: 14.32;
 # offline, sm_90: 156 registers and 27 instructions per patch element, against 163 without the
-# key offsets); W2 3.82 ms channels-first, 2.12 channels-last from 8 channels. bwd_runs: the
-# first pass's key gradient by runs of results at the same key (_search_bwd_runs_kernel, its
-# launch: streams per program, results per stream, warps) instead of one atomic add per patch
-# element (W3's first pass: 74% of the L2's throughput, eleventh session); not timed yet, off.
+# key offsets); W2 3.82 ms channels-first, 2.12 channels-last from 8 channels. Tried and taken
+# out: the first pass's key gradient by runs of results at the same key (a stable sort, each
+# run's sum added once) instead of one atomic add per patch element: on the H100, W3's first
+# pass 10.07 -> 2.90 ms without its key adds, but the runs kernel took 14.4 ms at its best launch
+# of eight (forward+backward 14.97 -> 23.00 ms).
 # Sweeps: benchmarks/search.py (BENCHMARKS.md).
 CONFIG = {
     "block_q": None, "num_warps": None, "qreg_max": 64,
@@ -1774,7 +1681,6 @@ CONFIG = {
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
     "rows_buffer": 0, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
-    "bwd_runs": None,
 }  # fmt: skip
 
 
@@ -1998,9 +1904,6 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
                 float(p.stride1), p.ws // 2, p.ws - 1 - p.ws // 2, p.nslots, p.nk,
                 WS=p.ws, PS=p.ps, DIL=p.dilation, HAS_FLOW=flows is not None, BLOCK=256,
             )  # fmt: skip
-        runs = keys and CONFIG["bwd_runs"]
-        if runs:
-            _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, (t0, h0, w0, nh, nw), psp, acc)
         for pass_ in (1, 2) if keys else (0,):
             _search_bwd_kernel[grid](
                 qvid, kvid, fl, gd, gi, widx, ko, gq, gk, gf,
@@ -2016,7 +1919,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
                 POS=tl.int32 if whole else _TL_DTYPES[pos_dtype], ACC=_TL_DTYPES[acc],
                 BLOCK_Q=block_q, BLOCK_C=block_c, PSP=psp,
                 # the second pass adds to the first's query gradient
-                GQ=1 if pass_ == 2 else gq_mode, KEYS=pass_, GK=not (runs and pass_ == 1),
+                GQ=1 if pass_ == 2 else gq_mode, KEYS=pass_,
                 num_warps=CONFIG["bwd_warps"],
             )  # fmt: skip
     if scale is not None:
@@ -2024,31 +1927,6 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
         gf = gf.double() / scale if flow_grad else gf
     gflows = gf.to(flows.dtype) if flow_grad else qvid.new_empty(0)
     return gq.to(qvid.dtype).contiguous(), gk.to(kvid.dtype).contiguous(), gflows
-
-
-def _search_bwd_runs(qvid, kvid, gd, ko, gk, p, scale, grid, psp, acc) -> None:
-    """dL/dk of the first backward pass (key offsets ``ko``, -1 where the key patch leaves the
-    frame) by :func:`_search_bwd_runs_kernel`: the results sorted by (slice, key offset), a
-    stable sort, so the run sums and the deterministic mode's bits are the same on every run.
-    ``grid``: ``(t0, h0, w0, nh, nw)`` of the query grid (:class:`_Layout`)."""
-    b, hd, nframes, c, height, width = qvid.shape
-    n = ko.numel()
-    span = sum((s - 1) * st for s, st in zip(kvid.shape[2:], kvid.stride()[2:], strict=True))
-    wide = b * hd * (span + 1) >= 2**31
-    key = torch.empty(n, dtype=torch.int64 if wide else torch.int32, device=qvid.device)
-    _bwd_runs_key_kernel[(triton.cdiv(n, 1024),)](ko, key, n, p.count * p.nk, span + 1, BLOCK=1024)
-    order = torch.sort(key, stable=True).indices
-    del key
-    ns, ch, warps = CONFIG["bwd_runs"]
-    _search_bwd_runs_kernel[(triton.cdiv(n, ns * ch),)](
-        qvid, kvid, gd, ko, order, gk, *qvid.stride(),
-        kvid.stride(0), kvid.stride(1), *kvid.stride()[3:], gk.stride(3),
-        n, hd, nframes, c, height, width, p.start, p.count, *grid, p.stride0,
-        p.nk, 1.0 if scale is None else scale, ch,
-        PS=p.ps, DIL=p.dilation, DOT=p.dist == "dot", REFLECT=p.border == "reflect",
-        FIXED=scale is not None, ACC=_TL_DTYPES[acc], NS=ns,
-        CP=next_power_of_2(c), PSP=psp, num_warps=warps,
-    )  # fmt: skip
 
 
 def _fixed_point_scale(gd, gi, qvid, kvid, p) -> float | None:
