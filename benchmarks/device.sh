@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,
-#          scattertile,anchors,anchorparts,anchorflush,dpossweep,rowssweep,host
+#          scattertile,anchors,anchorparts,anchorflush,dpossweep,rowssweep,host,layoutcopy
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -25,6 +25,7 @@
 # its sums added into the video with atomics against folded (--rows anchorflush); "rowssweep"
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "host" each knn op's event, kernel and host time per call, and a cProfile of its host path;
+# "layoutcopy" the channels-last copies by the transpose kernel against PyTorch's copies;
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep).
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
@@ -65,6 +66,7 @@ for part in ${parts//,/ }; do
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;
         anchorparts) run anchorparts python benchmarks/patches.py --rows anchorparts ;;
         host) run host python benchmarks/patches.py --rows host ;;
+        layoutcopy) run layoutcopy python benchmarks/patches.py --rows layoutcopy ;;
         anchorflush) run anchorflush python benchmarks/patches.py --rows anchorflush ;;
         dpossweep) run dpossweep python benchmarks/patches.py --rows dpossweep ;;
         rowssweep) run rowssweep python benchmarks/patches.py --rows rowssweep ;;
@@ -80,7 +82,7 @@ for part in ${parts//,/ }; do
             python benchmarks/patches.py --rows profile ;;
         *) echo "unknown part: $part (tests, search, patches, attention, profile, patchprofile,
            stagedsweep, scattertile, anchors, anchorparts,
-           anchorflush, dpossweep, rowssweep, host)" >&2
+           anchorflush, dpossweep, rowssweep, host, layoutcopy)" >&2
            exit 2 ;;
     esac
 done

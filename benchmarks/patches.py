@@ -10,9 +10,9 @@ H100). Every result is first checked against its baseline at the real size.
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
 ``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
-``stagedsweep``, ``anchors``, ``anchorparts``, ``anchorflush``,
-``dpossweep``, ``scattertile``, ``rowssweep``, ``host``; ``SMOKE_ROWS``) on tiny inputs on the CPU,
-under Triton's interpreter, each configuration launched as on CUDA and checked (against the
+``stagedsweep``, ``anchors``, ``anchorparts``, ``anchorflush``, ``dpossweep``,
+``scattertile``, ``rowssweep``, ``host``, ``layoutcopy``; ``SMOKE_ROWS``) on tiny inputs on
+the CPU, under Triton's interpreter, each configuration launched as on CUDA and checked (against the
 default kernels, the reference or torch), nothing timed: a check of the script itself before
 it costs device time.
 """
@@ -413,6 +413,52 @@ def host_rows(results, args):
             torch.cuda.empty_cache()
 
 
+def layout_copies(results, args):
+    """The channels-last copies of the Triton launchers (dnls.ops._layout) by the transpose
+    kernel against PyTorch's copies (``KERNEL`` off): the copy of K16's video alone, both
+    ways, then the ops that take it (gather, wpsum and its backward on the K16 row) and the
+    search row W2's forward+backward (heads of 32 channels: channels-last accumulators),
+    each checked against the other way's result."""
+    from dnls.ops import _layout
+
+    shape, label = ((1, 3, 8, 10, 10), "C8 3x10x10") if SMOKE else ((1, 5, 128, 128, 128), "K16")
+    vid = torch.rand(shape, device=DEV)
+    v6 = vid.unsqueeze(1)
+    nbytes = 2 * vid.numel() * 4
+    calls = {"channels-last copy": lambda: _layout.channels_last(v6),
+             "channels-first copy": lambda: _layout.channels_first(last)}  # fmt: skip
+    for knn, v, inds, ps in _knn_inputs(args, KNN[1:]):
+        ops = _knn_ops(v, inds, ps)
+        calls.update({f"{name} {knn}": ops[name] for name in ("gather", "wpsum", "wpsum f+b")})
+    w2 = dict(ws=9, wt=1, ps=1, k=16, nheads=4, dist="dot")
+    q = torch.rand(shape, device=DEV).requires_grad_()
+
+    def search_fb():
+        d, _ = dnls.search(q, **w2)
+        return torch.autograd.grad(d.sum(), q)
+
+    calls["search W2 f+b"] = search_fb
+    for name, fn in calls.items():
+        got = {}
+        for kernel in (False, True):
+            _layout.KERNEL = kernel
+            last = _layout.channels_last(v6)
+            out = fn()
+            ms = float("nan") if SMOKE else bench(fn, 100)
+            kms = float("nan") if SMOKE else kernel_ms(fn)
+            got[kernel] = (out, ms, kms)
+        _layout.KERNEL = True
+        err = max_rel(got[True][0], got[False][0])
+        smoke_check(err, f"{name} by the transpose kernel", "PyTorch's copies")
+        (_, ms0, k0), (_, ms1, k1) = got[False], got[True]
+        rate = f", {nbytes / k1 / 1e9:.0f} GB/s" if "copy" in name and not SMOKE else ""
+        print(f"layout {name} {label}: PyTorch's copies {ms0:.3f} ms (kernels {k0:.3f}), "  # noqa: T201
+              f"transpose kernel {ms1:.3f} ms (kernels {k1:.3f}{rate}), rel diff {err:.1e}",
+              flush=True)  # fmt: skip
+        results.append(dict(op=f"{name} layout", case=label, torch_ms=ms0, torch_kernel_ms=k0,
+                             ms=ms1, kernel_ms=k1, err=err))  # fmt: skip
+
+
 def scatter_tiles(results, args):
     """scatter's tile kernel (patches per program, elements per chunk, warps) against the
     default on the knn rows: where a chunk covers whole patches (K16: 128 channels), its loads
@@ -593,6 +639,7 @@ KNN_SMOKE = (
 SMOKE_ROWS = (
     "fold", "knn", "det", "knnsweep", "stagedsweep", "dpossweep",
     "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep", "host",
+    "layoutcopy",
 )  # fmt: skip
 
 
@@ -742,7 +789,7 @@ ROWS = {
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "anchorparts": anchors_parts, "anchorflush": anchors_flush, "dpossweep": dpos_sweep,
     "layout": layout_rows, "det": det_rows, "rowssweep": rows_sweep,
-    "profile": profile_rows, "host": host_rows,
+    "profile": profile_rows, "host": host_rows, "layoutcopy": layout_copies,
 }  # fmt: skip
 
 

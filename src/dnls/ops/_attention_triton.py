@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .._common import cuda_launch, next_power_of_2
+from ._layout import channels_last
 
 LOG2E = 1.4426950408889634
 
@@ -292,7 +293,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     as a vector), else a channels-last copy with the same logical shape."""
     if x.stride(3) == 1:
         return x
-    return x.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+    return channels_last(x)
 
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}

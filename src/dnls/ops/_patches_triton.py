@@ -43,6 +43,7 @@ import triton.language as tl
 from .. import _checks
 from .._common import cuda_launch, next_power_of_2
 from .._ref import count_ones
+from ._layout import channels_first, channels_last
 from ._search_triton import (
     _TL_DTYPES,
     _accumulate,
@@ -1190,7 +1191,7 @@ def _reads(vid: torch.Tensor, last: bool = False) -> torch.Tensor:
     itself."""
     if vid.shape[3] < CHANNELS_LAST_MIN and not last:
         return vid
-    return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+    return channels_last(vid)
 
 
 def _buffer(shape6, dtype, device) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -1224,11 +1225,11 @@ def _fixed_scale(name: str, magnitude: torch.Tensor, patches: int, geom, whole: 
 
 def _unfixed(buf: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
     """An accumulation buffer as a contiguous tensor of ``dtype``: int64 fixed-point sums
-    (``scale``) divided back, float sums cast (``.to()`` returns a 6-D channels-last buffer as
-    is when the dtype matches, hence ``.contiguous()``)."""
+    (``scale``) divided back, float sums cast (``.to()`` keeps a 6-D channels-last buffer's
+    layout, hence :func:`channels_first`)."""
     if scale is not None:
         buf = buf.double() / scale
-    return buf.to(dtype).contiguous()
+    return channels_first(buf.to(dtype))
 
 
 def _bounce_ok(shape6, geom, extra: int) -> bool:
@@ -1467,7 +1468,7 @@ def _scatter_anchors(
         COUNTS=flush and counts, num_warps=warps,
     )  # fmt: skip
     if flush:  # (the video and counts are summed already)
-        out = sums.contiguous()
+        out = channels_first(sums)
     else:
         region = (t0, t1 + 1, y0, y1 + 1, x0, x1 + 1)
         sums = sums.view(b * hd, rn, geom.pt, c, geom.ps, geom.ps)

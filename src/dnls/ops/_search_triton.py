@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
+from ._layout import channels_first, channels_last
 
 
 @triton.jit
@@ -1689,7 +1690,7 @@ def _channels_last(vid: torch.Tensor) -> torch.Tensor:
     already innermost."""
     if vid.stride(3) == 1 or vid.shape[3] == 1:
         return vid
-    return vid.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
+    return channels_last(vid)
 
 
 def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
@@ -1708,7 +1709,7 @@ def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
 def _channels_first(vid: torch.Tensor) -> torch.Tensor:
     """``vid`` (B, HD, T, C, H, W), copied channel-first when its channels are innermost."""
     if vid.shape[3] > 1 and vid.stride(3) == 1 and vid.stride(5) > 1:
-        return vid.contiguous()
+        return channels_first(vid)
     return vid
 
 
@@ -1926,7 +1927,7 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
         gq, gk = gq.double() / scale, gk.double() / scale
         gf = gf.double() / scale if flow_grad else gf
     gflows = gf.to(flows.dtype) if flow_grad else qvid.new_empty(0)
-    return gq.to(qvid.dtype).contiguous(), gk.to(kvid.dtype).contiguous(), gflows
+    return channels_first(gq.to(qvid.dtype)), channels_first(gk.to(kvid.dtype)), gflows
 
 
 def _fixed_point_scale(gd, gi, qvid, kvid, p) -> float | None:
