@@ -451,7 +451,7 @@ def layout_copies(results, args):
         err = max_rel(got[True][0], got[False][0])
         smoke_check(err, f"{name} by the transpose kernel", "PyTorch's copies")
         (_, ms0, k0), (_, ms1, k1) = got[False], got[True]
-        rate = f", {nbytes / k1 / 1e9:.0f} GB/s" if "copy" in name and not SMOKE else ""
+        rate = f", {nbytes / k1 / 1e6:.0f} GB/s" if "copy" in name and not SMOKE else ""
         print(f"layout {name} {label}: PyTorch's copies {ms0:.3f} ms (kernels {k0:.3f}), "  # noqa: T201
               f"transpose kernel {ms1:.3f} ms (kernels {k1:.3f}{rate}), rel diff {err:.1e}",
               flush=True)  # fmt: skip
