@@ -44,7 +44,10 @@ def _compile(mode: str, timeout: int = 1800) -> str:
 
 @pytest.mark.parametrize(
     ("mode", "modules"),
-    [("patches", ["_patches_triton"]), ("search-small", ["_search_triton", "_attention_triton"])],
+    [
+        ("patches", ["_patches_triton", "_layout"]),
+        ("search-small", ["_search_triton", "_attention_triton"]),
+    ],
 )
 def test_kernels_compile_for_sm90(mode, modules):
     out = _compile(mode)
