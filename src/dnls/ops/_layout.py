@@ -77,7 +77,7 @@ def _transposed(src: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kernel(x: torch.Tensor) -> bool:
+def _transposes(x: torch.Tensor) -> bool:
     """Whether the transpose kernel copies ``x`` (else PyTorch's copy)."""
     return KERNEL and (x.device.type != "cuda" or x.numel() >= CUDA_MIN)
 
@@ -89,7 +89,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     if x.permute(0, 1, 2, 4, 5, 3).is_contiguous():
         return x
     step = x.stride(5) if w > 1 else x.stride(4)  # (one stride must walk the pixels)
-    if not _kernel(x) or (h > 1 and w > 1 and x.stride(4) != w * step):
+    if not _transposes(x) or (h > 1 and w > 1 and x.stride(4) != w * step):
         return x.permute(0, 1, 2, 4, 5, 3).contiguous().permute(0, 1, 2, 5, 3, 4)
     src = x.as_strided((b, hd, t, c, h * w), (*x.stride()[:4], step), x.storage_offset())
     return _transposed(src).view(b, hd, t, h, w, c).permute(0, 1, 2, 5, 3, 4)
@@ -101,7 +101,7 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
     b, hd, t, c, h, w = x.shape
     if x.is_contiguous():
         return x
-    if not (_kernel(x) and x.permute(0, 1, 2, 4, 5, 3).is_contiguous()):
+    if not (_transposes(x) and x.permute(0, 1, 2, 4, 5, 3).is_contiguous()):
         return x.contiguous()
     src = x.permute(0, 1, 2, 4, 5, 3).reshape(b, hd, t, h * w, c)  # (a view: dense)
     return _transposed(src).view(x.shape)
