@@ -100,3 +100,31 @@ def test_layout_many_frames():
         assert torch.equal(last, x) and last.permute(0, 1, 2, 4, 5, 3).is_contiguous()
         first = _layout.channels_first(last)
         assert torch.equal(first, x) and first.is_contiguous()
+
+
+def test_channels_last_video_skips_the_copy(monkeypatch):
+    """gather and wpsum of many channels (one head) copy a contiguous video channels-last once
+    per call, and read a video whose channels are innermost as it is (docs/API.md)."""
+    import dnls
+    from dnls.ops import _layout
+
+    monkeypatch.setenv("DNLS_BACKEND", "triton")
+    monkeypatch.setattr(_layout, "CUDA_MIN", 0)
+    copies = []
+    transposed = _layout._transposed
+    monkeypatch.setattr(_layout, "_transposed", lambda src: copies.append(1) or transposed(src))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 2, 8, 6, 7, generator=g).to(DEVICE)
+    size = (1, 1, 5, 3)
+    inds = torch.stack([torch.randint(0, 2, size, generator=g),
+                        torch.randint(0, 6, size, generator=g),
+                        torch.randint(0, 7, size, generator=g)], -1).int().to(DEVICE)  # fmt: skip
+    weights = torch.rand(size, generator=g).to(DEVICE)
+    last = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    ops = (lambda v: dnls.gather(v, inds, ps=1), lambda v: dnls.wpsum(v, weights, inds, ps=1))
+    for vid, expected in ((x, 1), (last, 0)):
+        for op in ops:
+            copies.clear()
+            out = op(vid)
+            assert len(copies) == expected, (vid.stride(), len(copies))
+            assert torch.equal(out, op(x))
