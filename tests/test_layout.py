@@ -65,13 +65,20 @@ def test_layout_copies(case):
 
 
 def test_layout_keeps_what_is_laid_out():
-    """A tensor already in the asked layout is returned as is (no copy)."""
+    """A tensor already in the asked layout is returned as is (no copy); others are copied."""
     from dnls.ops import _layout
 
     x = make((1, 2, 2, 5, 4, 3), "dense", torch.float32, 0)
     assert _layout.channels_first(x) is x
     y = make((1, 2, 2, 5, 4, 3), "last", torch.float32, 0)
     assert _layout.channels_last(y) is y
+    # channels_inner: channels contiguous (other strides free) or a single channel, as is
+    cropped_last = y[..., 1:, :2]
+    assert _layout.channels_inner(cropped_last) is cropped_last
+    one = make((1, 2, 2, 1, 4, 3), "cropped", torch.float32, 0)
+    assert _layout.channels_inner(one) is one
+    inner = _layout.channels_inner(x)
+    assert torch.equal(inner, x) and inner.permute(0, 1, 2, 4, 5, 3).is_contiguous()
 
 
 def test_layout_tiles_cross_edges():

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._common import cuda_launch, next_power_of_2
-from ._layout import channels_last
+from ._layout import channels_inner
 
 LOG2E = 1.4426950408889634
 
@@ -288,14 +288,6 @@ def _attn_bwd_kv_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its channels are contiguous (each lane reads one pixel's channels
-    as a vector), else a channels-last copy with the same logical shape."""
-    if x.stride(3) == 1:
-        return x
-    return channels_last(x)
-
-
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -332,7 +324,7 @@ def forward(q, k, v, ws: int, wt: int, scale: float, dot: bool):
     """``(out, lse)``: the attention output in ``v``'s dtype (channels-last) and the
     logsumexp of each query's logits (``(B, HD, T, H, W)``, float32; float64 for float64
     inputs). Accumulates in float32 (float64)."""
-    q, k, v = (_channels_last(x) for x in (q, k, v))
+    q, k, v = (channels_inner(x) for x in (q, k, v))
     b, hd, t, c, h, w = q.shape
     acc = _acc(q, k, v)
     out = _empty(v, v.dtype)
@@ -350,7 +342,7 @@ def forward(q, k, v, ws: int, wt: int, scale: float, dot: bool):
 def backward(gout, glse, q, k, v, out, lse, ws: int, wt: int, scale: float, dot: bool):
     """``(dq, dk, dv)`` of :func:`forward` (channels-last, in the dtypes of q, k, v), given
     the gradients of its two outputs (``glse`` may be None)."""
-    q, k, v, gout = (_channels_last(x) for x in (q, k, v, gout))
+    q, k, v, gout = (channels_inner(x) for x in (q, k, v, gout))
     b, hd, t, c, h, w = q.shape
     acc = _acc(q, k, v)
     delta = (gout.to(acc) * out.to(acc)).sum(3)

@@ -95,6 +95,15 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return _transposed(src).view(b, hd, t, h, w, c).permute(0, 1, 2, 5, 3, 4)
 
 
+def channels_inner(x: torch.Tensor) -> torch.Tensor:
+    """``x (B, HD, T, C, H, W)`` itself when its channels are contiguous (or one), whatever its
+    other strides (kernels that take every stride and read each pixel's channels as one run),
+    else :func:`channels_last`."""
+    if x.stride(3) == 1 or x.shape[3] == 1:
+        return x
+    return channels_last(x)
+
+
 def channels_first(x: torch.Tensor) -> torch.Tensor:
     """``x (B, HD, T, C, H, W)`` as a contiguous tensor: itself, a transposed copy of a dense
     channels-last tensor, or (other layouts) ``x.contiguous()``."""

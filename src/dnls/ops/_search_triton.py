@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .._common import next_power_of_2
-from ._layout import channels_first, channels_last
+from ._layout import channels_first, channels_inner
 
 
 @triton.jit
@@ -1685,14 +1685,6 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _channels_last(vid: torch.Tensor) -> torch.Tensor:
-    """``vid`` (B, HD, T, C, H, W) as a view of a channels-last copy, unless its channels are
-    already innermost."""
-    if vid.stride(3) == 1 or vid.shape[3] == 1:
-        return vid
-    return channels_last(vid)
-
-
 def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
     """``vid`` (B, HD, T, C, H, W) copied to (B, HD, T, ceil(C / cv), H, W, cv): each pixel's
     channels in groups of ``cv`` consecutive values, the last group padded with zeros (a zero
@@ -1867,8 +1859,8 @@ def search_backward(gdists, ginds, qvid, kvid, flows, widx, p, whole: bool, pos_
     last = p.ps == 1 and c >= CONFIG["bwd_clast_min"] > 0
     if last:
         same = kvid is qvid
-        qvid = _channels_last(qvid)
-        kvid = qvid if same else _channels_last(kvid)
+        qvid = channels_inner(qvid)
+        kvid = qvid if same else channels_inner(kvid)
     shape = (b, hd, nframes, height, width, c) if last else qvid.shape
     gq = torch.zeros(shape, dtype=buf, device=dev)
     gk = torch.zeros(shape, dtype=buf, device=dev)
