@@ -374,6 +374,19 @@ def test_row_kernel_buffered_selection(monkeypatch, kw, buffer, strip, levels):
     assert_rows_match(monkeypatch, config, shape, 27, levels, **kw)
 
 
+def test_row_kernel_buffer_rule(monkeypatch):
+    """Unset, the row kernel's buffer follows the window's expected insert rate: 2 slots for
+    W3's window (14 of 441 candidates), none for W1s's (14 of 2205) or W4's (10 of 675), none
+    where every candidate is kept; a set value wins."""
+    from dnls.ops import _search_triton as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "rows_buffer", None)
+    assert [kernels._rows_buffer(k, n) for k, n in ((14, 441), (14, 2205), (10, 675))] == [2, 0, 0]
+    assert kernels._rows_buffer(9, 9) == 0
+    monkeypatch.setitem(kernels.CONFIG, "rows_buffer", 3)
+    assert kernels._rows_buffer(14, 2205) == 3
+
+
 @pytest.mark.parametrize(
     ("kw", "buffer", "skip"),
     [

@@ -1651,8 +1651,8 @@ class _Layout(NamedTuple):
 # worth), rows per strip sharing their patch-row terms, the most query values kept in registers, the
 # most channels whose loop is unrolled when they are not, displacements per channels-outer pass when
 # they are not (0: channels innermost), and whether a block skips the insert of a candidate no lane
-# keeps, and the candidates each lane buffers before inserting (0: inserted at once; W3 4.58 -> 4.24
-# ms at 2 slots, W1s 4.97 -> 5.55), and the channels read per vector load from channel-blocked
+# keeps, and the candidates each lane buffers before inserting (0: inserted at once; None: by
+# :func:`_rows_buffer`'s rule), and the channels read per vector load from channel-blocked
 # copies where the query is not in registers (1: channel by channel). Measured on the H200
 # (BENCHMARKS.md): 32 columns on one warp, strips of 2 (W3 4.58 ms; 1 row 5.82, 3 rows 4.61, 4 rows
 # 5.16), the channel loop not unrolled (W4 12.82 ms; unrolled 20.74), channels outermost 3
@@ -1680,9 +1680,25 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": 0, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
+    "rows_buffer": None, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
+
+
+# The expected share of a window's candidates that a lane inserts (window of n candidates in a
+# random order, k kept: about k ln(n / k) / n) at and above which the row kernel buffers 2 per
+# lane. Measured on the H100 (BENCHMARKS.md, forward ms at 0 / 2 / 4 / 8 slots): W3 (0.11) 4.67
+# / 4.29 / 4.40 / 5.13; W1s (0.032) 5.07 / 5.60 / 5.29 / 5.62; W1 (0.032) 7.20 / 7.98 / 7.45 /
+# 8.02. W4 (0.062) was not swept: it stays at 0, as before.
+ROWS_BUFFER_RATE = 0.08
+
+
+def _rows_buffer(keep: int, nwin: int) -> int:
+    """The row kernel's per-lane candidate buffer: CONFIG's, or by the window's insert rate."""
+    if CONFIG["rows_buffer"] is not None:
+        return CONFIG["rows_buffer"]
+    rate = keep * math.log(nwin / keep) / nwin if 0 < keep < nwin else 0.0
+    return 2 if rate >= ROWS_BUFFER_RATE else 0
 
 
 def _channel_blocked(vid: torch.Tensor, cv: int) -> torch.Tensor:
@@ -1821,7 +1837,7 @@ def search_forward(qvid, kvid, flows, p, whole: bool, pos_dtype, inds_dtype):
         rows_warps = CONFIG["rows_warps"] or bx // 32
         nblocks = b * hd * triton.cdiv(nrows, strip) * nxb
         nprog = min(nblocks, sms * (CONFIG["rows_per_sm"] or 32 // rows_warps))
-        nb = CONFIG["rows_buffer"]
+        nb = _rows_buffer(kp, p.nwin)
         _search_rows_kernel[(nprog,)](
             qb, kb, dists, inds, widx,
             *rows_strides[0], *rows_strides[1],
