@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/device.sh [OUTDIR] [PARTS]
 #   PARTS: tests,search,patches,attention,profile,patchprofile,stagedsweep,
-#          scattertile,anchors,anchorparts,anchorflush,dpossweep,rowssweep,host,layoutcopy
+#          scattertile,anchors,anchorparts,anchorflush,dpossweep,rowssweep,host,layoutcopy,
+#          foldsweep
 #
 # TESTS_K, if set, selects tests (pytest -k): on a GPU every kernel variant the tests draw
 # compiles on first use, up to a minute each for the search row kernels. The tests run in
@@ -26,6 +27,7 @@
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "host" each knn op's event, kernel and host time per call, and a cProfile of its host path;
 # "layoutcopy" the channels-last copies by the transpose kernel against PyTorch's copies;
+# "foldsweep" ifold's kernel at its launches (pixels and channels per program, warps);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep).
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the
@@ -61,6 +63,7 @@ for part in ${parts//,/ }; do
         search) run search python benchmarks/search.py --rows "${SEARCH_ROWS:-W3,W1s,W1,W4,W2}" \
             --parts bwd ;;
         patches) run patches python benchmarks/patches.py --rows "${PATCH_ROWS:-fold,knn}" ;;
+        foldsweep) run foldsweep python benchmarks/patches.py --rows foldsweep ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
         scattertile) run scattertile python benchmarks/patches.py --rows scattertile ;;
         anchors) run anchors python benchmarks/patches.py --rows anchors ;;

@@ -239,6 +239,7 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
         box = whole % torch.tensor([2, 8, 8], dtype=whole.dtype) + torch.tensor([0, 8, 8]).int()
         cases += [(vid, inds, torch.rand(size), patches, ps) for inds in (whole, frac, box)]
     launches = []
+    fold_default = dict(kernels.FOLD_CONFIG)
     try:
         for name, setting in settings.items():
             kernels.CONFIG.update(default, **setting)
@@ -249,9 +250,16 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
                         _patch_calls(*case)
                 label = name + (", deterministic" if det else "")
                 launches += [(label, *launch) for launch in done]
+        # ifold's kernel in channel blocks, its loop not unrolled (kernels.FOLD_CONFIG)
+        kernels.FOLD_CONFIG.update(block_c=4, unroll=False)
+        with compile_only() as done:
+            for vid, _, _, _, ps in cases:
+                dnls.ifold(dnls.iunfold(vid, ps=ps), shape=vid.shape)
+        launches += [("fold block_c 4, not unrolled", *launch) for launch in done]
     finally:
         torch.use_deterministic_algorithms(False)
         kernels.CONFIG.update(default)
+        kernels.FOLD_CONFIG.update(fold_default)
     return launches
 
 

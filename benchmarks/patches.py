@@ -9,7 +9,7 @@ H100). Every result is first checked against its baseline at the real size.
 
     python benchmarks/patches.py [--rows fold,knn,...] [--json out.json]   (rows: ROWS below)
 
-``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``knnsweep``,
+``--smoke`` runs the rows ``fold``, ``knn`` and ``det`` and the sweeps (``foldsweep``, ``knnsweep``,
 ``stagedsweep``, ``anchors``, ``anchorparts``, ``anchorflush``, ``dpossweep``,
 ``scattertile``, ``rowssweep``, ``host``, ``layoutcopy``; ``SMOKE_ROWS``) on tiny inputs on
 the CPU, under Triton's interpreter, each configuration launched as on CUDA and checked (against the
@@ -160,22 +160,35 @@ def fold_case(results, args, b, c, hw, ps):
 
 
 def fold_sweep(results, args):
-    """Launch configurations of the per-pixel fold kernel on the ifold rows."""
+    """Launch configurations of the per-pixel fold kernel on the ifold rows: the default's loop
+    not unrolled; pixels of a row and channels per program, warps. Each is checked against the
+    default's result."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.FOLD_CONFIG)
-    for b, c, hw, ps in ((4, 64, 256, 3), (1, 3, 1024, 7)):
+    for b, c, hw, ps in FOLD_SMOKE if SMOKE else FOLD:
         patches = torch.rand(b, hw * hw, 1, c, ps, ps, device=DEV)
         shape = (b, 1, c, hw, hw)
-        for block_x in (32, 64, 128, 256):
-            for warps in (1, 2, 4, 8):
-                kernels.FOLD_CONFIG.update(block_x=block_x, num_warps=warps)
-                ms = bench(lambda: dnls.ifold(patches, shape=shape, border="zero"), 100)  # noqa: B023
-                print(f"fold sweep B{b} C{c} {hw}x{hw} ps{ps} block_x={block_x} "  # noqa: T201
-                      f"warps={warps}: {ms:.3f} ms", flush=True)  # fmt: skip
-                results.append(dict(op="fold sweep", case=f"B{b} C{c} ps{ps}",
-                                    block_x=block_x, warps=warps, ms=ms))  # fmt: skip
-    kernels.FOLD_CONFIG.update(default)
+        run = lambda: dnls.ifold(patches, shape=shape, border="zero")[0]  # noqa: E731, B023
+        want = run()
+        launches = [dict(default, unroll=False)]
+        launches += [
+            dict(default, block_x=block_x, block_c=block_c, num_warps=warps)
+            for block_x in ((16, 32, 64) if c > 4 else (32, 64, 128, 256))
+            for block_c in ((None, 4, 8, 16, 32) if c > 4 else (None, 1))
+            for warps in (2, 4, 8)
+        ]
+        for cfg in launches:
+            kernels.FOLD_CONFIG.update(cfg)
+            err = max_rel(run(), want)
+            smoke_check(err, f"ifold {cfg}")
+            ms = bench(run, 100)
+            kms = kernel_ms(run)
+            print(f"fold sweep B{b} C{c} {hw}x{hw} ps{ps} {cfg}: {ms:.3f} ms, "  # noqa: T201
+                  f"kernels {kms:.3f} ms, rel err {err:.1e}", flush=True)  # fmt: skip
+            results.append(dict(op="fold sweep", case=f"B{b} C{c} ps{ps}", ms=ms,
+                                kernel_ms=kms, err=err, **cfg))  # fmt: skip
+        kernels.FOLD_CONFIG.update(default)
 
 
 def knn_sweep(results, args):
@@ -637,7 +650,7 @@ KNN_SMOKE = (
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
 )
 SMOKE_ROWS = (
-    "fold", "knn", "det", "knnsweep", "stagedsweep", "dpossweep",
+    "fold", "knn", "det", "foldsweep", "knnsweep", "stagedsweep", "dpossweep",
     "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep", "host",
     "layoutcopy",
 )  # fmt: skip
@@ -784,7 +797,7 @@ def knn_case(results, args, case, shape, skw, ps, count):
 
 
 ROWS = {
-    "fold": fold_rows, "knn": knn_rows, "sweep": fold_sweep, "knnsweep": knn_sweep,
+    "fold": fold_rows, "knn": knn_rows, "foldsweep": fold_sweep, "knnsweep": knn_sweep,
     "stagedsweep": staged_sweep,
     "scattertile": scatter_tiles, "anchors": anchors_sweep,
     "anchorparts": anchors_parts, "anchorflush": anchors_flush, "dpossweep": dpos_sweep,

@@ -127,7 +127,15 @@ def test_iunfold_ifold(data):
     count = data.draw(st.integers(1, total - start))
     vid = rand_video(shape, seed=1).to(DEVICE)
     patches = rand_video((shape[0], count, pt, shape[2], ps, ps), seed=2).to(DEVICE)
+    from dnls.ops import _patches_triton
+
+    # the fold kernel's channels per program (all, or blocks of 1 or 2: a partial last block),
+    # and its unrolled loop for programs with no reflected source, or not
+    block_c = data.draw(st.sampled_from([None, 1, 2]))
+    unroll = data.draw(st.booleans())
     with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", block_c)
+        mp.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
         check(
             run_both(
                 mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]

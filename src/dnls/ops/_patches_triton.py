@@ -970,6 +970,26 @@ def _wpsum_bwd_kernel(
 
 
 @triton.jit
+def _fold_add(acc, cnt, pbase, ubase, q, ok, e, cmask, Qn, E: tl.constexpr, I64: tl.constexpr,
+              USED: tl.constexpr):  # fmt: skip
+    """The fold kernel's step: adds element ``e`` of patches ``q`` (where ``ok``) to ``acc``,
+    and their counts (or, with USED, their use counts) to ``cnt``."""
+    ok = ok & (q >= 0) & (q < Qn)
+    if I64:
+        q = q.to(tl.int64)
+    if USED:
+        u = tl.load(ubase + q, mask=ok, other=0)
+        ok = ok & (u > 0)
+    v = tl.load(pbase + q[:, None] * E + e[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+    acc += v.to(acc.dtype)
+    if USED:
+        cnt += tl.where(ok, u, 0).to(cnt.dtype)
+    else:
+        cnt += ok.to(cnt.dtype)
+    return acc, cnt
+
+
+@triton.jit
 def _fold_kernel(
     patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
     out,  # (B, T, C, H, W) contiguous
@@ -978,24 +998,28 @@ def _fold_kernel(
     # the others are taken as zero
     Qn, T, H, W,
     start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
-    STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
-    PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, REFLECT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
+    STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
+    CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
+    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """Each program sums, for BLOCK_X pixels of one row of one frame and all channels, every
-    patch element that lands there. A pixel at coordinate ``p`` is written by the patch pixel
-    at ``p`` and, with reflection, by those at ``-p`` and ``2 (n - 1) - p`` (one bounce, which
-    the launcher guarantees is enough); each is a patch of the grid if its centre is a grid
-    point of the region among queries ``[start, start + Qn)``."""
-    xb = tl.program_id(0)
+    """Each program sums, for BLOCK_X pixels of one row of one frame and CB channels (CP: CB
+    rounded up to a power of two), every patch element that lands there. A pixel at coordinate
+    ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at ``-p`` and
+    ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is a patch of
+    the grid if its centre is a grid point of the region among queries ``[start, start + Qn)``.
+    With UNROLL, programs with no reflected source take an unrolled, branch-free loop."""
+    ncb: tl.constexpr = (C + CB - 1) // CB
+    xb = tl.program_id(0) // ncb
+    cb = tl.program_id(0) % ncb
     yq = tl.program_id(1)
     bt = tl.program_id(2)
     b = bt // T
     tq = bt % T
     x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
     xmask = x < W
-    cc = tl.arange(0, CP)
-    cmask = cc < C
+    cc = cb * CB + tl.arange(0, CP)
+    cmask = (tl.arange(0, CP) < CB) & (cc < C)
     acc = tl.zeros((BLOCK_X, CP), dtype=ACC)
     cnt = tl.zeros((BLOCK_X,), dtype=ACC)
     lo = (PS // 2) * DIL
@@ -1010,49 +1034,63 @@ def _fold_kernel(
         nx = 1
         nt = 1
     pbase = patches + b.to(tl.int64) * Qn * (PT * C * PS * PS)
-    for dt in tl.static_range(PT):
-        for ct in range(nt):
-            tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
-            t0 = tf - dt
-            tok = (t0 >= rt0) & (t0 < rt1) & ((ct == 0) | (tf >= T))
-            for i in range(PS):
-                oy = (i - PS // 2) * DIL
-                for cy in range(ny):
-                    yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
-                    y0 = yf - oy
-                    yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
-                    yok = yok & ((cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1)))
-                    if yok:
-                        qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
-                        for j in range(PS):
-                            ox = (j - PS // 2) * DIL
-                            for cx in range(nx):
-                                xf = tl.where(cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x))
-                                x0 = xf - ox
-                                ok = xmask & (x0 >= rw0) & (x0 < rw1)
-                                ok = ok & ((x0 - rw0) % STRIDE == 0)
-                                ok = ok & ((cx != 1) | (x > 0)) & ((cx != 2) | (x < W - 1))
-                                q = qrow + (x0 - rw0) // STRIDE
-                                ok = ok & (q >= 0) & (q < Qn)
-                                e = ((dt * C + cc) * PS + i) * PS + j
-                                if I64:
-                                    q = q.to(tl.int64)
-                                if USED:
-                                    u = tl.load(used + b.to(tl.int64) * Qn + q, mask=ok, other=0)
-                                    ok = ok & (u > 0)
-                                ptr = pbase + q[:, None] * (PT * C * PS * PS) + e[None, :]
-                                v = tl.load(ptr, mask=ok[:, None] & cmask[None, :], other=0.0)
-                                acc += v.to(ACC)
-                                if USED:
-                                    cnt += tl.where(ok, u, 0).to(ACC)
-                                else:
-                                    cnt += ok.to(ACC)
+    ubase = used + b.to(tl.int64) * Qn
+    if UNROLL and ny * nx * nt == 1:
+        # no reflected source: the PT x PS x PS loads unrolled, all in flight at once (they
+        # share the patches' lines: each line holds several (channel, i, j) of one patch)
+        for dt in tl.static_range(PT):
+            t0 = tq - dt
+            tok = (t0 >= rt0) & (t0 < rt1)
+            for i in tl.static_range(PS):
+                y0 = yq - (i - PS // 2) * DIL
+                yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
+                qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
+                for j in tl.static_range(PS):
+                    x0 = x - (j - PS // 2) * DIL
+                    ok = xmask & (x0 >= rw0) & (x0 < rw1) & ((x0 - rw0) % STRIDE == 0)
+                    ok = tl.where(yok, ok, False)  # (a scalar & a block: int under the interpreter)
+                    e = ((dt * C + cc) * PS + i) * PS + j
+                    acc, cnt = _fold_add(acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE,
+                                         ok, e, cmask, Qn, PT * C * PS * PS, I64, USED)  # fmt: skip
+    else:
+        for dt in tl.static_range(PT):
+            for ct in range(nt):
+                tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
+                t0 = tf - dt
+                tok = (t0 >= rt0) & (t0 < rt1) & ((ct == 0) | (tf >= T))
+                for i in range(PS):
+                    oy = (i - PS // 2) * DIL
+                    for cy in range(ny):
+                        yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
+                        y0 = yf - oy
+                        yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
+                        yok = yok & (
+                            (cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1))
+                        )
+                        if yok:
+                            qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
+                            for j in range(PS):
+                                ox = (j - PS // 2) * DIL
+                                for cx in range(nx):
+                                    xf = tl.where(
+                                        cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x)
+                                    )
+                                    x0 = xf - ox
+                                    ok = xmask & (x0 >= rw0) & (x0 < rw1)
+                                    ok = ok & ((x0 - rw0) % STRIDE == 0)
+                                    ok = ok & ((cx != 1) | (x > 0)) & ((cx != 2) | (x < W - 1))
+                                    e = ((dt * C + cc) * PS + i) * PS + j
+                                    acc, cnt = _fold_add(
+                                        acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE, ok, e,
+                                        cmask, Qn, PT * C * PS * PS, I64, USED,
+                                    )  # fmt: skip
     hw = H.to(tl.int64) * W
     pix = (b * T + tq).to(tl.int64) * (C * hw) + yq * W + x
     optr = out + pix[:, None] + (cc * hw)[None, :]
     tl.store(optr, acc.to(out.dtype.element_ty), mask=xmask[:, None] & cmask[None, :])
     cptr = counts + (b * T + tq).to(tl.int64) * hw + yq * W + x
-    tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=xmask)
+    if cb == 0:
+        tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=xmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1614,9 +1652,10 @@ def fold_supported(shape5, geom) -> bool:
     return geom.border != "reflect" or (min(h, w) >= 2 and _bounce_ok((b, 1, t, c, h, w), geom, 0))
 
 
-# Launch configuration of the fold kernel (pixels of a row per program, warps); block_x=None
-# picks 64 for up to 4 channels and 32 above (the best of a sweep on the H100, BENCHMARKS.md).
-FOLD_CONFIG = {"block_x": None, "num_warps": 8}
+# Launch configuration of the fold kernel (pixels of a row per program, channels per program,
+# warps); block_x=None picks 64 for up to 4 channels and 32 above (the best of a sweep on the
+# H100, BENCHMARKS.md); block_c=None: all channels in one program.
+FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
 
 
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
@@ -1635,14 +1674,15 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     if out.numel():
         block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 32)
         block_x = min(block_x, next_power_of_2(w))
-        _fold_kernel[(triton.cdiv(w, block_x), h, b * t)](
+        block_c = min(FOLD_CONFIG["block_c"] or c, c)
+        _fold_kernel[(triton.cdiv(w, block_x) * triton.cdiv(c, block_c), h, b * t)](
             patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
-            STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CP=next_power_of_2(c), PS=ps, PT=pt,
-            DIL=dilation,
+            STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CB=block_c,
+            CP=next_power_of_2(block_c), PS=ps, PT=pt, DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
-            USED=used is not None,
+            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"],
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
