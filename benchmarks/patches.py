@@ -156,7 +156,7 @@ def fold_case(results, args, b, c, hw, ps):
 
     for prov, fn in (("dnls", ours_fb), ("torch", theirs_fb)):
         record(results, "iunfold f+b", case, prov, bench(fn), peak_mb(fn), 2 * nbytes,
-               args.copy_bw)  # fmt: skip
+               args.copy_bw, fn=fn)  # fmt: skip
 
 
 def fold_sweep(results, args):
@@ -174,9 +174,9 @@ def fold_sweep(results, args):
         launches = [dict(default, unroll=False)]
         launches += [
             dict(default, block_x=block_x, block_c=block_c, num_warps=warps)
-            for block_x in ((16, 32, 64) if c > 4 else (32, 64, 128, 256))
-            for block_c in ((None, 4, 8, 16, 32) if c > 4 else (None, 1))
-            for warps in (2, 4, 8)
+            for block_x in ((8, 16, 32) if c > 4 else (64, 128, 256, 512))
+            for block_c in ((None, 16, 32) if c > 4 else (None, 1))
+            for warps in (4, 8)
         ]
         for cfg in launches:
             kernels.FOLD_CONFIG.update(cfg)

@@ -1652,9 +1652,11 @@ def fold_supported(shape5, geom) -> bool:
     return geom.border != "reflect" or (min(h, w) >= 2 and _bounce_ok((b, 1, t, c, h, w), geom, 0))
 
 
-# Launch configuration of the fold kernel (pixels of a row per program, channels per program,
-# warps); block_x=None picks 64 for up to 4 channels and 32 above (the best of a sweep on the
-# H100, BENCHMARKS.md); block_c=None: all channels in one program.
+# Launch configuration of the fold kernel: pixels of a row per program (None: 256 for up to 4
+# channels, 16 above), channels per program (None: 1 for up to 4 channels, all above), warps, and
+# whether programs with no reflected source take the unrolled loop. The best of a sweep on the
+# H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
+# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms.
 FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
 
 
@@ -1672,9 +1674,9 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     t0, t1, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     if out.numel():
-        block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 32)
+        block_x = FOLD_CONFIG["block_x"] or (256 if c <= 4 else 16)
         block_x = min(block_x, next_power_of_2(w))
-        block_c = min(FOLD_CONFIG["block_c"] or c, c)
+        block_c = min(FOLD_CONFIG["block_c"] or (1 if c <= 4 else c), c)
         _fold_kernel[(triton.cdiv(w, block_x) * triton.cdiv(c, block_c), h, b * t)](
             patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
