@@ -256,11 +256,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
             for vid, _, _, _, ps in cases:
                 dnls.ifold(dnls.iunfold(vid, ps=ps), shape=vid.shape)
         launches += [("fold block_c 4, not unrolled", *launch) for launch in done]
-        kernels.FOLD_CONFIG.update(fold_default, shift=True)
-        with compile_only() as done:
-            for vid, _, _, _, ps in cases:
-                dnls.ifold(dnls.iunfold(vid, ps=ps), shape=vid.shape)
-        launches += [("fold shifted rows", *launch) for launch in done]
     finally:
         torch.use_deterministic_algorithms(False)
         kernels.CONFIG.update(default)

@@ -161,8 +161,8 @@ def fold_case(results, args, b, c, hw, ps):
 
 def fold_sweep(results, args):
     """Launch configurations of the per-pixel fold kernel on the ifold rows: the default's loop
-    not unrolled; pixels of a row and channels per program, warps; the shifted rows. Each is
-    checked against the default's result."""
+    not unrolled; pixels of a row and channels per program, warps. Each is checked against the
+    default's result."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.FOLD_CONFIG)
@@ -176,12 +176,6 @@ def fold_sweep(results, args):
             dict(default, block_x=block_x, block_c=block_c, num_warps=warps)
             for block_x in ((8, 16, 32) if c > 4 else (64, 128, 256, 512))
             for block_c in ((None, 16, 32) if c > 4 else (None, 1))
-            for warps in (4, 8)
-        ]
-        launches += [  # the shifted rows
-            dict(default, block_x=block_x, block_c=block_c, num_warps=warps, shift=True)
-            for block_x in ((16, 32, 64) if c > 4 else (64, 128, 256, 512))
-            for block_c in ((None,) if c > 4 else (None, 1))
             for warps in (4, 8)
         ]
         for cfg in launches:

@@ -130,13 +130,12 @@ def test_iunfold_ifold(data):
     from dnls.ops import _patches_triton
 
     # the fold kernel's channels per program (all, or blocks of 1 or 2: a partial last block),
-    # and for programs with no reflected source its unrolled loop, or not, or the shifted rows
+    # and its unrolled loop for programs with no reflected source, or not
     block_c = data.draw(st.sampled_from([None, 1, 2]))
-    unroll, shift = data.draw(st.sampled_from([(True, False), (False, False), (True, True)]))
+    unroll = data.draw(st.booleans())
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", block_c)
         mp.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
-        mp.setitem(_patches_triton.FOLD_CONFIG, "shift", shift)
         check(
             run_both(
                 mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]
@@ -146,45 +145,6 @@ def test_iunfold_ifold(data):
         check(
             run_both(mp, lambda p: dnls.ifold(p, shape=shape, start=start, **kw), [patches]),
             torch.float64, "ifold",
-        )  # fmt: skip
-
-
-@settings(max_examples=EXAMPLES)
-@given(st.data())
-def test_ifold_shifted_rows(data):
-    """The fold kernel's shifted rows (whole rows of patch elements gathered across query
-    slots), with frames wider than a program and a few pixels per program: ifold and
-    iunfold's gradient against the reference, over strides, dilations, pt, regions, borders,
-    channel blocks and query ranges."""
-    from dnls.ops import _patches_triton
-
-    t = data.draw(st.integers(1, 2))
-    h, w = data.draw(st.integers(2, 6)), data.draw(st.integers(5, 19))
-    shape = (1, t, data.draw(st.integers(1, 3)), h, w)
-    ps = data.draw(st.integers(1, 4))
-    kw = dict(
-        stride=data.draw(st.integers(1, 2)), dilation=data.draw(st.integers(1, 2)),
-        region=data.draw(regions(t, h, w)), border=data.draw(st.sampled_from(["reflect", "zero"])),
-    )  # fmt: skip
-    pt = data.draw(st.integers(1, t))
-    total = dnls.query_grid(shape, kw["stride"], kw["region"]).count
-    start = data.draw(st.integers(0, total - 1))
-    count = data.draw(st.integers(1, total - start))
-    vid = rand_video(shape, seed=3).to(DEVICE)
-    patches = rand_video((1, count, pt, shape[2], ps, ps), seed=4).to(DEVICE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(_patches_triton.FOLD_CONFIG, "shift", True)
-        mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", data.draw(st.sampled_from([None, 1])))
-        mp.setitem(_patches_triton.FOLD_CONFIG, "block_x", data.draw(st.sampled_from([8, 16])))
-        check(
-            run_both(mp, lambda p: dnls.ifold(p, shape=shape, start=start, **kw), [patches]),
-            torch.float64, "ifold",
-        )  # fmt: skip
-        check(
-            run_both(
-                mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]
-            ),
-            torch.float64, "iunfold",
         )  # fmt: skip
 
 

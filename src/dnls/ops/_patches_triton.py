@@ -1001,16 +1001,14 @@ def _fold_kernel(
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
     CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
-    UNROLL: tl.constexpr, SHIFT: tl.constexpr, JP: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):  # fmt: skip
     """Each program sums, for BLOCK_X pixels of one row of one frame and CB channels (CP: CB
     rounded up to a power of two), every patch element that lands there. A pixel at coordinate
     ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at ``-p`` and
     ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is a patch of
     the grid if its centre is a grid point of the region among queries ``[start, start + Qn)``.
-    With UNROLL, programs with no reflected source take an unrolled, branch-free loop; with
-    SHIFT (not USED), they load whole rows of patch elements and gather each pixel's (JP: PS
-    rounded up to a power of two), and a program's last (PS - 1) DIL pixels are not its own."""
+    With UNROLL, programs with no reflected source take an unrolled, branch-free loop."""
     ncb: tl.constexpr = (C + CB - 1) // CB
     xb = tl.program_id(0) // ncb
     cb = tl.program_id(0) % ncb
@@ -1018,21 +1016,18 @@ def _fold_kernel(
     bt = tl.program_id(2)
     b = bt // T
     tq = bt % T
-    lo = (PS // 2) * DIL
-    hi = (PS - 1 - PS // 2) * DIL
-    # SHIFT: the program's last (PS - 1) DIL pixels are the halo of its query slots
-    bout: tl.constexpr = BLOCK_X - (PS - 1) * DIL if SHIFT else BLOCK_X
-    n = tl.arange(0, BLOCK_X)
-    x = xb * bout + n
-    xmask = (n < bout) & (x < W)
+    x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
+    xmask = x < W
     cc = cb * CB + tl.arange(0, CP)
     cmask = (tl.arange(0, CP) < CB) & (cc < C)
     acc = tl.zeros((BLOCK_X, CP), dtype=ACC)
     cnt = tl.zeros((BLOCK_X,), dtype=ACC)
+    lo = (PS // 2) * DIL
+    hi = (PS - 1 - PS // 2) * DIL
     # Reflected sources exist only near the borders.
     if REFLECT:
         ny = tl.where((yq <= lo) | (yq >= H - 1 - hi), 3, 1)
-        nx = tl.where((xb * bout <= lo) | (xb * bout + bout - 1 >= W - 1 - hi), 3, 1)
+        nx = tl.where((xb * BLOCK_X <= lo) | (xb * BLOCK_X + BLOCK_X - 1 >= W - 1 - hi), 3, 1)
         nt = 2 if PT > 1 else 1
     else:
         ny = 1
@@ -1040,35 +1035,7 @@ def _fold_kernel(
         nt = 1
     pbase = patches + b.to(tl.int64) * Qn * (PT * C * PS * PS)
     ubase = used + b.to(tl.int64) * Qn
-    if SHIFT and ny * nx * nt == 1:
-        # no reflected source, whole rows of patch elements: slot m holds query column
-        # x0 - hi + m; for each patch row i, one load of each slot's PS elements (consecutive in
-        # memory: a warp's load touches a few lines, not one per lane), then pixel n takes
-        # element j of slot n + (PS - 1 - j) DIL, gathered across the slots
-        jj = tl.arange(0, JP)
-        jok = jj < PS
-        slot = tl.minimum(n[:, None] + (PS - 1 - jj[None, :]) * DIL, BLOCK_X - 1)
-        slot3 = tl.broadcast_to(slot[:, None, :], (BLOCK_X, CP, JP))
-        xq = xb * bout - hi + n
-        xqok = (xq >= rw0) & (xq < rw1) & ((xq - rw0) % STRIDE == 0)
-        for dt in tl.static_range(PT):
-            t0 = tq - dt
-            tok = (t0 >= rt0) & (t0 < rt1)
-            for i in tl.static_range(PS):
-                y0 = yq - (i - PS // 2) * DIL
-                yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
-                q = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start + (xq - rw0) // STRIDE
-                ok = tl.where(yok, xqok & (q >= 0) & (q < Qn), False)
-                if I64:
-                    q = q.to(tl.int64)
-                e = ((dt * C + cc) * PS + i) * PS
-                ptr = pbase + q[:, None, None] * (PT * C * PS * PS) + e[None, :, None] + jj
-                m3 = ok[:, None, None] & cmask[None, :, None] & jok[None, None, :]
-                a = tl.load(ptr, mask=m3, other=0.0).to(ACC)
-                acc += tl.sum(tl.gather(a, slot3, axis=0), axis=2)
-                okj = tl.broadcast_to(ok[:, None], (BLOCK_X, JP)).to(ACC)
-                cnt += tl.sum(tl.where(jok[None, :], tl.gather(okj, slot, axis=0), 0.0), axis=1)
-    elif UNROLL and ny * nx * nt == 1:
+    if UNROLL and ny * nx * nt == 1:
         # no reflected source: the PT x PS x PS loads unrolled, all in flight at once (they
         # share the patches' lines: each line holds several (channel, i, j) of one patch)
         for dt in tl.static_range(PT):
@@ -1690,7 +1657,7 @@ def fold_supported(shape5, geom) -> bool:
 # whether programs with no reflected source take the unrolled loop. The best of a sweep on the
 # H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
 # loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms.
-FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True, "shift": False}
+FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
 
 
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
@@ -1710,20 +1677,14 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
         block_x = FOLD_CONFIG["block_x"] or (256 if c <= 4 else 16)
         block_x = min(block_x, next_power_of_2(w))
         block_c = min(FOLD_CONFIG["block_c"] or (1 if c <= 4 else c), c)
-        shift = FOLD_CONFIG["shift"] and used is None
-        span = (ps - 1) * dilation
-        if shift:  # (at least half of a program's pixels its own)
-            block_x = max(block_x, next_power_of_2(2 * span + 1))
-        bout = block_x - span if shift else block_x
-        _fold_kernel[(triton.cdiv(w, bout) * triton.cdiv(c, block_c), h, b * t)](
+        _fold_kernel[(triton.cdiv(w, block_x) * triton.cdiv(c, block_c), h, b * t)](
             patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CB=block_c,
             CP=next_power_of_2(block_c), PS=ps, PT=pt, DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
-            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"], SHIFT=shift,
-            JP=next_power_of_2(ps),
+            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"],
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
