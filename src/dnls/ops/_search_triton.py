@@ -1680,7 +1680,8 @@ CONFIG = {
     "rows": True, "rows_edges": True, "rows_min": 16, "rows_warps": None, "rows_bx": 32,
     "rows_per_sm": None,
     "rows_strip": 2, "rows_qreg": 48, "rows_unroll": 0, "rows_cout": 3, "rows_skip": True,
-    "rows_buffer": None, "rows_cvec": 4, "rows_cpad": False, "direct_buffer": 4, "direct_skip": False,
+    "rows_buffer": None, "rows_cvec": 4, "rows_cpad": False,
+    "direct_buffer": 4, "direct_skip": False,
     "bwd_block_q": 16, "bwd_warps": 4, "bwd_clast_min": 8, "bwd_gq_sum": True, "bwd_keys": True,
 }  # fmt: skip
 
