@@ -161,8 +161,8 @@ def fold_case(results, args, b, c, hw, ps):
 
 def fold_sweep(results, args):
     """Launch configurations of the per-pixel fold kernel on the ifold rows: the default's loop
-    not unrolled; pixels of a row and channels per program, warps; rows per program. Each is
-    checked against the default's result."""
+    not unrolled; pixels of a row and channels per program, warps. Each is checked against the
+    default's result."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.FOLD_CONFIG)
@@ -178,7 +178,6 @@ def fold_sweep(results, args):
             for block_c in ((None, 16, 32) if c > 4 else (None, 1))
             for warps in (4, 8)
         ]
-        launches += [dict(default, rows=rows) for rows in (2, 4, 8)]  # rows per program
         for cfg in launches:
             kernels.FOLD_CONFIG.update(cfg)
             err = max_rel(run(), want)

@@ -130,15 +130,12 @@ def test_iunfold_ifold(data):
     from dnls.ops import _patches_triton
 
     # the fold kernel's channels per program (all, or blocks of 1 or 2: a partial last block),
-    # its unrolled loop for programs with no reflected source, or not, and rows per program
-    # (the last program's partial)
+    # and its unrolled loop for programs with no reflected source, or not
     block_c = data.draw(st.sampled_from([None, 1, 2]))
     unroll = data.draw(st.booleans())
-    rows = data.draw(st.sampled_from([1, 2, 3]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", block_c)
         mp.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
-        mp.setitem(_patches_triton.FOLD_CONFIG, "rows", rows)
         check(
             run_both(
                 mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]

@@ -990,16 +990,32 @@ def _fold_add(acc, cnt, pbase, ubase, q, ok, e, cmask, Qn, E: tl.constexpr, I64:
 
 
 @triton.jit
-def _fold_row(
-    patches, out, counts, used, Qn, T, H, W,
-    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw, xb, cb, yq, b, tq,
+def _fold_kernel(
+    patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
+    out,  # (B, T, C, H, W) contiguous
+    counts,  # (B, T, 1, H, W) contiguous
+    used,  # USED: (B, Qn) the grid's patches to read (> 0), each counted that many times;
+    # the others are taken as zero
+    Qn, T, H, W,
+    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
     CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
     REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
     UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """The fold kernel's sums for BLOCK_X pixels of row ``yq`` of frame ``tq`` of batch ``b``,
-    channel block ``cb``."""
+    """Each program sums, for BLOCK_X pixels of one row of one frame and CB channels (CP: CB
+    rounded up to a power of two), every patch element that lands there. A pixel at coordinate
+    ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at ``-p`` and
+    ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is a patch of
+    the grid if its centre is a grid point of the region among queries ``[start, start + Qn)``.
+    With UNROLL, programs with no reflected source take an unrolled, branch-free loop."""
+    ncb: tl.constexpr = (C + CB - 1) // CB
+    xb = tl.program_id(0) // ncb
+    cb = tl.program_id(0) % ncb
+    yq = tl.program_id(1)
+    bt = tl.program_id(2)
+    b = bt // T
+    tq = bt % T
     x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
     xmask = x < W
     cc = cb * CB + tl.arange(0, CP)
@@ -1075,41 +1091,6 @@ def _fold_row(
     cptr = counts + (b * T + tq).to(tl.int64) * hw + yq * W + x
     if cb == 0:
         tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=xmask)
-
-
-@triton.jit
-def _fold_kernel(
-    patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
-    out,  # (B, T, C, H, W) contiguous
-    counts,  # (B, T, 1, H, W) contiguous
-    used,  # USED: (B, Qn) the grid's patches to read (> 0), each counted that many times;
-    # the others are taken as zero
-    Qn, T, H, W,
-    start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
-    STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
-    CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
-    UNROLL: tl.constexpr, R: tl.constexpr,
-):  # fmt: skip
-    """Each program sums, for BLOCK_X pixels of R consecutive rows of one frame and CB channels
-    (CP: CB rounded up to a power of two), every patch element that lands there. A pixel at
-    coordinate ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at
-    ``-p`` and ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is
-    a patch of the grid if its centre is a grid point of the region among queries
-    ``[start, start + Qn)``. With UNROLL, programs with no reflected source take an unrolled,
-    branch-free loop."""
-    ncb: tl.constexpr = (C + CB - 1) // CB
-    xb = tl.program_id(0) // ncb
-    cb = tl.program_id(0) % ncb
-    bt = tl.program_id(2)
-    for r in tl.static_range(R):
-        yq = tl.program_id(1) * R + r
-        if yq < H:
-            _fold_row(
-                patches, out, counts, used, Qn, T, H, W,
-                start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw, xb, cb, yq, bt // T, bt % T,
-                STRIDE, I64, C, CB, CP, PS, PT, DIL, REFLECT, ACC, BLOCK_X, USED, UNROLL,
-            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1675,9 +1656,8 @@ def fold_supported(shape5, geom) -> bool:
 # channels, 16 above), channels per program (None: 1 for up to 4 channels, all above), warps, and
 # whether programs with no reflected source take the unrolled loop. The best of a sweep on the
 # H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
-# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms. rows: rows
-# per program (consecutive rows read the same lines of the patches).
-FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True, "rows": 1}
+# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms.
+FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
 
 
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
@@ -1697,16 +1677,14 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
         block_x = FOLD_CONFIG["block_x"] or (256 if c <= 4 else 16)
         block_x = min(block_x, next_power_of_2(w))
         block_c = min(FOLD_CONFIG["block_c"] or (1 if c <= 4 else c), c)
-        rows = FOLD_CONFIG["rows"]
-        grid = (triton.cdiv(w, block_x) * triton.cdiv(c, block_c), triton.cdiv(h, rows), b * t)
-        _fold_kernel[grid](
+        _fold_kernel[(triton.cdiv(w, block_x) * triton.cdiv(c, block_c), h, b * t)](
             patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CB=block_c,
             CP=next_power_of_2(block_c), PS=ps, PT=pt, DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
-            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"], R=rows,
+            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"],
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
