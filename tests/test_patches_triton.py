@@ -167,6 +167,20 @@ def test_ifold_reflects_at_every_edge(monkeypatch, shape, ps, stride):
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold")
 
 
+def test_fold_unrolls_small_patches_only(monkeypatch):
+    """The fold kernel unrolls up to FOLD_UNROLL_MAX loads per pixel (7 x 7, 3 x 3 x 11 and
+    9 x 9 patches), not larger ones (their compile time grows to minutes), nor when told not to."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "unroll", True)
+    assert [_patches_triton._fold_unrolled(pt, ps) for pt, ps in ((1, 7), (11, 3), (1, 9))] == [
+        True, True, True,
+    ]  # fmt: skip
+    assert not any(_patches_triton._fold_unrolled(pt, ps) for pt, ps in ((1, 11), (3, 7)))
+    monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "unroll", False)
+    assert not _patches_triton._fold_unrolled(1, 3)
+
+
 def test_ifold_large_reach_falls_back(monkeypatch):
     """Patches wider than the frame (more than one reflection) take the reference path."""
     patches = rand_video((1, 6, 1, 2, 5, 5), seed=4).to(DEVICE)

@@ -1658,6 +1658,14 @@ def fold_supported(shape5, geom) -> bool:
 # H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
 # loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms.
 FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
+# The most loads (PT x PS x PS) the fold kernel unrolls: offline (sm_90, Triton 3.6, this
+# repository's 2-core machine) 49 compiled in 2.3 s, 98 in 13 s, 225 in 79 s and 363 in 282 s.
+FOLD_UNROLL_MAX = 100
+
+
+def _fold_unrolled(pt: int, ps: int) -> bool:
+    """Whether the fold kernel takes its unrolled loop for patches of ``pt x ps x ps``."""
+    return bool(FOLD_CONFIG["unroll"]) and pt * ps * ps <= FOLD_UNROLL_MAX
 
 
 def fold(patches, shape5, stride: int, region, start: int, dilation: int, border: str,
@@ -1684,7 +1692,7 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CB=block_c,
             CP=next_power_of_2(block_c), PS=ps, PT=pt, DIL=dilation,
             REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
-            USED=used is not None, UNROLL=FOLD_CONFIG["unroll"],
+            USED=used is not None, UNROLL=_fold_unrolled(pt, ps),
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
     return out, counts
