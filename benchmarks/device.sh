@@ -27,7 +27,7 @@
 # wpsum in the staged kernel's rows modes against its earlier defaults (--rows rowssweep);
 # "host" each knn op's event, kernel and host time per call, and a cProfile of its host path;
 # "layoutcopy" the channels-last copies by the transpose kernel against PyTorch's copies;
-# "foldsweep" ifold's kernel at its launches (pixels and channels per program, warps);
+# "foldsweep" ifold's kernel at its launches (rows, pixels and channels per program, warps);
 # "dpossweep"
 # gather's position gradient at its launches (--rows dpossweep).
 # Before a device call, `search.py --smoke` and `patches.py --smoke` run the same code on the

@@ -161,8 +161,8 @@ def fold_case(results, args, b, c, hw, ps):
 
 def fold_sweep(results, args):
     """Launch configurations of the per-pixel fold kernel on the ifold rows: the default's loop
-    not unrolled; pixels of a row and channels per program, warps. Each is checked against the
-    default's result."""
+    not unrolled; rows, pixels of a row and channels per program, warps. Each is checked
+    against the default's result."""
     from dnls.ops import _patches_triton as kernels
 
     default = dict(kernels.FOLD_CONFIG)
@@ -173,9 +173,13 @@ def fold_sweep(results, args):
         want = run()
         launches = [dict(default, unroll=False)]
         launches += [
-            dict(default, block_x=block_x, block_c=block_c, num_warps=warps)
-            for block_x in ((8, 16, 32) if c > 4 else (64, 128, 256, 512))
-            for block_c in ((None, 16, 32) if c > 4 else (None, 1))
+            dict(default, block_x=block_x, block_c=block_c, num_warps=warps, rows=rows)
+            for rows, block_x in (
+                ((1, 16), (2, 8), (2, 16), (4, 4), (4, 8))
+                if c > 4
+                else ((1, 256), (2, 64), (2, 128), (4, 32), (4, 64), (8, 32))
+            )
+            for block_c in ((None, 1) if c <= 4 else (None,))
             for warps in (4, 8)
         ]
         for cfg in launches:

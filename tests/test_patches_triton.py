@@ -130,12 +130,15 @@ def test_iunfold_ifold(data):
     from dnls.ops import _patches_triton
 
     # the fold kernel's channels per program (all, or blocks of 1 or 2: a partial last block),
-    # and its unrolled loop for programs with no reflected source, or not
+    # its unrolled loop for programs with no reflected source, or not, and its rows per
+    # program (a partial last block of rows where they do not divide the height)
     block_c = data.draw(st.sampled_from([None, 1, 2]))
     unroll = data.draw(st.booleans())
+    rows = data.draw(st.sampled_from([1, 2, 4]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", block_c)
         mp.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
+        mp.setitem(_patches_triton.FOLD_CONFIG, "rows", rows)
         check(
             run_both(
                 mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]
@@ -165,6 +168,32 @@ def test_ifold_reflects_at_every_edge(monkeypatch, shape, ps, stride):
     vid = rand_video(shape, seed=13).to(DEVICE)
     fn = lambda v: dnls.iunfold(v, ps=ps, stride=stride)  # noqa: E731
     check(run_both(monkeypatch, fn, [vid]), torch.float64, "iunfold")
+
+
+@pytest.mark.parametrize(
+    ("rows", "shape", "kw"),
+    [(2, (1, 1, 2, 7, 9), dict(ps=3)),  # 7 rows: a partial last block of rows
+     (4, (1, 2, 2, 10, 6), dict(ps=3, pt=2, stride=2, dilation=2, border="zero")),
+     (2, (1, 1, 1, 9, 11), dict(ps=3, region=(0, 1, 1, 8, 1, 10))),
+     (4, (1, 1, 1, 10, 11), dict(ps=3))],
+)  # fmt: skip
+def test_fold_rows_per_program(monkeypatch, rows, shape, kw):
+    """The fold kernel's programs of several rows, in both loops (unrolled: the rows' pixels at
+    once; else the rows one by one; with reflection the frame's edges take the second), with
+    strides, dilation, regions and a height the rows do not divide: ifold against the
+    reference, forward and gradient."""
+    from dnls.ops import _patches_triton
+
+    monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "rows", rows)
+    monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "block_x", 4)
+    ps, pt = kw["ps"], kw.get("pt", 1)
+    geom = {k: v for k, v in kw.items() if k != "ps" and k != "pt"}
+    count = dnls.query_grid(shape, geom.get("stride", 1), geom.get("region")).count
+    patches = rand_video((shape[0], count, pt, shape[2], ps, ps), seed=14).to(DEVICE)
+    for unroll in (True, False):
+        monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
+        fn = lambda p: dnls.ifold(p, shape=shape, **geom)  # noqa: E731
+        check(run_both(monkeypatch, fn, [patches]), torch.float64, f"ifold unroll={unroll}")
 
 
 def test_fold_unrolls_small_patches_only(monkeypatch):

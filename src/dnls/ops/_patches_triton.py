@@ -990,6 +990,54 @@ def _fold_add(acc, cnt, pbase, ubase, q, ok, e, cmask, Qn, E: tl.constexpr, I64:
 
 
 @triton.jit
+def _fold_store(out, counts, acc, cnt, b, tq, yy, x, pmask, cc, cmask, cb, T, H, W,
+                C: tl.constexpr):  # fmt: skip
+    """The fold kernel's stores: sums ``acc`` of pixels ``(yy, x)`` (where ``pmask``) and
+    channels ``cc`` (where ``cmask``); their counts ``cnt`` from the first channel block."""
+    hw = H.to(tl.int64) * W
+    pix = (b * T + tq).to(tl.int64) * (C * hw) + yy * W + x
+    optr = out + pix[:, None] + (cc * hw)[None, :]
+    tl.store(optr, acc.to(out.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    cptr = counts + (b * T + tq).to(tl.int64) * hw + yy * W + x
+    if cb == 0:
+        tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _fold_block(
+    pbase, ubase, out, counts, Qn, T, H, W, start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
+    xb, cb, y_lo, b, tq, cc, cmask,
+    STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+    PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_X: tl.constexpr, R: tl.constexpr, USED: tl.constexpr,
+):  # fmt: skip
+    """The fold kernel's program with no reflected source: the PT x PS x PS loads of every row
+    unrolled, all in flight at once (they share the patches' lines: each line holds several
+    (channel, i, j) of one patch, consecutive i landing on consecutive rows)."""
+    p = tl.arange(0, R * BLOCK_X)
+    yy = y_lo + p // BLOCK_X
+    x = xb * BLOCK_X + p % BLOCK_X
+    pmask = (x < W) & (yy < H)
+    acc = tl.zeros((R * BLOCK_X, CP), dtype=ACC)
+    cnt = tl.zeros((R * BLOCK_X,), dtype=ACC)
+    for dt in tl.static_range(PT):
+        t0 = tq - dt
+        tok = (t0 >= rt0) & (t0 < rt1)
+        for i in tl.static_range(PS):
+            y0 = yy - (i - PS // 2) * DIL
+            yok = pmask & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
+            yok = tl.where(tok, yok, False)  # (a scalar & a block: int under the interpreter)
+            qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
+            for j in tl.static_range(PS):
+                x0 = x - (j - PS // 2) * DIL
+                ok = yok & (x0 >= rw0) & (x0 < rw1) & ((x0 - rw0) % STRIDE == 0)
+                e = ((dt * C + cc) * PS + i) * PS + j
+                acc, cnt = _fold_add(acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE,
+                                     ok, e, cmask, Qn, PT * C * PS * PS, I64, USED)  # fmt: skip
+    _fold_store(out, counts, acc, cnt, b, tq, yy, x, pmask, cc, cmask, cb, T, H, W, C)
+
+
+@triton.jit
 def _fold_kernel(
     patches,  # (B, Qn, PT, C, PS, PS) contiguous: queries [start, start + Qn) of the grid
     out,  # (B, T, C, H, W) contiguous
@@ -1000,33 +1048,32 @@ def _fold_kernel(
     start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
     STRIDE: tl.constexpr, I64: tl.constexpr, C: tl.constexpr, CB: tl.constexpr,
     CP: tl.constexpr, PS: tl.constexpr, PT: tl.constexpr, DIL: tl.constexpr,
-    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, USED: tl.constexpr,
-    UNROLL: tl.constexpr,
+    REFLECT: tl.constexpr, ACC: tl.constexpr, BLOCK_X: tl.constexpr, R: tl.constexpr,
+    USED: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """Each program sums, for BLOCK_X pixels of one row of one frame and CB channels (CP: CB
-    rounded up to a power of two), every patch element that lands there. A pixel at coordinate
-    ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at ``-p`` and
-    ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is a patch of
-    the grid if its centre is a grid point of the region among queries ``[start, start + Qn)``.
-    With UNROLL, programs with no reflected source take an unrolled, branch-free loop."""
+    """Each program sums, for BLOCK_X pixels of R consecutive rows of one frame and CB channels
+    (CP: CB rounded up to a power of two), every patch element that lands there. A pixel at
+    coordinate ``p`` is written by the patch pixel at ``p`` and, with reflection, by those at
+    ``-p`` and ``2 (n - 1) - p`` (one bounce, which the launcher guarantees is enough); each is
+    a patch of the grid if its centre is a grid point of the region among queries
+    ``[start, start + Qn)``. With UNROLL, programs with no reflected source take an unrolled,
+    branch-free loop over all their rows at once (a patch's consecutive rows share lines of
+    memory, and land on consecutive rows of pixels); the others take their rows one by one."""
     ncb: tl.constexpr = (C + CB - 1) // CB
     xb = tl.program_id(0) // ncb
     cb = tl.program_id(0) % ncb
-    yq = tl.program_id(1)
+    y_lo = tl.program_id(1) * R
     bt = tl.program_id(2)
     b = bt // T
     tq = bt % T
-    x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
-    xmask = x < W
     cc = cb * CB + tl.arange(0, CP)
     cmask = (tl.arange(0, CP) < CB) & (cc < C)
-    acc = tl.zeros((BLOCK_X, CP), dtype=ACC)
-    cnt = tl.zeros((BLOCK_X,), dtype=ACC)
     lo = (PS // 2) * DIL
     hi = (PS - 1 - PS // 2) * DIL
     # Reflected sources exist only near the borders.
     if REFLECT:
-        ny = tl.where((yq <= lo) | (yq >= H - 1 - hi), 3, 1)
+        y_hi = tl.minimum(y_lo + R, H) - 1
+        ny = tl.where((y_lo <= lo) | (y_hi >= H - 1 - hi), 3, 1)
         nx = tl.where((xb * BLOCK_X <= lo) | (xb * BLOCK_X + BLOCK_X - 1 >= W - 1 - hi), 3, 1)
         nt = 2 if PT > 1 else 1
     else:
@@ -1036,61 +1083,50 @@ def _fold_kernel(
     pbase = patches + b.to(tl.int64) * Qn * (PT * C * PS * PS)
     ubase = used + b.to(tl.int64) * Qn
     if UNROLL and ny * nx * nt == 1:
-        # no reflected source: the PT x PS x PS loads unrolled, all in flight at once (they
-        # share the patches' lines: each line holds several (channel, i, j) of one patch)
-        for dt in tl.static_range(PT):
-            t0 = tq - dt
-            tok = (t0 >= rt0) & (t0 < rt1)
-            for i in tl.static_range(PS):
-                y0 = yq - (i - PS // 2) * DIL
-                yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
-                qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
-                for j in tl.static_range(PS):
-                    x0 = x - (j - PS // 2) * DIL
-                    ok = xmask & (x0 >= rw0) & (x0 < rw1) & ((x0 - rw0) % STRIDE == 0)
-                    ok = tl.where(yok, ok, False)  # (a scalar & a block: int under the interpreter)
-                    e = ((dt * C + cc) * PS + i) * PS + j
-                    acc, cnt = _fold_add(acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE,
-                                         ok, e, cmask, Qn, PT * C * PS * PS, I64, USED)  # fmt: skip
+        _fold_block(
+            pbase, ubase, out, counts, Qn, T, H, W, start, rt0, rt1, rh0, rh1, rw0, rw1, nh, nw,
+            xb, cb, y_lo, b, tq, cc, cmask, STRIDE, I64, C, CP, PS, PT, DIL, ACC, BLOCK_X, R,
+            USED,
+        )  # fmt: skip
     else:
-        for dt in tl.static_range(PT):
-            for ct in range(nt):
-                tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
-                t0 = tf - dt
-                tok = (t0 >= rt0) & (t0 < rt1) & ((ct == 0) | (tf >= T))
-                for i in range(PS):
-                    oy = (i - PS // 2) * DIL
-                    for cy in range(ny):
-                        yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
-                        y0 = yf - oy
-                        yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
-                        yok = yok & (
-                            (cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1))
-                        )
-                        if yok:
-                            qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
-                            for j in range(PS):
-                                ox = (j - PS // 2) * DIL
-                                for cx in range(nx):
-                                    xf = tl.where(
-                                        cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x)
-                                    )
-                                    x0 = xf - ox
-                                    ok = xmask & (x0 >= rw0) & (x0 < rw1)
-                                    ok = ok & ((x0 - rw0) % STRIDE == 0)
-                                    ok = ok & ((cx != 1) | (x > 0)) & ((cx != 2) | (x < W - 1))
-                                    e = ((dt * C + cc) * PS + i) * PS + j
-                                    acc, cnt = _fold_add(
-                                        acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE, ok, e,
-                                        cmask, Qn, PT * C * PS * PS, I64, USED,
-                                    )  # fmt: skip
-    hw = H.to(tl.int64) * W
-    pix = (b * T + tq).to(tl.int64) * (C * hw) + yq * W + x
-    optr = out + pix[:, None] + (cc * hw)[None, :]
-    tl.store(optr, acc.to(out.dtype.element_ty), mask=xmask[:, None] & cmask[None, :])
-    cptr = counts + (b * T + tq).to(tl.int64) * hw + yq * W + x
-    if cb == 0:
-        tl.store(cptr, cnt.to(counts.dtype.element_ty), mask=xmask)
+        x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
+        for r in range(R):
+            yq = y_lo + r
+            xmask = tl.where(yq < H, x < W, False)  # (a scalar & a block: see above)
+            acc = tl.zeros((BLOCK_X, CP), dtype=ACC)
+            cnt = tl.zeros((BLOCK_X,), dtype=ACC)
+            for dt in tl.static_range(PT):
+                for ct in range(nt):
+                    tf = tl.where(ct == 0, tq, 2 * (T - 1) - tq)
+                    t0 = tf - dt
+                    tok = (t0 >= rt0) & (t0 < rt1) & ((ct == 0) | (tf >= T)) & (yq < H)
+                    for i in range(PS):
+                        oy = (i - PS // 2) * DIL
+                        for cy in range(ny):
+                            yf = tl.where(cy == 0, yq, tl.where(cy == 1, -yq, 2 * (H - 1) - yq))
+                            y0 = yf - oy
+                            yok = tok & (y0 >= rh0) & (y0 < rh1) & ((y0 - rh0) % STRIDE == 0)
+                            yok = yok & (
+                                (cy == 0) | ((cy == 1) & (yq > 0)) | ((cy == 2) & (yq < H - 1))
+                            )
+                            if yok:
+                                qrow = ((t0 - rt0) * nh + (y0 - rh0) // STRIDE) * nw - start
+                                for j in range(PS):
+                                    ox = (j - PS // 2) * DIL
+                                    for cx in range(nx):
+                                        xf = tl.where(
+                                            cx == 0, x, tl.where(cx == 1, -x, 2 * (W - 1) - x)
+                                        )
+                                        x0 = xf - ox
+                                        ok = xmask & (x0 >= rw0) & (x0 < rw1)
+                                        ok = ok & ((x0 - rw0) % STRIDE == 0)
+                                        ok = ok & ((cx != 1) | (x > 0)) & ((cx != 2) | (x < W - 1))
+                                        e = ((dt * C + cc) * PS + i) * PS + j
+                                        acc, cnt = _fold_add(
+                                            acc, cnt, pbase, ubase, qrow + (x0 - rw0) // STRIDE,
+                                            ok, e, cmask, Qn, PT * C * PS * PS, I64, USED,
+                                        )  # fmt: skip
+            _fold_store(out, counts, acc, cnt, b, tq, yq, x, xmask, cc, cmask, cb, T, H, W, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1656,8 +1692,11 @@ def fold_supported(shape5, geom) -> bool:
 # channels, 16 above), channels per program (None: 1 for up to 4 channels, all above), warps, and
 # whether programs with no reflected source take the unrolled loop. The best of a sweep on the
 # H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
-# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms.
-FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True}
+# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms. rows: rows per
+# program (a power of two; with the unrolled loop, rows x block_x pixels at once, so that a
+# line of a patch that holds parts of consecutive patch rows is read once through the L2 for
+# all of them).
+FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True, "rows": 1}
 # The most loads (PT x PS x PS) the fold kernel unrolls: offline (sm_90, Triton 3.6, this
 # repository's 2-core machine) 49 compiled in 2.3 s, 98 in 13 s, 225 in 79 s and 363 in 282 s.
 FOLD_UNROLL_MAX = 100
@@ -1685,13 +1724,15 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
         block_x = FOLD_CONFIG["block_x"] or (256 if c <= 4 else 16)
         block_x = min(block_x, next_power_of_2(w))
         block_c = min(FOLD_CONFIG["block_c"] or (1 if c <= 4 else c), c)
-        _fold_kernel[(triton.cdiv(w, block_x) * triton.cdiv(c, block_c), h, b * t)](
+        rows = FOLD_CONFIG["rows"]
+        grid = (triton.cdiv(w, block_x) * triton.cdiv(c, block_c), triton.cdiv(h, rows), b * t)
+        _fold_kernel[grid](
             patches.contiguous(), out, counts,
             patches if used is None else used, qn, t, h, w,
             start, t0, t1, h0, h1, w0, w1, nh, nw,
             STRIDE=stride, I64=patches.numel() >= 2**31, C=c, CB=block_c,
             CP=next_power_of_2(block_c), PS=ps, PT=pt, DIL=dilation,
-            REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x,
+            REFLECT=border == "reflect", ACC=_TL_DTYPES[acc], BLOCK_X=block_x, R=rows,
             USED=used is not None, UNROLL=_fold_unrolled(pt, ps),
             num_warps=FOLD_CONFIG["num_warps"],
         )  # fmt: skip
