@@ -175,11 +175,11 @@ def fold_sweep(results, args):
         launches += [
             dict(default, block_x=block_x, block_c=block_c, num_warps=warps, rows=rows)
             for rows, block_x in (
-                ((1, 16), (2, 8), (2, 16), (4, 4), (4, 8))
+                ((1, 16), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16), (8, 8))
                 if c > 4
-                else ((1, 256), (2, 64), (2, 128), (4, 32), (4, 64), (8, 32))
+                else ((1, 256), (2, 128), (4, 64), (4, 128), (8, 32), (8, 64))
             )
-            for block_c in ((None, 1) if c <= 4 else (None,))
+            for block_c in ((None, c) if c <= 4 else (None,))
             for warps in (4, 8)
         ]
         for cfg in launches:
