@@ -28,6 +28,10 @@ gather's flat pass: the lines of its loads and of its stores (it writes every va
 gathers), against the time its bytes take at the copy bandwidth.
 
     python benchmarks/access_model.py [--queries 4096]
+
+With ``--fold``, the sectors that ifold's fold kernel reads per byte of patches, by its launch
+(rows, pixels and channels per program): a line holds parts of consecutive rows of a patch,
+which land on consecutive rows of pixels, so programs of more rows read fewer sectors again.
 """
 
 from __future__ import annotations
@@ -124,10 +128,57 @@ def floors(pos: np.ndarray, c: int, ps: int, w: int, tiles=(8, 32)) -> dict[str,
     return out
 
 
+def fold_sectors(c: int, ps: int, hw: int, rows: int, block_x: int, block_c: int,
+                 programs: int = 8) -> float:  # fmt: skip
+    """ifold's fold kernel (``_fold_kernel``, no reflected source): the 32-byte sectors of the
+    patches ``(hw * hw, c, ps, ps)`` that its programs of ``rows x block_x`` pixels and
+    ``block_c`` channels read, each counted once per program (as if a program's L1 kept every
+    sector it touched, and nothing were shared between programs), per byte of the patches.
+    Counted on ``programs`` bands of rows in the middle of the frame."""
+    e, half = c * ps * ps, ps // 2
+    i = np.arange(ps)[None, None, :, None]
+    j = np.arange(ps)[None, None, None, :]
+    sectors = pixels = 0
+    for y0 in range(hw // 2, hw // 2 + programs * rows, rows):
+        ys = np.arange(y0, y0 + rows)[:, None, None, None]
+        for x0 in range(0, hw, block_x):
+            xs = (x0 + np.arange(block_x))[None, :, None, None]
+            qy, qx = ys - (i - half), xs - (j - half)
+            ok = np.broadcast_to(
+                (qx >= 0) & (qx < hw) & (qy >= 0) & (qy < hw), (rows, block_x, ps, ps)
+            )
+            q = qy * hw + qx
+            for c0 in range(0, c, block_c):
+                cs = np.arange(c0, min(c0 + block_c, c))
+                addr = (q[..., None] * e + ((cs * ps + i[..., None]) * ps + j[..., None])) * 4
+                sectors += np.unique(addr[ok] // 32).size
+                pixels += rows * block_x * cs.size
+    return sectors * 32 / (pixels * ps * ps * 4)
+
+
+def fold_main() -> None:
+    """The fold kernel's sectors per byte of patches on ifold's two rows of
+    ``benchmarks/patches.py``, by rows, pixels and channels per program."""
+    print("ifold: 32-byte sectors read per byte of patches (each program's own, once)")
+    for c, ps, hw, launches in (
+        (3, 7, 1024, ((1, 256, 1), (2, 128, 1), (4, 64, 1), (4, 128, 1), (8, 32, 1), (8, 64, 1),
+                      (8, 64, 3))),
+        (64, 3, 256, ((1, 16, 64), (2, 8, 64), (2, 16, 64), (4, 8, 64), (4, 16, 64), (8, 8, 64))),
+    ):  # fmt: skip
+        for rows, block_x, block_c in launches:
+            got = fold_sectors(c, ps, hw, rows, block_x, block_c)
+            print(f"  C{c} ps{ps} {hw}²: {rows} rows x {block_x} pixels, {block_c} channels: "
+                  f"{got:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=4096)
+    parser.add_argument("--fold", action="store_true", help="ifold's sectors instead")
     args = parser.parse_args()
+    if args.fold:
+        fold_main()
+        return
     torch.manual_seed(0)
     vid = torch.rand(ROW["shape"])
     _, inds = dnls.search(vid, ws=ROW["ws"], ps=ROW["ps"], k=ROW["k"], count=args.queries)
