@@ -1688,15 +1688,17 @@ def fold_supported(shape5, geom) -> bool:
     return geom.border != "reflect" or (min(h, w) >= 2 and _bounce_ok((b, 1, t, c, h, w), geom, 0))
 
 
-# Launch configuration of the fold kernel: pixels of a row per program (None: 256 for up to 4
-# channels, 16 above), channels per program (None: 1 for up to 4 channels, all above), warps, and
-# whether programs with no reflected source take the unrolled loop. The best of a sweep on the
-# H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3 1.189 (32 pixels, all channels, the
-# loop not unrolled) -> 0.333 ms; B1 C3 1024² ps7 0.412 (64 pixels) -> 0.398 ms. rows: rows per
-# program (a power of two; with the unrolled loop, rows x block_x pixels at once, so that a
-# line of a patch that holds parts of consecutive patch rows is read once through the L2 for
-# all of them).
-FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True, "rows": 1}
+# Launch configuration of the fold kernel: rows per program (a power of two; None: 4 for up to
+# 4 channels, 2 above) and pixels of a row (None: 64 for up to 4 channels, 8 above), channels per
+# program (None: 1 for up to 4 channels, all above), warps, and whether programs with no
+# reflected source take the unrolled loop, which reads all their rows' elements at once: a line
+# of a patch holds parts of its consecutive rows, which land on consecutive rows of pixels, so
+# programs of several rows read fewer lines again through the L2 (benchmarks/access_model.py
+# --fold). The best of sweeps on the H100 (BENCHMARKS.md, kernel ms): ifold B4 C64 256² ps3
+# 1.189 (32 pixels, all channels, not unrolled) -> 0.333 ms (16 pixels, unrolled) -> 0.314
+# (2 x 8 pixels; 0.379 at 16 pixels in that run); B1 C3 1024² ps7 0.412 (64 pixels) -> 0.402
+# (256 pixels, 1 channel) -> 0.330 ms (4 x 64 pixels).
+FOLD_CONFIG = {"block_x": None, "block_c": None, "num_warps": 8, "unroll": True, "rows": None}
 # The most loads (PT x PS x PS) the fold kernel unrolls: offline (sm_90, Triton 3.6, this
 # repository's 2-core machine) 49 compiled in 2.3 s, 98 in 13 s, 225 in 79 s and 363 in 282 s.
 FOLD_UNROLL_MAX = 100
@@ -1721,10 +1723,10 @@ def fold(patches, shape5, stride: int, region, start: int, dilation: int, border
     t0, t1, h0, h1, w0, w1 = region
     nh, nw = -(-(h1 - h0) // stride), -(-(w1 - w0) // stride)
     if out.numel():
-        block_x = FOLD_CONFIG["block_x"] or (256 if c <= 4 else 16)
+        block_x = FOLD_CONFIG["block_x"] or (64 if c <= 4 else 8)
         block_x = min(block_x, next_power_of_2(w))
         block_c = min(FOLD_CONFIG["block_c"] or (1 if c <= 4 else c), c)
-        rows = FOLD_CONFIG["rows"]
+        rows = FOLD_CONFIG["rows"] or (4 if c <= 4 else 2)
         grid = (triton.cdiv(w, block_x) * triton.cdiv(c, block_c), triton.cdiv(h, rows), b * t)
         _fold_kernel[grid](
             patches.contiguous(), out, counts,
