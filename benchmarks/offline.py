@@ -256,13 +256,6 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
             for vid, _, _, _, ps in cases:
                 dnls.ifold(dnls.iunfold(vid, ps=ps), shape=vid.shape)
         launches += [("fold block_c 4, not unrolled", *launch) for launch in done]
-        # and in programs of one row, unrolled or not (the default takes 2 or 4)
-        for unroll in (True, False):
-            kernels.FOLD_CONFIG.update(fold_default, rows=1, unroll=unroll)
-            with compile_only() as done:
-                for vid, _, _, _, ps in cases:
-                    dnls.ifold(dnls.iunfold(vid, ps=ps), shape=vid.shape)
-            launches += [(f"fold rows 1, unroll {unroll}", *launch) for launch in done]
     finally:
         torch.use_deterministic_algorithms(False)
         kernels.CONFIG.update(default)

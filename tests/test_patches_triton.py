@@ -130,15 +130,13 @@ def test_iunfold_ifold(data):
     from dnls.ops import _patches_triton
 
     # the fold kernel's channels per program (all, or blocks of 1 or 2: a partial last block),
-    # its unrolled loop for programs with no reflected source, or not, and its rows per
-    # program (a partial last block of rows where they do not divide the height)
+    # and its unrolled loop for programs with no reflected source, or not (its rows per
+    # program: the default here, test_fold_rows_per_program below)
     block_c = data.draw(st.sampled_from([None, 1, 2]))
     unroll = data.draw(st.booleans())
-    rows = data.draw(st.sampled_from([1, 2, 4]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_patches_triton.FOLD_CONFIG, "block_c", block_c)
         mp.setitem(_patches_triton.FOLD_CONFIG, "unroll", unroll)
-        mp.setitem(_patches_triton.FOLD_CONFIG, "rows", rows)
         check(
             run_both(
                 mp, lambda v: dnls.iunfold(v, ps=ps, pt=pt, start=start, count=count, **kw), [vid]
@@ -172,16 +170,16 @@ def test_ifold_reflects_at_every_edge(monkeypatch, shape, ps, stride):
 
 @pytest.mark.parametrize(
     ("rows", "shape", "kw"),
-    [(2, (1, 1, 2, 7, 9), dict(ps=3)),  # 7 rows: a partial last block of rows
-     (4, (1, 2, 2, 10, 6), dict(ps=3, pt=2, stride=2, dilation=2, border="zero")),
-     (2, (1, 1, 1, 9, 11), dict(ps=3, region=(0, 1, 1, 8, 1, 10))),
-     (4, (1, 1, 1, 10, 11), dict(ps=3))],
+    # 10 rows in blocks of 4: a partial last block; blocks of 4 pixels: with reflection, the
+    # programs at the frame's edges loop over their rows, the one inside unrolls
+    [(4, (1, 1, 1, 10, 11), dict(ps=3)),
+     (2, (1, 2, 2, 10, 6), dict(ps=3, pt=2, stride=2, dilation=2, border="zero",
+                                region=(0, 2, 1, 9, 0, 6)))],
 )  # fmt: skip
 def test_fold_rows_per_program(monkeypatch, rows, shape, kw):
     """The fold kernel's programs of several rows, in both loops (unrolled: the rows' pixels at
-    once; else the rows one by one; with reflection the frame's edges take the second), with
-    strides, dilation, regions and a height the rows do not divide: ifold against the
-    reference, forward and gradient."""
+    once; else the rows one by one), with reflection, time, strides, dilation, a region and a
+    height the rows do not divide: ifold against the reference, forward and gradient."""
     from dnls.ops import _patches_triton
 
     monkeypatch.setitem(_patches_triton.FOLD_CONFIG, "rows", rows)
