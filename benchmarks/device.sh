@@ -16,7 +16,9 @@
 # PROFILE_ROWS (default W3,W1s; "W3:bwd" for a backward): where the warps stall, issue slots,
 # occupancy and the instruction mix; "patchprofile" the same, and the memory workload, for
 # both knn rows' patch ops at the defaults and wpsum's flat modes (patches.py --rows profile).
-# SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search", PATCH_ROWS
+# SEARCH_ROWS (default W3,W1s,W1,W4,W2) picks the rows of the part "search" and SEARCH_PARTS
+# (default bwd; bwd,base,ref,det adds the plain-PyTorch loop, the reference path and the
+# deterministic mode, search.py --parts) what it measures besides the forward; PATCH_ROWS
 # (default fold,knn) those of "patches". The part "stagedsweep" times the staged gather/wpsum tiles
 # against the direct kernels (patches.py --rows stagedsweep); "scattertile"
 # scatter's tile kernel at its launches (--rows scattertile); "anchors" scatter by anchors
@@ -61,7 +63,7 @@ for part in ${parts//,/ }; do
             tests/test_search_triton.py tests/test_patches_triton.py tests/test_fold.py \
             tests/test_attention_triton.py ;;
         search) run search python benchmarks/search.py --rows "${SEARCH_ROWS:-W3,W1s,W1,W4,W2}" \
-            --parts bwd ;;
+            --parts "${SEARCH_PARTS:-bwd}" ;;
         patches) run patches python benchmarks/patches.py --rows "${PATCH_ROWS:-fold,knn}" ;;
         foldsweep) run foldsweep python benchmarks/patches.py --rows foldsweep ;;
         stagedsweep) run stagedsweep python benchmarks/patches.py --rows stagedsweep ;;
