@@ -493,7 +493,7 @@ def det_rows(results, args):
     """scatter and wpsum forward+backward on the knn rows under
     ``torch.use_deterministic_algorithms(True)`` (int64 fixed-point sums) against the default
     (float atomics): time, the same bits on two runs, the difference to the default."""
-    for label, vid, inds, ps in _knn_inputs(args):
+    for label, vid, inds, ps in _knn_inputs(args, DET_SMOKE if SMOKE else None):
         ops = _knn_ops(vid, inds, ps)
         for name in ("scatter", "wpsum f+b"):
             default = ops[name]()
@@ -653,6 +653,10 @@ KNN_SMOKE = (
     ("K14 ps7 C3 (smoke)", (1, 1, 3, 24, 24), dict(ws=5, ps=7, k=14)),
     ("K16 ps1 C8 (smoke)", (1, 3, 8, 10, 10), dict(ws=3, wt=1, ps=1, k=16)),
 )
+# --smoke, the row det: its second input only. The first's deterministic sums (scatter by
+# anchors folding patches of 7 pixels, all of a tiny frame near its reflected borders) take
+# about 25 s a call under the interpreter; tests/test_patches_triton.py checks that mode.
+DET_SMOKE = KNN_SMOKE[1:]
 SMOKE_ROWS = (
     "fold", "knn", "det", "foldsweep", "knnsweep", "stagedsweep", "dpossweep",
     "scattertile", "anchors", "anchorparts", "anchorflush", "rowssweep", "host",
