@@ -43,10 +43,22 @@ gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1
 # DNLS_COMMIT (set it in the device command) names the commit of a tree copied with a stale .git
 commit="${DNLS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) ($(git status --short 2>/dev/null | wc -l) uncommitted)}"
 export DNLS_COMMIT=${DNLS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+# TRITON_CACHE_DIR, if set, is printed with its count of compiled kernels before and after each
+# part: a cache compiled by offline.py with the device's Triton and carried to the call saves
+# the compiles it holds, and a count that does not grow shows that it did. Made here with
+# `TRITON_CACHE_DIR=$PWD/.tcache python benchmarks/offline.py ROW [--part bwd]` under Triton 3.6
+# (offline.py's docstring), listed in .git/info/exclude and named in the call's carry.
+cache_count() {
+    if [ -n "${TRITON_CACHE_DIR:-}" ]; then
+        echo "# triton cache $TRITON_CACHE_DIR: $1" \
+            "$(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) cubins"
+    fi
+}
 run() {
     local name=$1
     shift
-    { echo "# $gpu, $(date -u +%FT%TZ), commit $commit: $*"; "$@"; } 2>&1 \
+    { echo "# $gpu, $(date -u +%FT%TZ), commit $commit: $*"; cache_count before; "$@"
+      cache_count after; } 2>&1 \
         | grep --line-buffered -v Warning | tee "$out/$name.txt" | tail -25
 }
 workers=()
