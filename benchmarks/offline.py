@@ -5,6 +5,8 @@ before a GPU run to catch a kernel that spills or takes minutes to compile, and 
 change adds or removes.
 
     python benchmarks/offline.py W3 [--part fwd|bwd] [--config '{"rows_strip": 3}'] [--mix 12]
+    TRITON_CACHE_DIR=$PWD/.tcache python benchmarks/offline.py W4 --part bench
+                                                # (a cache to carry to a device call)
     python benchmarks/offline.py patches        # every patch kernel, under every setting
     python benchmarks/offline.py search-small   # every search and attention kernel, small
 
@@ -128,16 +130,42 @@ def compile_only():
 
 def compile_row(name: str, part: str, config: dict) -> list[tuple[str, float, bytes]]:
     """(kernel name, compile seconds, cubin) of each kernel launch of row ``name``'s search
-    (``part`` "bwd": its backward too) under the kernel settings ``config``."""
+    (``part`` "bwd": its backward too; "bench": all that ``search.py`` measures) under the
+    kernel settings ``config``."""
     from dnls.ops import _search_triton as kernels
 
     kernels.CONFIG.update(config)
+    row = rows_table.ROWS[name]
+    if part == "bench":
+        return _compile_bench(row)
     with compile_only() as launches:
-        row = rows_table.ROWS[name]
         vid = torch.rand(row.shape, requires_grad=part == "bwd")
         d, _ = dnls.search(vid, **row.kw)
         if part == "bwd":
             d.sum().backward()
+    return launches
+
+
+def _compile_bench(row) -> list[tuple[str, float, bytes]]:
+    """The launches of ``search.py``'s measurement of ``row`` (``measure``): its check's queries
+    (``start``, ``count``) forward and backward with weighted distances, the whole search forward
+    and backward, and the deterministic backward: compiled here into TRITON_CACHE_DIR, a device
+    call that carries that cache compiles none of them (device.sh counts its cubins)."""
+    start = row.queries // 3
+    count = min(2048, row.queries - start)  # search.py's --check-queries default
+    calls = [(dict(row.kw, start=start, count=count), True, False), (row.kw, False, False),
+             (row.kw, False, True)]  # fmt: skip
+    launches = []
+    try:
+        for kw, weighted, det in calls:
+            torch.use_deterministic_algorithms(det)
+            with compile_only() as done:
+                vid = torch.rand(row.shape, requires_grad=True)
+                d, _ = dnls.search(vid, **kw)
+                (d * torch.rand(d.shape) if weighted else d).sum().backward()
+            launches += done
+    finally:
+        torch.use_deterministic_algorithms(False)
     return launches
 
 
@@ -266,7 +294,7 @@ def compile_patches() -> list[tuple[str, str, float, bytes]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("row", choices=[*sorted(rows_table.ROWS), "patches", "search-small"])
-    parser.add_argument("--part", choices=("fwd", "bwd"), default="fwd")
+    parser.add_argument("--part", choices=("fwd", "bwd", "bench"), default="fwd")
     parser.add_argument("--config", type=json.loads, default={}, help="kernel settings (JSON)")
     parser.add_argument("--mix", type=int, default=10, help="most frequent opcodes to list")
     args = parser.parse_args()
