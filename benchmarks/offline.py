@@ -151,9 +151,7 @@ def _compile_bench(row) -> list[tuple[str, float, bytes]]:
     (``start``, ``count``) forward and backward with weighted distances, the whole search forward
     and backward, and the deterministic backward: compiled here into TRITON_CACHE_DIR, a device
     call that carries that cache compiles none of them (device.sh counts its cubins)."""
-    start = row.queries // 3
-    count = min(2048, row.queries - start)  # search.py's --check-queries default
-    calls = [(dict(row.kw, start=start, count=count), True, False), (row.kw, False, False),
+    calls = [(rows_table.check_kw(row), True, False), (row.kw, False, False),
              (row.kw, False, True)]  # fmt: skip
     launches = []
     try:

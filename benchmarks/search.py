@@ -130,12 +130,21 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def check(row: Row, vid: torch.Tensor, count: int) -> str:
-    """Triton vs reference on queries [start, start + count) of the real-size problem: the
-    distances, the positions (which may differ only where distances tie) and the gradient of a
-    random weighting of the distances with respect to the video."""
+CHECK_QUERIES = 2048  # --check-queries' default
+
+
+def check_kw(row: Row, count: int = CHECK_QUERIES) -> dict:
+    """The search arguments of ``check``: ``count`` queries of the row from a third of its
+    queries on (offline.py compiles the same launch)."""
     start = row.queries // 3
-    kw = dict(row.kw, start=start, count=min(count, row.queries - start))
+    return dict(row.kw, start=start, count=min(count, row.queries - start))
+
+
+def check(row: Row, vid: torch.Tensor, count: int) -> str:
+    """Triton vs reference on queries [start, start + count) of the real-size problem
+    (``check_kw``): the distances, the positions (which may differ only where distances tie)
+    and the gradient of a random weighting of the distances with respect to the video."""
+    kw = check_kw(row, count)
     out = {}
     for backend in ("torch", "triton"):
         os.environ["DNLS_BACKEND"] = backend
@@ -436,7 +445,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--check-queries", type=int, default=2048)
+    parser.add_argument("--check-queries", type=int, default=CHECK_QUERIES)
     parser.add_argument("--ref-queries", type=int, default=256)
     parser.add_argument("--parts", default="bwd,base,ref", help="extra measurements to take")
     parser.add_argument("--sweep", default="", help="rows to sweep launch configs on, and memory")
