@@ -46,8 +46,9 @@ export DNLS_COMMIT=${DNLS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 # TRITON_CACHE_DIR, if set, is printed with its count of compiled kernels before and after each
 # part: a cache compiled by offline.py with the device's Triton and carried to the call saves
 # the compiles it holds, and a count that does not grow shows that it did. Made here with
-# `TRITON_CACHE_DIR=$PWD/.tcache python benchmarks/offline.py ROW --part bench` under Triton 3.6
-# (offline.py's docstring), listed in .git/info/exclude and named in the call's carry.
+# `TRITON_CACHE_DIR=$PWD/.tcache python benchmarks/offline.py ROW --part bench` under the
+# device's Triton (3.6) and Python (3.12): the cache key hashes libtriton.so, built per Python
+# (offline.py's docstring); listed in .git/info/exclude and named in the call's carry.
 cache_count() {
     if [ -n "${TRITON_CACHE_DIR:-}" ]; then
         echo "# triton cache $TRITON_CACHE_DIR: $1" \

@@ -19,6 +19,18 @@ To compile with the device's Triton (3.6 in 2026-12) rather than this machine's:
 
     python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
     /tmp/t36/bin/python benchmarks/offline.py W3
+
+A cache to carry must also be made under the device's Python (3.12 in 2026-12): Triton's cache
+key hashes its own ``libtriton.so``, which differs per Python version, so a cache made under
+3.11 is never hit there. ``python -c "from triton.runtime.cache import triton_key; ..."`` hashed
+on both machines tells whether they agree. On this machine, with pyenv's 3.12 (torch for 3.12
+is only a CUDA build here; it runs on the CPU):
+
+    /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/t312
+    /tmp/t312/bin/pip install torch==2.13.0 numpy && /tmp/t312/bin/pip install --no-deps \
+        --force-reinstall triton==3.6.0
+    TRITON_CACHE_DIR=$PWD/.tcache PYTHONPATH=src /tmp/t312/bin/python benchmarks/offline.py \
+        W4 --part bench
 """
 
 from __future__ import annotations
