@@ -23,8 +23,8 @@ To compile with the device's Triton (3.6 in 2026-12) rather than this machine's:
 A cache to carry must also be made under the device's Python (3.12 in 2026-12): Triton's cache
 key hashes its own ``libtriton.so``, which differs per Python version, so a cache made under
 3.11 is never hit there. ``python -c "from triton.runtime.cache import triton_key; ..."`` hashed
-on both machines tells whether they agree. On this machine, with pyenv's 3.12 (torch for 3.12
-is only a CUDA build here; it runs on the CPU):
+on both machines tells whether they agree. On this machine, with pyenv's 3.12 (its local index
+has torch for 3.12 only as the CUDA build: 4.7 GB in the venv; it runs on the CPU):
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/t312
     /tmp/t312/bin/pip install torch==2.13.0 numpy && /tmp/t312/bin/pip install --no-deps \
