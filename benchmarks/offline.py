@@ -22,9 +22,13 @@ To compile with the device's Triton (3.6 in 2026-12) rather than this machine's:
 
 A cache to carry must also be made under the device's Python (3.12 in 2026-12): Triton's cache
 key hashes its own ``libtriton.so``, which differs per Python version, so a cache made under
-3.11 is never hit there. ``python -c "from triton.runtime.cache import triton_key; ..."`` hashed
-on both machines tells whether they agree. On this machine, with pyenv's 3.12 (its local index
-has torch for 3.12 only as the CUDA build: 4.7 GB in the venv; it runs on the CPU):
+3.11 is never hit there. The key's hash, printed on both machines, tells whether they agree:
+
+    python -c "import hashlib; from triton.runtime.cache import triton_key as k; \
+        print(hashlib.sha256(k().encode()).hexdigest())"
+
+On this machine, with pyenv's 3.12 (its local index has torch for 3.12 only as the CUDA build:
+4.7 GB in the venv; it runs on the CPU):
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/t312
     /tmp/t312/bin/pip install torch==2.13.0 numpy && /tmp/t312/bin/pip install --no-deps \
@@ -161,8 +165,9 @@ def compile_row(name: str, part: str, config: dict) -> list[tuple[str, float, by
 def _compile_bench(row) -> list[tuple[str, float, bytes]]:
     """The launches of ``search.py``'s measurement of ``row`` (``measure``): its check's queries
     (``start``, ``count``) forward and backward with weighted distances, the whole search forward
-    and backward, and the deterministic backward: compiled here into TRITON_CACHE_DIR, a device
-    call that carries that cache compiles none of them (device.sh counts its cubins)."""
+    and backward, and the deterministic backward: compiled here into TRITON_CACHE_DIR. A device
+    call that carries that cache compiles none of them if it was made under the device's Triton
+    and Python (the module's docstring; device.sh counts its cubins)."""
     calls = [(rows_table.check_kw(row), True, False), (row.kw, False, False),
              (row.kw, False, True)]  # fmt: skip
     launches = []
